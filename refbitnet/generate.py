@@ -1,0 +1,132 @@
+"""The generation loop: prefill the prompt once, then decode one token at a time from the KV cache.
+
+    ids = generate(model, prompt_ids, max_new_tokens=32, temperature=0.7, top_p=0.9, seed=1)
+    for token_id in ids: ...            # an iterator: each new id as soon as it is chosen
+
+What the loop needs from ``model``: ``model.config.max_position_embeddings`` and ``vocab_size``,
+``model.new_cache(max_tokens) -> cache`` and ``model.forward(ids [S], cache=cache) -> logits [S, V]``
+(appending to the cache); ``model.tokenizer`` only for the default stop ids and for stop strings.
+
+Stopping, whichever comes first:
+- ``max_new_tokens`` ids have been yielded;
+- the chosen id is a stop id (default: the tokenizer's ``<|eot_id|>`` and ``<|end_of_text|>``).
+  The stop id itself is not yielded;
+- the text of the yielded ids contains a stop string. As in transformers' ``stop_strings``, the
+  id that completes the stop string is yielded (its text is part of the output), then the loop ends.
+
+Every argument is checked when ``generate`` is called, before the cache is allocated or any forward
+pass runs; only the iteration itself does work.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import RefBitNetError, RefBitNetTypeError, TokenizerError
+from .sampling import Sampler
+
+
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
+             stop_strings: Sequence[str] | None = None) -> Iterator[int]:
+    """Validate everything, then return an iterator over the new token ids (see module docstring)."""
+    prompt = check_prompt_ids(prompt_ids, model.config.vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise RefBitNetTypeError(f"max_new_tokens must be an int, found {type(max_new_tokens).__name__}")
+    if max_new_tokens <= 0:
+        raise RefBitNetError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
+    context = model.config.max_position_embeddings
+    if len(prompt) + max_new_tokens > context:
+        raise RefBitNetError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{len(prompt) + max_new_tokens} exceeds the model's context of {context} tokens "
+            f"(max_position_embeddings); shorten the prompt or ask for at most "
+            f"{max(context - len(prompt), 0)} new tokens")
+    sampler = Sampler(temperature, top_k, top_p, seed)
+    tokenizer = getattr(model, "tokenizer", None)
+    stop_ids = _check_stop_ids(stop_ids, tokenizer, model.config.vocab_size)
+    stop_strings = _check_stop_strings(stop_strings, tokenizer)
+    return _generate(model, prompt, int(max_new_tokens), sampler, stop_ids, stop_strings, tokenizer)
+
+
+def _generate(model, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler,
+              stop_ids: frozenset[int], stop_strings: tuple[str, ...], tokenizer) -> Iterator[int]:
+    # the last new token is never fed back, so the cache needs one slot less than this
+    cache = model.new_cache(len(prompt) + max_new_tokens)
+    logits = model.forward(prompt, cache=cache)            # prefill: [S_prompt] -> [S_prompt, V]
+    new_ids: list[int] = []
+    while True:
+        token_id = sampler(logits[-1])                     # [V] -> id
+        if token_id in stop_ids:
+            return
+        new_ids.append(token_id)
+        yield token_id
+        if len(new_ids) == max_new_tokens or _ends_with_stop_string(new_ids, stop_strings, tokenizer):
+            return
+        logits = model.forward(np.array([token_id], dtype=np.int64), cache=cache)  # decode: [1, V]
+
+
+def check_prompt_ids(prompt_ids, vocab_size: int) -> np.ndarray:
+    """Prompt ids -> int64 array [S]; empty, non-integer or out-of-vocabulary ids raise."""
+    if isinstance(prompt_ids, str):
+        raise RefBitNetTypeError("prompt_ids must be token ids, found str (encode it with the tokenizer)")
+    array = np.asarray(prompt_ids)
+    if array.ndim != 1:
+        raise RefBitNetError(f"prompt_ids must be a 1-D sequence of token ids, found shape {array.shape}")
+    if array.size == 0:
+        raise RefBitNetError("prompt_ids is empty: generation needs at least one prompt token "
+                             "(e.g. the BOS id)")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise RefBitNetTypeError(f"prompt_ids must be integers, found dtype {array.dtype}")
+    bad = (array < 0) | (array >= vocab_size)
+    if bad.any():
+        position = int(np.argmax(bad))
+        raise TokenizerError(
+            f"prompt_ids[{position}] = {int(array[position])} is outside the vocabulary "
+            f"[0, {vocab_size})")
+    return array.astype(np.int64)
+
+
+def _check_stop_ids(stop_ids, tokenizer, vocab_size: int) -> frozenset[int]:
+    if stop_ids is None:
+        return frozenset(tokenizer.eos_ids) if tokenizer is not None else frozenset()
+    if isinstance(stop_ids, (int, np.integer)):
+        stop_ids = [stop_ids]
+    ids = []
+    for value in stop_ids:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise RefBitNetTypeError(f"stop_ids must be integers, found {value!r}")
+        if not 0 <= value < vocab_size:
+            raise TokenizerError(f"stop id {value} is outside the vocabulary [0, {vocab_size})")
+        ids.append(int(value))
+    return frozenset(ids)
+
+
+def _check_stop_strings(stop_strings, tokenizer) -> tuple[str, ...]:
+    if stop_strings is None:
+        return ()
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    strings = tuple(stop_strings)
+    for value in strings:
+        if not isinstance(value, str) or value == "":
+            raise RefBitNetError(f"stop_strings must be non-empty strings, found {value!r}")
+    if strings and tokenizer is None:
+        raise RefBitNetError("stop_strings need a tokenizer, but the model has none (model.tokenizer)")
+    return strings
+
+
+def _ends_with_stop_string(new_ids: list[int], stop_strings: tuple[str, ...], tokenizer) -> bool:
+    """Whether the text of the new ids now contains a stop string (it was absent one id ago).
+
+    Only a tail of the ids is decoded: every token is at least one byte and a character at most
+    four, so the last ``4 * len(stop) + 8`` ids hold the whole of any stop string that the last id
+    completed, with room to spare at the front for a character cut in half by the window.
+    """
+    if not stop_strings:
+        return False
+    window = 4 * max(len(stop) for stop in stop_strings) + 8
+    text = tokenizer.decode(new_ids[-window:])
+    return any(stop in text for stop in stop_strings)
