@@ -67,12 +67,19 @@ def absmean_scale(w: np.ndarray) -> np.float32:
 
 
 def ternary_codes(w: np.ndarray, gamma) -> np.ndarray:
-    """codes = clip(round(w / gamma), -1, 1) as int8; w: float array, gamma: positive float32 scalar."""
+    """codes = clip(round(w / gamma), -1, 1) as int8; w: float array, gamma: positive float32 scalar.
+
+    We divide, as SPEC §3 writes it. transformers' online ``WeightQuant`` multiplies by the float32
+    reciprocal instead, round(w * fl(1/gamma)); the two quotients differ by at most an ulp or two,
+    so the codes can differ only for a weight within a few ulps of the threshold |w| = 0.5 * gamma
+    (tests/test_quant.py pins down exactly that).
+    """
     w32 = _as_float32(w, "w", 1)
     gamma = np.float32(gamma)
     if not (np.isfinite(gamma) and gamma > 0):
         raise RefBitNetError(f"gamma: expected a positive finite scale, found {gamma}")
-    return np.clip(np.round(w32 / gamma), -1, 1).astype(np.int8)
+    with np.errstate(over="ignore"):                                     # |w| / tiny gamma -> inf -> clipped to 1
+        return np.clip(np.round(w32 / gamma), -1, 1).astype(np.int8)
 
 
 def dequantize_ternary(codes: np.ndarray, gamma) -> np.ndarray:
