@@ -85,7 +85,8 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """(logits - max) / temperature in float64. Shifting first changes no probability and keeps a
     tiny temperature from overflowing to inf: the largest logit becomes exactly 0."""
     logits = logits.astype(np.float64)                     # [V] float64
-    return (logits - np.max(logits)) / float(temperature)  # [V], max entry 0
+    with np.errstate(over="ignore"):                       # overflow -> -inf: probability 0
+        return (logits - np.max(logits)) / float(temperature)  # [V], max entry 0
 
 
 def top_k_filter(logits: np.ndarray, top_k: int) -> np.ndarray:
