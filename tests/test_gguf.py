@@ -1,0 +1,393 @@
+"""GGUF interchange: round trips, files the `gguf` package reads back, a hand-built I2_S file, bad input.
+
+Bounds used below (see refbitnet/gguf_io.py):
+- ternary codes and the I2_S float32 scale round-trip exactly;
+- TQ1_0/TQ2_0 store the scale as fp16: |fp16(s) - s| <= s * 2**-11 for s in fp16's normal range;
+- the F16 embedding: exact for bf16 values with |x| >= 2**-14, absolute error <= 2**-25 below.
+"""
+
+import struct
+
+import numpy as np
+import pytest
+
+import gguf
+from refbitnet import gguf_io, layouts
+from refbitnet.bf16 import bf16_to_f32, f32_to_bf16
+from refbitnet.config import Config
+from refbitnet.errors import GGUFError
+
+TINY = Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=320, max_position_embeddings=64, bos_token_id=0,
+              eos_token_id=1)
+FP16_REL = 2.0 ** -11          # half an fp16 ulp, relative
+F16_EMBED_ABS = 2.0 ** -25     # half the fp16 subnormal spacing
+
+
+def release_tensors(config, seed=0):
+    """Random tensors in the released layout: packed uint8 [N/4, K] + bf16 weight_scale, bf16 norms/embedding."""
+    rng = np.random.default_rng(seed)
+    t = {"model.embed_tokens.weight": f32_to_bf16(rng.standard_normal(
+             (config.vocab_size, config.hidden_size)).astype(np.float32) * 0.05),
+         "model.norm.weight": f32_to_bf16(1 + 0.1 * rng.standard_normal(config.hidden_size).astype(np.float32))}
+    for i in range(config.num_hidden_layers):
+        for suffix, (n, k) in gguf_io.projection_shapes(config).items():
+            hf = f"model.layers.{i}.{gguf_io.PROJECTIONS[suffix]}.weight"
+            codes = rng.choice(np.array([-1, 0, 1], np.int8), size=(n, k), p=[0.3, 0.4, 0.3])
+            t[hf] = layouts.pack_hf(codes)
+            t[hf + "_scale"] = f32_to_bf16(np.array([rng.uniform(0.3, 3.0)], np.float32))
+        for suffix, hf_norm in gguf_io.LAYER_NORMS.items():
+            width = config.intermediate_size if suffix == "ffn_sub_norm" else config.hidden_size
+            t[f"model.layers.{i}.{hf_norm}.weight"] = f32_to_bf16(
+                1 + 0.1 * rng.standard_normal(width).astype(np.float32))
+    return t
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    return release_tensors(TINY)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, tensors):
+    """The tiny model written in each layout: {layout: path}."""
+    d = tmp_path_factory.mktemp("gguf")
+    paths = {}
+    for layout in ("i2_s", "tq2_0", "tq1_0"):
+        paths[layout] = d / f"tiny-{layout}.gguf"
+        gguf_io.write_gguf(paths[layout], TINY, tensors, layout=layout)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("layout", ["i2_s", "tq2_0", "tq1_0"])
+def test_round_trip_codes_scales_and_config(written, tensors, layout):
+    config, back = gguf_io.gguf_to_tensors(written[layout])
+    assert config == TINY
+    assert set(back) == set(tensors)
+    for name, original in tensors.items():
+        if original.dtype == np.uint8:                                       # packed ternary codes
+            assert back[name].dtype == np.uint8 and np.array_equal(back[name], original), name
+        elif name.endswith("weight_scale"):
+            s = bf16_to_f32(original)[0]
+            got = back[name][0]
+            if layout == "i2_s":
+                assert got == s, name                                        # float32, exact
+            else:
+                assert got == np.float32(np.float16(s)), name                # one fp16 rounding ...
+                assert abs(got - s) <= s * FP16_REL, name                    # ... within half an ulp
+        elif name == "model.embed_tokens.weight":
+            x = bf16_to_f32(original)
+            err = np.abs(back[name] - x)
+            assert err.max() <= F16_EMBED_ABS
+            assert np.all(err[np.abs(x) >= 2.0 ** -14] == 0)
+        else:                                                                # norms: F32, exact
+            assert np.array_equal(back[name], bf16_to_f32(original)), name
+
+
+def test_bf16_embedding_is_exact(tmp_path, tensors):
+    path = tmp_path / "bf16-embed.gguf"
+    gguf_io.write_gguf(path, TINY, tensors, layout="tq2_0", embedding_type="bf16")
+    assert gguf_io.read_gguf(path).tensors["token_embd.weight"].type_id == gguf_io.BF16
+    _, back = gguf_io.gguf_to_tensors(path)
+    assert np.array_equal(back["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+
+
+# ---------------------------------------------------------------------------------------- what runtimes read
+EXPECTED_KEYS = ["general.architecture", "general.name", "general.file_type", "general.quantization_version",
+                 "{a}.vocab_size", "{a}.context_length", "{a}.embedding_length", "{a}.block_count",
+                 "{a}.feed_forward_length", "{a}.rope.dimension_count", "{a}.attention.head_count",
+                 "{a}.attention.head_count_kv", "{a}.attention.layer_norm_rms_epsilon", "{a}.rope.freq_base"]
+
+
+def _expected_tensors(config, layout):
+    """name -> (numpy shape, type id, byte size) for every tensor a runtime expects."""
+    qtype = gguf_io.LAYOUT_TYPES[layout]
+    out = {"token_embd.weight": ((config.vocab_size, config.hidden_size), gguf_io.F16,
+                                 2 * config.vocab_size * config.hidden_size),
+           "output_norm.weight": ((config.hidden_size,), gguf_io.F32, 4 * config.hidden_size)}
+    for i in range(config.num_hidden_layers):
+        for suffix in gguf_io.LAYER_NORMS:
+            width = config.intermediate_size if suffix == "ffn_sub_norm" else config.hidden_size
+            out[f"blk.{i}.{suffix}.weight"] = ((width,), gguf_io.F32, 4 * width)
+        for suffix, (n, k) in gguf_io.projection_shapes(config).items():
+            size = {gguf_io.I2_S: n * k // 4 + 32, gguf_io.TQ2_0: n * k // 256 * 66,
+                    gguf_io.TQ1_0: n * k // 256 * 54}[qtype]
+            out[f"blk.{i}.{suffix}.weight"] = ((n, k), qtype, size)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["tq2_0", "tq1_0"])
+def test_llama_cpp_files_open_with_gguf_reader(written, tensors, layout):
+    reader = gguf.GGUFReader(written[layout])
+    arch = "bitnet"
+    fields = {name: f for name, f in reader.fields.items()}
+    for key in EXPECTED_KEYS:
+        assert key.format(a=arch) in fields, key
+    assert fields["general.architecture"].contents() == arch
+    assert fields["general.file_type"].contents() == {"tq2_0": 37, "tq1_0": 36}[layout]
+    assert fields[f"{arch}.block_count"].contents() == TINY.num_hidden_layers
+    assert fields[f"{arch}.attention.head_count_kv"].contents() == TINY.num_key_value_heads
+    expected = _expected_tensors(TINY, layout)
+    assert {t.name for t in reader.tensors} == set(expected)
+    for t in reader.tensors:
+        shape, type_id, size = expected[t.name]
+        assert tuple(int(d) for d in reversed(t.shape)) == shape, t.name
+        assert int(t.tensor_type) == type_id and t.n_bytes == size, t.name
+    # the bytes of one projection are exactly what the layout encoder writes
+    q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    codes = layouts.unpack_hf(tensors["model.layers.1.self_attn.q_proj.weight"])
+    scale = bf16_to_f32(tensors["model.layers.1.self_attn.q_proj.weight_scale"])[0]
+    pack = layouts.pack_tq2_0 if layout == "tq2_0" else layouts.pack_tq1_0
+    assert np.array_equal(np.asarray(q.data).reshape(-1), pack(codes, scale))
+    # and gguf's own dequantizer agrees with codes * fp16(scale)
+    deq = gguf.quants.dequantize(np.asarray(q.data), q.tensor_type)
+    assert np.array_equal(deq.reshape(codes.shape), codes * np.float32(np.float16(scale)))
+
+
+def test_i2s_file_metadata_tensors_and_bytes(written, tensors):
+    """gguf.GGUFReader does not know type 36 (I2_S), so the I2_S file is checked with refbitnet's reader
+    for keys/types/sizes and byte for byte against the SPEC §5 encoder written out in this test."""
+    gf = gguf_io.read_gguf(written["i2_s"])
+    arch = "bitnet-b1.58"
+    assert gf.metadata["general.architecture"] == arch
+    assert gf.metadata["general.file_type"] == 40
+    for key in EXPECTED_KEYS:
+        assert key.format(a=arch) in gf.metadata, key
+    expected = _expected_tensors(TINY, "i2_s")
+    assert set(gf.tensors) == set(expected)
+    for name, t in gf.tensors.items():
+        assert (t.shape, t.type_id, t.nbytes) == expected[name], name
+        assert t.offset % 32 == 0
+    for i in range(TINY.num_hidden_layers):
+        for suffix in gguf_io.PROJECTIONS:
+            hf = f"model.layers.{i}.{gguf_io.PROJECTIONS[suffix]}.weight"
+            codes = layouts.unpack_hf(tensors[hf])
+            scale = bf16_to_f32(tensors[hf + "_scale"])[0]
+            assert np.array_equal(gf.raw(f"blk.{i}.{suffix}.weight"), spec_i2s_bytes(codes, scale))
+
+
+def test_tokenizer_metadata(tmp_path, tensors):
+    tok_file = make_tokenizer_json(tmp_path, TINY.vocab_size - 10)
+    path = tmp_path / "with-tokenizer.gguf"
+    gguf_io.write_gguf(path, TINY, tensors, layout="tq2_0", tokenizer_file=tok_file)
+    reader = gguf.GGUFReader(path)
+    f = reader.fields
+    assert f["tokenizer.ggml.model"].contents() == "gpt2"
+    assert f["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    tokens = f["tokenizer.ggml.tokens"].contents()
+    types = f["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == len(types) == TINY.vocab_size
+    import json
+    tj = json.loads(tok_file.read_text())
+    for tok, i in tj["model"]["vocab"].items():
+        assert tokens[i] == tok
+    specials = {a["content"]: a["id"] for a in tj["added_tokens"]}
+    for name, key in (("<|begin_of_text|>", "bos"), ("<|end_of_text|>", "eos"), ("<|eot_id|>", "eot")):
+        assert f[f"tokenizer.ggml.{key}_token_id"].contents() == specials[name]
+        assert types[specials[name]] == gguf.TokenType.CONTROL
+    assert tokens[-1] == f"[PAD{TINY.vocab_size - 1}]" and types[-1] == gguf.TokenType.USER_DEFINED
+    merges = f["tokenizer.ggml.merges"].contents()
+    assert merges == [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    assert f["tokenizer.ggml.add_bos_token"].contents() is True
+    assert "Assistant: " in f["tokenizer.chat_template"].contents()
+
+
+def make_tokenizer_json(tmp_path, vocab_size):
+    """A small byte-level BPE tokenizer.json with the Llama-3 special tokens (trained on a few lines)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
+    text = ["BitNet b1.58 stores ternary weights with one scale per tensor."] * 20 + \
+           ["The quick brown fox jumps over the lazy dog, again and again."] * 20
+    tok.train_from_iterator(text, trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- a file built by hand
+def spec_i2s_bytes(codes, scale):
+    """SPEC §5, written out independently of refbitnet.layouts: the row-major tensor in 128-element
+    blocks of 32 bytes; element j of a block is in byte j % 32 at bit shift 6 - 2*(j // 32); codes
+    0/1/2 = -1/0/+1; then 32 bytes whose first 4 are the float32 scale."""
+    flat = codes.reshape(-1).astype(np.int64) + 1
+    out = bytearray(flat.size // 4)
+    for e, c in enumerate(flat):
+        block, j = divmod(e, 128)
+        out[block * 32 + j % 32] |= int(c) << (6 - 2 * (j // 32))
+    return np.frombuffer(bytes(out) + struct.pack("<f", scale) + bytes(28), dtype=np.uint8)
+
+
+def gguf_bytes(kv, tensors, alignment=32):
+    """A GGUF v3 file from scratch with struct. kv: [(key, vtype, value)]; tensors: [(name, ne, type, data)]
+    where ne is GGUF's dimension order (innermost first) and data the raw bytes."""
+    def s(x):
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
+    for key, vtype, value in kv:
+        out += s(key) + struct.pack("<I", vtype)
+        out += s(value) if vtype == 8 else struct.pack({4: "<I", 6: "<f", 5: "<i"}[vtype], value)
+    offset, blobs = 0, []
+    for name, ne, type_id, data in tensors:
+        out += s(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne)
+        out += struct.pack("<IQ", type_id, offset)
+        blobs.append(bytes(data) + bytes(-len(data) % alignment))
+        offset += len(blobs[-1])
+    out += bytes(-len(out) % alignment)
+    return bytes(out) + b"".join(blobs)
+
+
+def hand_built_model(config, seed=1):
+    """(kv, tensors, codes, scales) for a complete I2_S BitNet file written without refbitnet."""
+    rng = np.random.default_rng(seed)
+    a = "bitnet-b1.58"
+    kv = [("general.architecture", 8, a), (f"{a}.vocab_size", 4, config.vocab_size),
+          (f"{a}.context_length", 4, config.max_position_embeddings),
+          (f"{a}.embedding_length", 4, config.hidden_size), (f"{a}.block_count", 4, config.num_hidden_layers),
+          (f"{a}.feed_forward_length", 4, config.intermediate_size),
+          (f"{a}.attention.head_count", 4, config.num_attention_heads),
+          (f"{a}.attention.head_count_kv", 4, config.num_key_value_heads),
+          (f"{a}.rope.freq_base", 6, config.rope_theta),
+          (f"{a}.attention.layer_norm_rms_epsilon", 6, config.rms_norm_eps),
+          ("tokenizer.ggml.bos_token_id", 4, config.bos_token_id),
+          ("tokenizer.ggml.eos_token_id", 4, config.eos_token_id)]
+    d, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
+    embed = (rng.standard_normal((v, d)) * 0.05).astype(np.float16)
+    tensors = [("token_embd.weight", [d, v], 1, embed.tobytes()),
+               ("output_norm.weight", [d], 0, np.ones(d, np.float32).tobytes())]
+    codes, scales = {}, {}
+    for i in range(config.num_hidden_layers):
+        for suffix in gguf_io.LAYER_NORMS:
+            width = f if suffix == "ffn_sub_norm" else d
+            tensors.append((f"blk.{i}.{suffix}.weight", [width], 0,
+                            (1 + 0.1 * rng.standard_normal(width)).astype(np.float32).tobytes()))
+        for suffix, (n, k) in gguf_io.projection_shapes(config).items():
+            name = f"blk.{i}.{suffix}.weight"
+            codes[name] = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+            scales[name] = np.float32(rng.uniform(0.5, 2.0))
+            tensors.append((name, [k, n], 36, spec_i2s_bytes(codes[name], scales[name]).tobytes()))
+    return kv, tensors, codes, scales, embed
+
+
+def test_hand_built_i2s_file_decodes(tmp_path):
+    kv, tensors, codes, scales, embed = hand_built_model(TINY)
+    path = tmp_path / "hand.gguf"
+    path.write_bytes(gguf_bytes(kv, tensors))
+    config, back = gguf_io.gguf_to_tensors(path)
+    assert config == TINY
+    for name, c in codes.items():
+        i, suffix = int(name.split(".")[1]), name.split(".")[2]
+        hf = f"model.layers.{i}.{gguf_io.PROJECTIONS[suffix]}.weight"
+        assert np.array_equal(layouts.unpack_hf(back[hf]), c), name
+        assert back[hf + "_scale"][0] == scales[name]
+    assert np.array_equal(back["model.embed_tokens.weight"], embed.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def hand_file():
+    return hand_built_model(TINY)
+
+
+def _write(tmp_path, kv, tensors, name="bad.gguf"):
+    path = tmp_path / name
+    path.write_bytes(gguf_bytes(kv, tensors))
+    return path
+
+
+@pytest.mark.parametrize("cut", [2, 10, 30, 200, 2000, -5000, -1])
+def test_truncated_file(tmp_path, hand_file, cut):
+    kv, tensors, *_ = hand_file
+    data = gguf_bytes(kv, tensors)
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[:cut])
+    with pytest.raises(GGUFError, match="truncated|not a GGUF"):
+        gguf_io.gguf_to_tensors(path)
+
+
+def test_unknown_tensor_type(tmp_path, hand_file):
+    kv, tensors, *_ = hand_file
+    bad = [(n, ne, 99 if n == "blk.0.attn_k.weight" else t, d) for n, ne, t, d in tensors]
+    with pytest.raises(GGUFError, match=r"blk\.0\.attn_k\.weight.*unknown GGML type id 99"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+
+
+def test_unsupported_known_type(tmp_path, hand_file):
+    kv, tensors, *_ = hand_file
+    bad = [(n, ne, 12 if n == "blk.1.ffn_up.weight" else t, d) for n, ne, t, d in tensors]
+    with pytest.raises(GGUFError, match=r"blk\.1\.ffn_up\.weight.*Q4_K"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+
+
+def test_byte_size_not_matching_shape(tmp_path, hand_file):
+    kv, tensors, *_ = hand_file
+    # the table says [256, 256] but only the bytes of a [256, 128] I2_S tensor follow
+    bad = [(n, [ne[0], ne[1] * 2] if n == "blk.0.attn_q.weight" else ne, t, d) for n, ne, t, d in tensors]
+    with pytest.raises(GGUFError, match=r"blk\.0\.attn_q\.weight.*(byte size does not match|needs \d+ bytes)"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+    # the last tensor's data ends early
+    short = tensors[:-1] + [(tensors[-1][0], tensors[-1][1], tensors[-1][2], tensors[-1][3][:-64])]
+    with pytest.raises(GGUFError, match="truncated file or wrong size"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, short[:], "short.gguf"))
+
+
+def test_not_gguf_and_missing(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        gguf_io.read_gguf(path)
+    with pytest.raises(GGUFError, match="not found"):
+        gguf_io.read_gguf(tmp_path / "nope.gguf")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(GGUFError, match="empty"):
+        gguf_io.read_gguf(tmp_path / "empty.gguf")
+
+
+def test_refuses_other_architecture(tmp_path, hand_file):
+    kv, tensors, *_ = hand_file
+    llama = [(k.replace("bitnet-b1.58", "llama"), t, "llama" if k == "general.architecture" else v)
+             for k, t, v in kv]
+    with pytest.raises(GGUFError, match="'llama', not BitNet b1.58"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, llama, tensors))
+
+
+def test_refuses_wrong_tensor_set(tmp_path, hand_file):
+    kv, tensors, *_ = hand_file
+    missing = [x for x in tensors if x[0] != "blk.1.ffn_sub_norm.weight"]
+    with pytest.raises(GGUFError, match=r"missing \['blk\.1\.ffn_sub_norm\.weight'\]"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, missing))
+    extra = tensors + [("blk.0.attn_qkv.weight", [4], 0, bytes(16))]
+    with pytest.raises(GGUFError, match=r"unexpected \['blk\.0\.attn_qkv\.weight'\]"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, extra, "extra.gguf"))
+    f32_proj = [(n, ne, 0, bytes(4 * ne[0] * ne[1])) if n == "blk.0.attn_v.weight" else (n, ne, t, d)
+                for n, ne, t, d in tensors]
+    with pytest.raises(GGUFError, match=r"blk\.0\.attn_v\.weight.*expected a ternary type.*F32"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, f32_proj, "f32.gguf"))
+
+
+def test_invalid_codes_and_disagreeing_block_scales(tmp_path, hand_file):
+    kv, tensors, *_ = hand_file
+    bad = [(n, ne, t, b"\xff" + d[1:]) if n == "blk.0.ffn_down.weight" else (n, ne, t, d)
+           for n, ne, t, d in tensors]
+    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_down\.weight.*0xff"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+    # a TQ2_0 tensor whose blocks carry two different scales is not a per-tensor BitNet weight
+    codes = np.ones((256, 256), np.int8)
+    data = bytearray(layouts.pack_tq2_0(codes, 1.0).tobytes())
+    data[66 + 64:66 + 66] = np.float16(2.0).tobytes()                       # block 1: d = 2
+    tq = [(n, ne, 35, bytes(data)) if n == "blk.0.attn_q.weight" else (n, ne, t, d)
+          for n, ne, t, d in tensors]
+    with pytest.raises(GGUFError, match=r"blk\.0\.attn_q\.weight.*2 different scales"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, tq, "tq.gguf"))
+
+
+def test_wrong_shape_for_config(tmp_path, hand_file):
+    kv, tensors, *_ = hand_file
+    kv2 = [(k, t, 128 if k.endswith("feed_forward_length") else v) for k, t, v in kv]
+    with pytest.raises(GGUFError, match=r"expected shape \[128"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv2, tensors))
