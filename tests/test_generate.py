@@ -186,3 +186,75 @@ def test_nan_logits_raise_instead_of_yielding_garbage():
     model.next_logits = lambda sequence: np.full(16, np.nan)
     with pytest.raises(RefBitNetError, match="NaN"):
         list(generate(model, [1], 3))
+
+
+# -- the same loop on a real refbitnet Model (tiny, random weights) -----------------------------------
+
+def train_small_tokenizer():
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from refbitnet.tokenizer import Tokenizer
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|end_of_text|>", "<|begin_of_text|>", "<|eot_id|>"])
+    backend.train_from_iterator(["the cat sat on the mat", "a dog ran in the park"] * 20, trainer=trainer)
+    return Tokenizer(backend, source="<trained in test_generate>")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A 2-layer BitNet (GQA 4 heads / 2 KV heads) with random float master weights, quantized at load."""
+    from refbitnet.config import Config
+    from refbitnet.model import NORMS, PROJECTIONS, Model
+    tokenizer = train_small_tokenizer()
+    d, f, h, kvh, layers = 32, 64, 4, 2, 2
+    config = Config(hidden_size=d, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=h,
+                    num_key_value_heads=kvh, vocab_size=tokenizer.vocab_size, max_position_embeddings=48,
+                    rope_theta=10000.0, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.end_of_text_id)
+    hd = d // h
+    shapes = {"q_proj": (h * hd, d), "k_proj": (kvh * hd, d), "v_proj": (kvh * hd, d), "o_proj": (d, h * hd),
+              "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+    rng = np.random.default_rng(1234)
+    tensors = {"model.embed_tokens.weight": rng.standard_normal((config.vocab_size, d)).astype(np.float32) * 0.25,
+               "model.norm.weight": np.ones(d, np.float32)}
+    for i in range(layers):
+        for name, module in PROJECTIONS:
+            tensors[f"model.layers.{i}.{module}.{name}.weight"] = \
+                rng.standard_normal(shapes[name]).astype(np.float32) * 0.1
+        for name, module in NORMS:
+            prefix = f"model.layers.{i}." + (f"{module}." if module else "")
+            tensors[prefix + name + ".weight"] = np.ones(f if name == "ffn_sub_norm" else d, np.float32)
+    return Model(config, tensors, tokenizer=tokenizer)
+
+
+def test_real_model_greedy_equals_stateless_argmax(tiny_model):
+    # The loop decodes from the KV cache; the reference recomputes a full causal forward without a
+    # cache for every step. Greedy ids must be identical (no stop ids, so all 20 are produced).
+    prompt = tiny_model.tokenizer.encode("the cat", add_bos=True)
+    out = list(generate(tiny_model, prompt, max_new_tokens=20, stop_ids=[]))
+    sequence = list(prompt)
+    for _ in range(20):
+        sequence.append(int(np.argmax(tiny_model.forward(np.array(sequence))[-1])))
+    assert out == sequence[len(prompt):]
+
+
+def test_real_model_sampling_reproduces(tiny_model):
+    prompt = tiny_model.tokenizer.encode("a dog", add_bos=True)
+    kwargs = dict(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, stop_ids=[])
+    a = list(generate(tiny_model, prompt, seed=3, **kwargs))
+    assert a == list(generate(tiny_model, prompt, seed=3, **kwargs))
+    assert a != list(generate(tiny_model, prompt, seed=4, **kwargs))
+
+
+def test_real_model_generate_api_delegates_here(tiny_model):
+    prompt = tiny_model.tokenizer.encode("the mat", add_bos=True)
+    direct = list(generate(tiny_model, prompt, max_new_tokens=8))
+    assert tiny_model.generate(prompt, max_new_tokens=8) == direct
+    assert tiny_model.generate("the mat", max_new_tokens=8) == direct         # text: BOS + encode
+    assert list(tiny_model.generate(prompt, max_new_tokens=8, stream=True)) == direct
+
+
+def test_real_model_context_limit_before_any_work(tiny_model):
+    with pytest.raises(RefBitNetError, match="exceeds the model's context of 48"):
+        generate(tiny_model, list(range(40)), max_new_tokens=9)
