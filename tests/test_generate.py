@@ -204,19 +204,24 @@ def train_small_tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    """A 2-layer BitNet (GQA 4 heads / 2 KV heads) with random float master weights, quantized at load."""
+    """A 2-layer BitNet (GQA 4 heads / 2 KV heads) with random float master weights, quantized at load.
+
+    The LM head is untied: with a random tied embedding the greedy continuation just repeats the last
+    token (its own embedding dominates the residual), which would make the greedy check a weak one."""
     from refbitnet.config import Config
     from refbitnet.model import NORMS, PROJECTIONS, Model
     tokenizer = train_small_tokenizer()
     d, f, h, kvh, layers = 32, 64, 4, 2, 2
     config = Config(hidden_size=d, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=h,
                     num_key_value_heads=kvh, vocab_size=tokenizer.vocab_size, max_position_embeddings=48,
-                    rope_theta=10000.0, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.end_of_text_id)
+                    rope_theta=10000.0, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.end_of_text_id,
+                    tie_word_embeddings=False)
     hd = d // h
     shapes = {"q_proj": (h * hd, d), "k_proj": (kvh * hd, d), "v_proj": (kvh * hd, d), "o_proj": (d, h * hd),
               "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
     rng = np.random.default_rng(1234)
     tensors = {"model.embed_tokens.weight": rng.standard_normal((config.vocab_size, d)).astype(np.float32) * 0.25,
+               "lm_head.weight": rng.standard_normal((config.vocab_size, d)).astype(np.float32) * 0.25,
                "model.norm.weight": np.ones(d, np.float32)}
     for i in range(layers):
         for name, module in PROJECTIONS:
