@@ -40,12 +40,12 @@ def parse_args(argv=None):
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--accum", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--lr", type=float, default=3e-3, help="stage-1 peak learning rate")
     ap.add_argument("--cooldown-lr", type=float, default=1e-3, help="stage-2 peak learning rate")
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-quantize", action="store_true", help="float linear layers (baseline)")
     ap.add_argument("--sft", action="store_true", help="SFT on instruction pairs built from the corpus (summed loss)")
@@ -125,12 +125,11 @@ def main(argv=None):
 
     tokens_per_step = args.batch * args.accum * args.seq_len
     bar = tqdm(total=args.steps, initial=trainer.step, dynamic_ncols=True, mininterval=2.0)
-    t_train = time.time()
-    steps_run = 0
     with open(log_path, "a") as log:
         while trainer.step < args.steps:
+            t0 = time.time()
             rec = trainer.train_step()
-            steps_run += 1
+            rec["seconds"] = round(time.time() - t0, 4)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
@@ -138,7 +137,9 @@ def main(argv=None):
             if trainer.step % args.save_every == 0 or trainer.step == args.steps:
                 trainer.save(state_path)
     bar.close()
-    train_seconds = time.time() - t_train
+    with open(log_path) as f:   # the whole run's training time, also across resumes
+        recs = [json.loads(line) for line in f]
+    train_seconds = sum(r.get("seconds", 0.0) for r in recs)
 
     # evaluation
     val_batches = D.eval_batches(val_ids, 8, args.seq_len, args.eval_batches or None)
@@ -146,8 +147,8 @@ def main(argv=None):
     unigram = D.unigram_loss(train_ids, val_ids, config.vocab_size)
     summary = {
         "quantize": train_cfg.quantize, "sft": args.sft, "steps": args.steps, "tokens_per_step": tokens_per_step,
-        "train_tokens": tokens_per_step * args.steps, "train_seconds_this_process": round(train_seconds, 1),
-        "tokens_per_second": round(tokens_per_step * steps_run / max(train_seconds, 1e-9), 1),
+        "train_tokens": tokens_per_step * args.steps, "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(tokens_per_step * len(recs) / max(train_seconds, 1e-9), 1),
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss) if math.isfinite(val_loss) else None,
         "unigram_val_loss": unigram, "unigram_val_perplexity": math.exp(unigram),
         "config": config.to_dict(), "train": {k: getattr(train_cfg, k) for k in train_cfg.__dataclass_fields__},
@@ -161,8 +162,6 @@ def main(argv=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        recs = [json.loads(line) for line in f]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train loss")
     if math.isfinite(val_loss):
