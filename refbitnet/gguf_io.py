@@ -449,7 +449,8 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
     """Read a BitNet GGUF file (path or GGUFFile) into (Config, tensors in the released HF naming).
 
     Projections come out as the released packed layout (uint8 [N/4, K], SPEC §4) with a float32 [1]
-    ``weight_scale``; the embedding as float32 (F16/F32 files) or bf16 bits (BF16 files); norms as float32.
+    ``weight_scale``; the embedding as it is stored (float16, float32, or bf16 bits as uint16: a view of
+    the memory-mapped file, never widened as a whole); norms as float32.
     """
     from . import layouts
 
@@ -497,8 +498,12 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
         else:
             if t.type_id not in (F32, F16, BF16):
                 raise GGUFError(f"{gf.path}: tensor {name!r}: expected F32, F16 or BF16, found {t.type_name}")
-            arr = gf.array(name)
-            tensors[hf] = arr if arr.dtype == np.uint16 else np.asarray(arr, dtype=np.float32)
+            if name in ("token_embd.weight", "output.weight"):
+                raw = gf.raw(name)
+                tensors[hf] = raw.view({F32: "<f4", F16: "<f2", BF16: "<u2"}[t.type_id]).reshape(t.shape)
+            else:
+                arr = gf.array(name)
+                tensors[hf] = bf16_to_f32(arr) if arr.dtype == np.uint16 else np.asarray(arr, dtype=np.float32)
     return config, tensors
 
 
@@ -507,6 +512,15 @@ def load_gguf(path, *, numerics: str = "int", backend: str = "numpy"):
     from .checkpoint import model_from_tensors
 
     config, tensors = gguf_to_tensors(path)
+    if backend == "numba":           # the Numba LM head reads bf16 bits; F16/F32 tables convert if exact
+        for hf in ("model.embed_tokens.weight", "lm_head.weight"):
+            table = tensors.get(hf)
+            if table is not None and table.dtype != np.uint16:
+                bits = f32_to_bf16(np.asarray(table, dtype=np.float32))
+                if not np.array_equal(bf16_to_f32(bits), table):
+                    raise GGUFError(f"{os.fspath(path)}: {hf} holds values bf16 cannot represent; "
+                                    f"backend='numba' reads the LM head as bf16 (use backend='numpy')")
+                tensors[hf] = bits
     return model_from_tensors(config, tensors, source=os.fspath(path), numerics=numerics, backend=backend)
 
 
@@ -686,17 +700,20 @@ def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layou
 
 def save_gguf(source, path, *, layout: str = "i2_s", tokenizer_file=None, name: str = "refbitnet",
               embedding_type: str = "f16") -> None:
-    """Export a refbitnet checkpoint directory (``model.safetensors`` + ``config.json``, packed release
-    layout) or a (Config, tensors) pair as a GGUF file for bitnet.cpp (layout "i2_s") or llama.cpp
-    ("tq2_0", "tq1_0"). A checkpoint directory's ``tokenizer.json`` is embedded unless tokenizer_file
-    says otherwise."""
+    """Export a refbitnet Model, a model directory (packed release or bf16 master; what refbitnet.load
+    reads) or a (Config, tensors) pair as a GGUF file for bitnet.cpp (layout "i2_s") or llama.cpp
+    ("tq2_0", "tq1_0"). The model's tokenizer.json is embedded unless tokenizer_file says otherwise."""
+    from .model import Model
+
     if isinstance(source, tuple) and len(source) == 2:
         config, tensors = source
     else:
-        from .checkpoint import read_checkpoint_tensors
-        config, tensors = read_checkpoint_tensors(source)
-        if tokenizer_file is None:
-            candidate = os.path.join(os.fspath(source), "tokenizer.json")
-            tokenizer_file = candidate if os.path.isfile(candidate) else None
+        if not isinstance(source, Model):
+            from .checkpoint import load_model_dir
+            source = load_model_dir(source)
+        config, tensors = source.config, source.release_tensors()
+        if tokenizer_file is None and source.tokenizer is not None:
+            candidate = getattr(source.tokenizer, "path", None)
+            tokenizer_file = candidate if candidate is not None and os.path.isfile(candidate) else None
     write_gguf(path, config, tensors, layout=layout, tokenizer_file=tokenizer_file, name=name,
                embedding_type=embedding_type)

@@ -391,3 +391,93 @@ def test_wrong_shape_for_config(tmp_path, hand_file):
     kv2 = [(k, t, 128 if k.endswith("feed_forward_length") else v) for k, t, v in kv]
     with pytest.raises(GGUFError, match=r"expected shape \[128"):
         gguf_io.gguf_to_tensors(_write(tmp_path, kv2, tensors))
+
+
+# ---------------------------------------------------------------------------------------- whole-model round trips
+def latent_weights(config, seed=0):
+    """Random latent float weights in HF names (what a trainer produces), for save_checkpoint."""
+    rng = np.random.default_rng(seed)
+    w = {"model.embed_tokens.weight": rng.standard_normal((config.vocab_size, config.hidden_size)).astype(np.float32) * 0.5,
+         "model.norm.weight": 1 + 0.1 * rng.standard_normal(config.hidden_size).astype(np.float32)}
+    for i in range(config.num_hidden_layers):
+        for suffix, (n, k) in gguf_io.projection_shapes(config).items():
+            w[f"model.layers.{i}.{gguf_io.PROJECTIONS[suffix]}.weight"] = (
+                rng.standard_normal((n, k)) * rng.uniform(0.02, 0.2)).astype(np.float32)
+        for suffix, hf_norm in gguf_io.LAYER_NORMS.items():
+            width = config.intermediate_size if suffix == "ffn_sub_norm" else config.hidden_size
+            w[f"model.layers.{i}.{hf_norm}.weight"] = 1 + 0.1 * rng.standard_normal(width).astype(np.float32)
+    return w
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    from refbitnet.checkpoint import save_checkpoint
+    d = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(d, TINY, latent_weights(TINY))
+    return d
+
+
+IDS = np.array([0, 17, 250, 3, 99, 99, 311, 42, 7, 128, 5, 1])
+
+
+@pytest.mark.parametrize("layout", ["i2_s", "tq2_0", "tq1_0"])
+@pytest.mark.parametrize("embedding_type", ["f16", "bf16"])
+def test_checkpoint_to_gguf_to_model_same_logits(tmp_path, checkpoint_dir, layout, embedding_type):
+    """checkpoint -> GGUF -> refbitnet: identical codes and scales, and bit-identical logits.
+
+    Exact even for TQ: the release stores weight_scale as bf16, and a bf16 value (8-bit significand)
+    in fp16's normal range is exactly an fp16 value, so the fp16 block scale loses nothing. The F16
+    embedding is exact too: these bf16 values are all >= 2**-17 in magnitude or zero (see below).
+    """
+    import refbitnet
+    from refbitnet.checkpoint import read_checkpoint_tensors
+    original = refbitnet.load(checkpoint_dir)
+    path = tmp_path / f"m-{layout}.gguf"
+    gguf_io.save_gguf(checkpoint_dir, path, layout=layout, embedding_type=embedding_type)
+    _, back = gguf_io.gguf_to_tensors(path)
+    released = read_checkpoint_tensors(checkpoint_dir)
+    for name, a in released.items():
+        if a.dtype == np.uint8:
+            assert np.array_equal(back[name], a), name
+        elif name.endswith("weight_scale"):
+            assert back[name][0] == bf16_to_f32(np.asarray(a))[0], name
+    embed = np.abs(bf16_to_f32(np.asarray(released["model.embed_tokens.weight"])))
+    assert np.all((embed == 0) | (embed >= 2.0 ** -17))      # bf16 values on fp16's (subnormal) grid
+    model = gguf_io.load_gguf(path)
+    assert np.array_equal(model.forward(IDS), original.forward(IDS))
+
+
+@pytest.mark.parametrize("layout", ["tq2_0", "tq1_0"])
+def test_float32_scales_round_to_fp16_once(tmp_path, checkpoint_dir, layout):
+    """A model with float32 weight scales (not bf16) written as TQ: each scale moves by at most half an
+    fp16 ulp (relative 2**-11), and the imported model is bit for bit the original with its scales
+    rounded to fp16 -- nothing else changes. (Against the unrounded original the logits move by up to
+    about 1% of their range here: a 5e-4 relative change of a scale can flip int8 activation codes.)"""
+    from refbitnet.checkpoint import model_from_tensors, read_checkpoint_tensors
+    rng = np.random.default_rng(5)
+    tensors = dict(read_checkpoint_tensors(checkpoint_dir))
+    for name in [n for n in tensors if n.endswith("weight_scale")]:
+        tensors[name] = np.array([rng.uniform(0.01, 0.1)], np.float32)
+    model = model_from_tensors(TINY, tensors, source="float32 scales")
+    path = tmp_path / f"f32-{layout}.gguf"
+    gguf_io.save_gguf(model, path, layout=layout)
+    imported = gguf_io.load_gguf(path)
+    _, back = gguf_io.gguf_to_tensors(path)
+    rounded = dict(tensors)
+    for name in [n for n in tensors if n.endswith("weight_scale")]:
+        s = tensors[name][0]
+        assert abs(back[name][0] - s) <= s * FP16_REL, name
+        rounded[name] = np.array([np.float16(s)], np.float32)
+    expected = model_from_tensors(TINY, rounded, source="fp16-rounded scales").forward(IDS)
+    assert np.array_equal(imported.forward(IDS), expected)
+
+
+def test_i2s_keeps_float32_scales_exactly(tmp_path, checkpoint_dir):
+    from refbitnet.checkpoint import model_from_tensors, read_checkpoint_tensors
+    tensors = dict(read_checkpoint_tensors(checkpoint_dir))
+    for name in [n for n in tensors if n.endswith("weight_scale")]:
+        tensors[name] = np.array([np.pi / 100], np.float32)
+    model = model_from_tensors(TINY, tensors, source="float32 scales")
+    path = tmp_path / "f32.gguf"
+    gguf_io.save_gguf(model, path, layout="i2_s")
+    assert np.array_equal(gguf_io.load_gguf(path).forward(IDS), model.forward(IDS))
