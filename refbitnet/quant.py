@@ -11,7 +11,7 @@ when |W| < gamma, as some write-ups say.
 
 absmax (activations, one scale per token = per row of the last axis)::
 
-    s  = 127 / max(max(|x|), 1e-5)
+    s  = 127 / max(max(|x|), 1e-5)             # in float32 as torch evaluates it: 127 * (1 / m)
     xq = clip(round(x * s), -128, 127)         # int8
     x ~= xq / s
 """
@@ -35,7 +35,8 @@ def _as_float32(a, name: str, min_ndim: int) -> np.ndarray:
         raise RefBitNetError(f"{name}: expected at least {min_ndim} dimension(s), found shape {a.shape}")
     if a.size == 0:
         raise RefBitNetError(f"{name}: expected a non-empty array, found shape {a.shape}")
-    a32 = a.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):                                     # reported below as an overflow
+        a32 = a.astype(np.float32, copy=False)
     if not np.isfinite(a32).all():
         bad = np.argwhere(~np.isfinite(a32))[0]
         raise RefBitNetError(f"{name}: expected finite values, found {a32[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
@@ -62,7 +63,11 @@ def absmean_scale(w: np.ndarray) -> np.float32:
     given gamma are identical (``ternary_codes``).
     """
     w32 = _as_float32(w, "w", 1)
-    mean = np.mean(np.abs(w32), dtype=np.float32)
+    with np.errstate(over="ignore"):
+        mean = np.mean(np.abs(w32), dtype=np.float32)
+    if not np.isfinite(mean):
+        raise RefBitNetError(f"w: expected weights whose mean |w| fits in float32, found a float32 sum that "
+                             f"overflows (max |w| = {np.max(np.abs(w32))}, {w32.size} elements)")
     return np.float32(max(mean, WEIGHT_SCALE_MIN))
 
 
@@ -93,10 +98,16 @@ def absmax_int8(x: np.ndarray):
 
     x: float array [..., K]; each row (last axis) gets its own scale.
     Returns (xq int8 [..., K], s float32 [...]) with x ~= xq / s[..., None].
+
+    s is computed as 127 * fl(1 / max(max|x|, 1e-5)), two float32 roundings, because that is what
+    the reference code ``127 / t.abs().max(...)`` does in torch: ``Tensor.__rtruediv__`` is
+    ``t.reciprocal() * 127``. A single correctly rounded 127 / m differs from it by one ulp for
+    some m (e.g. m = 1835), which would change s bit-for-bit and occasionally a code.
     """
     x32 = _as_float32(x, "x", 1)
     absmax = np.max(np.abs(x32), axis=-1)                                 # [...]
-    s = (np.float32(127.0) / np.maximum(absmax, ACT_ABSMAX_MIN)).astype(np.float32)
+    inv = (np.float32(1.0) / np.maximum(absmax, ACT_ABSMAX_MIN)).astype(np.float32)  # [...]
+    s = (np.float32(127.0) * inv).astype(np.float32)                     # [...], torch's 127 / t (see docstring)
     xq = np.clip(np.round(x32 * s[..., None]), -128, 127).astype(np.int8)  # [..., K]
     return xq, s
 
