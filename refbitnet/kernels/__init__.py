@@ -112,10 +112,12 @@ def _check_scales(s, weight_scale, S, N):
     s = _array(s, "s", np.float32, 1)
     if s.shape[0] != S:
         raise RefBitNetError(f"s: expected shape [{S}] (one scale per token of xq), found {s.shape}")
-    if isinstance(weight_scale, (float, int)) and not isinstance(weight_scale, bool):
-        row_scale = np.full(N, weight_scale, np.float32)    # a Python number is converted to float32 ...
-    elif isinstance(weight_scale, np.float32):
+    if isinstance(weight_scale, np.generic):              # a NumPy scalar must already be float32 ...
+        if not isinstance(weight_scale, np.float32):
+            raise RefBitNetTypeError(f"weight_scale: expected a float32 scalar, found {type(weight_scale).__name__}")
         row_scale = np.full(N, weight_scale, np.float32)
+    elif isinstance(weight_scale, (float, int)) and not isinstance(weight_scale, bool):
+        row_scale = np.full(N, weight_scale, np.float32)    # ... a Python number is converted to float32 ...
     elif isinstance(weight_scale, np.ndarray):
         if weight_scale.dtype != np.float32:
             raise RefBitNetTypeError(f"weight_scale: expected float32, found dtype {weight_scale.dtype}")
