@@ -202,15 +202,13 @@ def train_small_tokenizer():
     return Tokenizer(backend, source="<trained in test_generate>")
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    """A 2-layer BitNet (GQA 4 heads / 2 KV heads) with random float master weights, quantized at load.
+def tiny_config_and_weights(tokenizer):
+    """A 2-layer BitNet (GQA 4 heads / 2 KV heads) with random float master weights (HF names).
 
     The LM head is untied: with a random tied embedding the greedy continuation just repeats the last
     token (its own embedding dominates the residual), which would make the greedy check a weak one."""
     from refbitnet.config import Config
-    from refbitnet.model import NORMS, PROJECTIONS, Model
-    tokenizer = train_small_tokenizer()
+    from refbitnet.model import NORMS, PROJECTIONS
     d, f, h, kvh, layers = 32, 64, 4, 2, 2
     config = Config(hidden_size=d, intermediate_size=f, num_hidden_layers=layers, num_attention_heads=h,
                     num_key_value_heads=kvh, vocab_size=tokenizer.vocab_size, max_position_embeddings=48,
@@ -220,17 +218,25 @@ def tiny_model():
     shapes = {"q_proj": (h * hd, d), "k_proj": (kvh * hd, d), "v_proj": (kvh * hd, d), "o_proj": (d, h * hd),
               "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
     rng = np.random.default_rng(1234)
-    tensors = {"model.embed_tokens.weight": rng.standard_normal((config.vocab_size, d)).astype(np.float32) * 0.25,
+    weights = {"model.embed_tokens.weight": rng.standard_normal((config.vocab_size, d)).astype(np.float32) * 0.25,
                "lm_head.weight": rng.standard_normal((config.vocab_size, d)).astype(np.float32) * 0.25,
                "model.norm.weight": np.ones(d, np.float32)}
     for i in range(layers):
         for name, module in PROJECTIONS:
-            tensors[f"model.layers.{i}.{module}.{name}.weight"] = \
+            weights[f"model.layers.{i}.{module}.{name}.weight"] = \
                 rng.standard_normal(shapes[name]).astype(np.float32) * 0.1
         for name, module in NORMS:
             prefix = f"model.layers.{i}." + (f"{module}." if module else "")
-            tensors[prefix + name + ".weight"] = np.ones(f if name == "ffn_sub_norm" else d, np.float32)
-    return Model(config, tensors, tokenizer=tokenizer)
+            weights[prefix + name + ".weight"] = np.ones(f if name == "ffn_sub_norm" else d, np.float32)
+    return config, weights
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from refbitnet.model import Model
+    tokenizer = train_small_tokenizer()
+    config, weights = tiny_config_and_weights(tokenizer)
+    return Model(config, weights, tokenizer=tokenizer)
 
 
 def test_real_model_greedy_equals_stateless_argmax(tiny_model):
@@ -263,3 +269,57 @@ def test_real_model_generate_api_delegates_here(tiny_model):
 def test_real_model_context_limit_before_any_work(tiny_model):
     with pytest.raises(RefBitNetError, match="exceeds the model's context of 48"):
         generate(tiny_model, list(range(40)), max_new_tokens=9)
+
+
+# -- examples/generate.py ------------------------------------------------------------------------------
+
+def load_example():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "generate.py")
+    spec = importlib.util.spec_from_file_location("example_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from refbitnet.checkpoint import save_checkpoint
+    directory = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = train_small_tokenizer()
+    tokenizer_file = directory / "trained_tokenizer.json"
+    tokenizer._backend.save(str(tokenizer_file))
+    config, weights = tiny_config_and_weights(tokenizer)
+    save_checkpoint(directory, config, weights, tokenizer_file=tokenizer_file)
+    return directory
+
+
+def test_example_streams_the_greedy_continuation(tiny_model_dir, capsys):
+    import refbitnet
+    model = refbitnet.load(tiny_model_dir)
+    prompt_ids = model.tokenizer.encode("the cat", add_bos=True)
+    expected = model.tokenizer.decode(generate(model, prompt_ids, max_new_tokens=12))
+    code = load_example().main(["--model", str(tiny_model_dir), "--prompt", "the cat",
+                                "--max-new-tokens", "12", "--backend", "numpy"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out == "the cat" + expected + "\n"
+    assert "prefill" in err and "decode" in err and "tokens/s" in err and "peak memory" in err
+
+
+def test_example_chat_reads_turns_from_stdin(tiny_model_dir, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr("sys.stdin", io.StringIO("the dog\na cat\n\n"))
+    code = load_example().main(["--model", str(tiny_model_dir), "--chat", "--system", "be brief",
+                                "--max-new-tokens", "6", "--temperature", "0.7", "--seed", "5",
+                                "--backend", "numpy"])
+    out, err = capsys.readouterr()
+    assert code == 0 and err.count("peak memory") == 2
+
+
+def test_example_without_a_model_says_what_to_pass(capsys):
+    from pathlib import Path
+    import refbitnet
+    if (Path(refbitnet.__file__).parent / "shipped" / "config.json").exists():
+        pytest.skip("a shipped model exists, so no --model is needed")
+    assert load_example().main(["--prompt", "hi"]) == 2
+    assert "--model DIR" in capsys.readouterr().err
