@@ -14,6 +14,11 @@ Stopping, whichever comes first:
 - the text of the yielded ids contains a stop string. As in transformers' ``stop_strings``, the
   id that completes the stop string is yielded (its text is part of the output), then the loop ends.
 
+Prefill: the prompt goes through the model as one block of up to ``PREFILL_BLOCK`` tokens (longer
+prompts in consecutive blocks through the same cache), because ``forward`` returns logits for every
+position and at V = 128256 a 4096-token block would be 2.1 GB of float32 logits of which only the
+last row is used.
+
 Every argument is checked when ``generate`` is called, before the cache is allocated or any forward
 pass runs; only the iteration itself does work.
 """
@@ -26,6 +31,8 @@ import numpy as np
 
 from .errors import RefBitNetError, RefBitNetTypeError, TokenizerError
 from .sampling import Sampler
+
+PREFILL_BLOCK = 512   # tokens per prefill forward: at most 512 x V float32 logits (263 MB for 2B4T)
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -55,7 +62,8 @@ def _generate(model, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler,
               stop_ids: frozenset[int], stop_strings: tuple[str, ...], tokenizer) -> Iterator[int]:
     # the last new token is never fed back, so the cache needs one slot less than this
     cache = model.new_cache(len(prompt) + max_new_tokens)
-    logits = model.forward(prompt, cache=cache)            # prefill: [S_prompt] -> [S_prompt, V]
+    for start in range(0, len(prompt), PREFILL_BLOCK):     # prefill: usually a single block
+        logits = model.forward(prompt[start:start + PREFILL_BLOCK], cache=cache)  # [S_block, V]
     new_ids: list[int] = []
     while True:
         token_id = sampler(logits[-1])                     # [V] -> id

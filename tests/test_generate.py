@@ -71,6 +71,16 @@ def test_greedy_equals_direct_argmax_and_uses_the_cache_as_specified():
     assert model.caches[0].capacity == len(prompt) + 10
 
 
+def test_long_prompts_are_prefilled_in_blocks(monkeypatch):
+    import refbitnet.generate
+    monkeypatch.setattr(refbitnet.generate, "PREFILL_BLOCK", 4)
+    model = TableLogits()
+    prompt = list(range(10))
+    out = list(generate(model, prompt, max_new_tokens=3))
+    assert out == argmax_chain(TableLogits(), prompt, 3)
+    assert model.forward_calls[:3] == [([0, 1, 2, 3], 0), ([4, 5, 6, 7], 4), ([8, 9], 8)]
+
+
 def test_it_is_a_lazy_stream():
     model = TableLogits()
     stream = generate(model, [1, 2], max_new_tokens=5)
@@ -248,6 +258,15 @@ def test_real_model_greedy_equals_stateless_argmax(tiny_model):
     for _ in range(20):
         sequence.append(int(np.argmax(tiny_model.forward(np.array(sequence))[-1])))
     assert out == sequence[len(prompt):]
+
+
+def test_real_model_blockwise_prefill_gives_the_same_greedy_ids(tiny_model, monkeypatch):
+    import refbitnet.generate
+    prompt = tiny_model.tokenizer.encode("the cat sat on the mat", add_bos=True)
+    one_block = list(generate(tiny_model, prompt, max_new_tokens=10, stop_ids=[]))
+    monkeypatch.setattr(refbitnet.generate, "PREFILL_BLOCK", 3)
+    assert len(prompt) > 3
+    assert list(generate(tiny_model, prompt, max_new_tokens=10, stop_ids=[])) == one_block
 
 
 def test_real_model_sampling_reproduces(tiny_model):
