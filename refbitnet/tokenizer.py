@@ -57,7 +57,8 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Read a ``tokenizer.json``; a missing or unreadable file is a TokenizerError naming it."""
+        """Read a ``tokenizer.json`` (or the one in a directory); a missing or unreadable file is a
+        TokenizerError naming it."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")

@@ -285,6 +285,17 @@ def test_real_model_generate_api_delegates_here(tiny_model):
     assert list(tiny_model.generate(prompt, max_new_tokens=8, stream=True)) == direct
 
 
+def test_real_model_generate_stop_strings(tiny_model):
+    prompt = tiny_model.tokenizer.encode("the dog", add_bos=True)
+    free = tiny_model.generate(prompt, max_new_tokens=16, stop=[])
+    decode = tiny_model.tokenizer.decode
+    # the first new token (after the second) whose text does not already occur earlier
+    j = next(j for j in range(2, len(free))
+             if "\ufffd" not in decode(free[j:j + 1]) and decode(free[j:j + 1]) not in decode(free[:j]))
+    stopped = tiny_model.generate(prompt, max_new_tokens=16, stop=[decode(free[j:j + 1])])
+    assert stopped == free[:j + 1]
+
+
 def test_real_model_context_limit_before_any_work(tiny_model):
     with pytest.raises(RefBitNetError, match="exceeds the model's context of 48"):
         generate(tiny_model, list(range(40)), max_new_tokens=9)

@@ -109,6 +109,12 @@ def test_chat_ids_equal_transformers_hypothesis(tok, hf_tok, messages, gen):
         hf_chat_ids(hf_tok, messages, gen)
 
 
+@given(text=st.text(max_size=120))
+def test_encode_equals_transformers(tok, hf_tok, text):
+    assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False)
+    assert tok.decode(tok.encode(text, add_bos=True)) == hf_tok.decode([128000] + hf_tok.encode(text))
+
+
 @given(text=st.text(max_size=200))
 def test_encode_decode_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
