@@ -507,11 +507,85 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def load_gguf(path, *, numerics: str = "int", backend: str = "numpy"):
-    """Load a bitnet.cpp (I2_S) or llama.cpp (TQ1_0/TQ2_0) BitNet b1.58 GGUF file as a refbitnet Model."""
-    from .checkpoint import model_from_tensors
+# Llama-3's pre-tokenizer split (tokenizer.ggml.pre = "llama-bpe"), as in its tokenizer.json.
+LLAMA3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                      r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-    config, tensors = gguf_to_tensors(path)
+
+def tokenizer_json_from_metadata(metadata: Mapping[str, Any], source: str = "GGUF") -> dict:
+    """Rebuild a HF tokenizer.json (as a dict) from GGUF tokenizer keys of a byte-level BPE vocabulary
+    (tokenizer.ggml.model "gpt2"). All tokens form the BPE vocabulary; CONTROL tokens are also special
+    added tokens, USER_DEFINED ones plain added tokens. pre "llama-bpe" gets Llama-3's split regex,
+    anything else GPT-2's byte-level regex."""
+    model = metadata.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFError(f"{source}: tokenizer.ggml.model is {model!r}; refbitnet rebuilds byte-level BPE "
+                        f"('gpt2') vocabularies only")
+    try:
+        tokens = list(metadata["tokenizer.ggml.tokens"])
+        types = [int(t) for t in metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))]
+        merges = list(metadata.get("tokenizer.ggml.merges", []))
+    except KeyError as e:
+        raise GGUFError(f"{source}: missing tokenizer key {e}") from None
+    if len(types) != len(tokens):
+        raise GGUFError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
+    # Every token is in the BPE vocabulary under its id (tokenizers would renumber an added token that is
+    # not, when ids have gaps); CONTROL / USER_DEFINED tokens are also added tokens, matched before BPE.
+    vocab, added = {}, []
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        vocab.setdefault(tok, i)
+        if kind in (3, 4):                                         # CONTROL, USER_DEFINED
+            added.append({"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": kind == 3})
+    llama3 = metadata.get("tokenizer.ggml.pre") == "llama-bpe"
+    if llama3:
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    else:
+        pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": pre,
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                               "use_regex": True},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": llama3, "vocab": vocab, "merges": merges}}
+
+
+def gguf_tokenizer(gf: GGUFFile):
+    """The file's tokenizer as a refbitnet Tokenizer, or None if the file has none.
+
+    Raises TokenizerError if the vocabulary lacks the specials refbitnet's Tokenizer needs."""
+    if "tokenizer.ggml.tokens" not in gf.metadata:
+        return None
+    from tokenizers import Tokenizer as HFTokenizer
+    from .tokenizer import Tokenizer
+    tj = tokenizer_json_from_metadata(gf.metadata, gf.path)
+    try:
+        backend = HFTokenizer.from_str(json.dumps(tj))
+    except Exception as e:               # tokenizers raises a bare Exception on a bad vocabulary
+        raise GGUFError(f"{gf.path}: cannot build a tokenizer from its tokenizer.ggml keys: {e}") from None
+    return Tokenizer(backend, source=f"{gf.path} (tokenizer.ggml.*)")
+
+
+def load_gguf(path, *, numerics: str = "int", backend: str = "numpy", tokenizer: bool = True):
+    """Load a bitnet.cpp (I2_S) or llama.cpp (TQ1_0/TQ2_0) BitNet b1.58 GGUF file as a refbitnet Model.
+
+    With tokenizer=True the file's vocabulary becomes ``model.tokenizer`` (None if the file has none,
+    or if it lacks <|begin_of_text|>, <|end_of_text|>, <|eot_id|>)."""
+    from .checkpoint import model_from_tensors
+    from .errors import TokenizerError
+
+    gf = read_gguf(path)
+    config, tensors = gguf_to_tensors(gf)
+    tok = None
+    if tokenizer:
+        try:
+            tok = gguf_tokenizer(gf)
+        except TokenizerError:
+            tok = None
     if backend == "numba":           # the Numba LM head reads bf16 bits; F16/F32 tables convert if exact
         for hf in ("model.embed_tokens.weight", "lm_head.weight"):
             table = tensors.get(hf)
@@ -521,7 +595,8 @@ def load_gguf(path, *, numerics: str = "int", backend: str = "numpy"):
                     raise GGUFError(f"{os.fspath(path)}: {hf} holds values bf16 cannot represent; "
                                     f"backend='numba' reads the LM head as bf16 (use backend='numpy')")
                 tensors[hf] = bits
-    return model_from_tensors(config, tensors, source=os.fspath(path), numerics=numerics, backend=backend)
+    return model_from_tensors(config, tensors, source=os.fspath(path), numerics=numerics, backend=backend,
+                              tokenizer=tok)
 
 
 # =====================================================================================================
@@ -578,13 +653,27 @@ def tokenizer_metadata(tokenizer_file, vocab_size: int) -> dict[str, Any]:
                         f"vocab_size {vocab_size}")
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
     by_name = {t: i for i, t in enumerate(tokens)}
-    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(tj, path),
                             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
                             "tokenizer.ggml.merges": merges}
     for key, name in (("bos", "<|begin_of_text|>"), ("eos", "<|end_of_text|>"), ("eot", "<|eot_id|>")):
         if name in by_name:
             meta[f"tokenizer.ggml.{key}_token_id"] = by_name[name]
     return meta
+
+
+def _pre_tokenizer_name(tj: dict, path: str) -> str:
+    """tokenizer.ggml.pre for a tokenizer.json: "llama-bpe" (Llama-3's split regex + byte-level) or
+    "gpt-2" (plain byte-level with GPT-2's regex, what refbitnet's trainer makes). Anything else would
+    be split differently by llama.cpp, so it is refused."""
+    pre = tj.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if any((p.get("pattern") or {}).get("Regex") == LLAMA3_SPLIT_REGEX for p in parts):
+        return "llama-bpe"
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    raise GGUFError(f"{path}: pre-tokenizer {json.dumps(pre)[:120]} is neither Llama-3's nor GPT-2's byte-level "
+                    f"split; llama.cpp and bitnet.cpp would tokenize text differently")
 
 
 # The chat format of SPEC §6 as a Jinja template (what llama.cpp's server and bitnet.cpp apply).

