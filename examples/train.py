@@ -96,11 +96,16 @@ def main(argv=None):
         for prompt, answer in pairs:
             p = chat.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
             a = chat.encode(answer) + [chat.eot_id]
-            ids = (p + a)[:args.seq_len + 1]
-            tg = ([-1] * (len(p) - 1) + a)[:args.seq_len]          # count only the answer tokens
+            if len(p) + len(a) > args.seq_len + 1:
+                continue                                            # does not fit in one window
+            ids = p + a
+            tg = [-1] * (len(p) - 1) + a                            # count only the answer tokens
             ids = ids + [D.END_OF_TEXT_ID] * (args.seq_len + 1 - len(ids))
             tg = tg + [-1] * (args.seq_len - len(tg))
             examples.append((ids[:-1], tg))
+        if not examples:
+            raise SystemExit(f"SFT: no instruction example fits in --seq-len {args.seq_len}")
+        print(f"SFT: {len(examples)} instruction examples (prompt tokens not counted, summed loss)")
 
         def batch_fn(rng):
             pick = rng.integers(0, len(examples), size=args.batch)
