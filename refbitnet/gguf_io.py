@@ -300,8 +300,8 @@ def read_gguf(path) -> GGUFFile:
     for i in range(n_tensors):
         name = cur.string(f"name of tensor #{i}")
         n_dims = cur.scalar("<I", f"dimension count of tensor {name!r}")
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise GGUFError(f"{path}: tensor {name!r}: expected 1 to {MAX_DIMS} dimensions, found {n_dims}")
+        if n_dims > MAX_DIMS:          # 0 dimensions is a scalar (ggml reads it as [1])
+            raise GGUFError(f"{path}: tensor {name!r}: expected at most {MAX_DIMS} dimensions, found {n_dims}")
         ne = [cur.scalar("<Q", f"dimension of tensor {name!r}") for _ in range(n_dims)]
         type_id = cur.scalar("<I", f"type of tensor {name!r}")
         rel = cur.scalar("<Q", f"offset of tensor {name!r}")
@@ -461,7 +461,10 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
         expected.append("output.weight")
     found = set(gf.tensors)
     missing = [n for n in expected if n not in found]
-    extra = sorted(found - set(expected))
+    # llama.cpp's "bitnet" graph multiplies a projection's output by an optional one-element
+    # "blk.{i}.{proj}.scale" tensor (some converters store weight_scale there): folded into the scale.
+    optional_scales = {f"blk.{i}.{s}.scale" for i in range(config.num_hidden_layers) for s in PROJECTIONS}
+    extra = sorted(found - set(expected) - optional_scales)
     if missing or extra:
         parts = []
         if missing:
@@ -493,6 +496,16 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
                 raise GGUFError(f"{gf.path}: tensor {name!r}: expected a ternary type (I2_S, TQ1_0, TQ2_0), "
                                 f"found {t.type_name}")
             codes, scale = decode_ternary(gf, name)
+            extra_scale = name[: -len("weight")] + "scale"
+            if extra_scale in gf.tensors:
+                e = gf.tensors[extra_scale]
+                if e.type_id != F32 or int(np.prod(e.shape)) != 1:
+                    raise GGUFError(f"{gf.path}: tensor {extra_scale!r}: expected one F32 value, found "
+                                    f"{e.type_name} shape {list(e.shape)}")
+                factor = np.float32(gf.raw(extra_scale).view("<f4")[0])
+                if not (np.isfinite(factor) and factor > 0):
+                    raise GGUFError(f"{gf.path}: tensor {extra_scale!r}: expected a positive scale, found {factor}")
+                scale = np.float32(scale * factor)
             tensors[hf] = layouts.pack_hf(codes)
             tensors[hf + "_scale"] = np.array([scale], dtype=np.float32)
         else:

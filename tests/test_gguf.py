@@ -512,3 +512,37 @@ def test_i2s_keeps_float32_scales_exactly(tmp_path, checkpoint_dir):
     path = tmp_path / "f32.gguf"
     gguf_io.save_gguf(model, path, layout="i2_s")
     assert np.array_equal(gguf_io.load_gguf(path).forward(IDS), model.forward(IDS))
+
+
+def test_separate_scale_tensor_is_folded_in(tmp_path, hand_file):
+    """llama.cpp's "bitnet" graph multiplies by an optional one-element blk.{i}.{proj}.scale tensor;
+    a file storing unit-scale TQ2_0 codes plus that tensor imports with weight_scale = d * scale."""
+    kv, tensors, codes, scales, _ = hand_file
+    name = "blk.1.ffn_gate.weight"
+    tq = layouts.pack_tq2_0(codes[name], 1.0).tobytes()
+    changed = [(n, ne, 35, tq) if n == name else (n, ne, t, d) for n, ne, t, d in tensors]
+    changed.append(("blk.1.ffn_gate.scale", [], 0, struct.pack("<f", 0.75)))   # a 0-dimensional scalar
+    _, back = gguf_io.gguf_to_tensors(_write(tmp_path, kv, changed))
+    assert np.array_equal(layouts.unpack_hf(back["model.layers.1.mlp.gate_proj.weight"]), codes[name])
+    assert back["model.layers.1.mlp.gate_proj.weight_scale"][0] == np.float32(0.75)
+    bad = changed[:-1] + [("blk.1.ffn_gate.scale", [2], 0, bytes(8))]
+    with pytest.raises(GGUFError, match=r"blk\.1\.ffn_gate\.scale.*one F32 value"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad, "bad-scale.gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["i2_s", "tq2_0", "tq1_0"])
+def test_round_trip_at_2b4t_widths(tmp_path, layout):
+    """One layer at the released widths (D=2560, F=6912, H=20, KVH=5; small vocabulary)."""
+    config = Config(hidden_size=2560, intermediate_size=6912, num_hidden_layers=1, num_attention_heads=20,
+                    num_key_value_heads=5, vocab_size=512, bos_token_id=0, eos_token_id=1)
+    tensors = release_tensors(config, seed=7)
+    path = tmp_path / f"wide-{layout}.gguf"
+    gguf_io.write_gguf(path, config, tensors, layout=layout)
+    back_config, back = gguf_io.gguf_to_tensors(path)
+    assert back_config == config
+    for name, a in tensors.items():
+        if a.dtype == np.uint8:
+            assert np.array_equal(back[name], a), name
+        elif name.endswith("weight_scale"):
+            assert back[name][0] == bf16_to_f32(a)[0], name
