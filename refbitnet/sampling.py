@@ -14,8 +14,8 @@ The pipeline, in the order transformers applies its logits warpers:
 - top-p keeps, in order of decreasing probability, each token whose preceding probability mass is
   < top_p: the smallest head of the distribution holding at least ``top_p`` (transformers'
   TopPLogitsWarper, written from the top instead of the bottom); ``top_p == 1`` disables it.
-- The draw: probabilities over the kept tokens in decreasing order (ties by increasing id), one
-  uniform ``u`` in [0, 1) from the RNG, the first token whose cumulative probability exceeds ``u``.
+- The draw: one uniform ``u`` in [0, 1) from the RNG; the first kept token, in id order, whose
+  cumulative probability exceeds ``u`` (no sort needed; top-p alone sorts, stably).
 
 All arithmetic after the logits is float64. Reproducibility is exact for identical logits, except
 that ``np.exp`` may differ by an ulp between platforms, which changes a draw only when ``u`` lands
@@ -97,9 +97,12 @@ def top_k_filter(logits: np.ndarray, top_k: int) -> np.ndarray:
     return np.where(logits >= kth_largest, logits, -np.inf)
 
 
-def decreasing_order(logits: np.ndarray) -> np.ndarray:
-    """Token ids by decreasing logit; equal logits by increasing id (a stable sort)."""
-    return np.argsort(-logits, kind="stable")
+TOP_P_HEAD = 1024   # top-p first tries the 1024 largest logits (a full sort of V=128256 is ~50 ms)
+
+
+def decreasing_order(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``ids`` (increasing) reordered by decreasing logit; equal logits keep increasing id (stable)."""
+    return ids[np.argsort(-logits[ids], kind="stable")]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -108,24 +111,41 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
-    """Keep the most probable tokens while the mass before each is < top_p; the rest -> -inf."""
+    """Keep the most probable tokens while the mass before each is < top_p; the rest -> -inf.
+
+    Only the head of the distribution is sorted: every id whose logit is >= the TOP_P_HEAD-th
+    largest. Its ids come first in the full decreasing order too, with the same running sums, so if
+    the head's total reaches top_p no token outside it can be kept; otherwise sort all tokens.
+    """
     if top_p >= 1.0:
         return logits
-    order = decreasing_order(logits)                       # [V] ids, most probable first
-    probs = softmax(logits)[order]                         # [V] in that order
-    mass_before = np.cumsum(probs) - probs                 # [V] mass of the tokens ahead of each
-    keep_sorted = mass_before < top_p                      # the first token always stays
-    keep = np.empty_like(keep_sorted)
-    keep[order] = keep_sorted
-    return np.where(keep, logits, -np.inf)
+    probs = softmax(logits)                                # [V]
+    finite = np.flatnonzero(logits > -np.inf)              # [C] ids still in play
+    head = finite
+    if len(finite) > TOP_P_HEAD:
+        threshold = np.partition(logits[finite], -TOP_P_HEAD)[-TOP_P_HEAD]
+        head = finite[logits[finite] >= threshold]         # [>= TOP_P_HEAD] ids, increasing
+    order = decreasing_order(logits, head)                 # most probable first
+    mass_through = np.cumsum(probs[order])                 # running sums in that order
+    if mass_through[-1] < top_p and len(head) < len(finite):
+        order = decreasing_order(logits, finite)           # the head is not enough: sort them all
+        mass_through = np.cumsum(probs[order])
+    mass_before = mass_through - probs[order]              # mass of the tokens ahead of each
+    kept = order[mass_before < top_p]                      # the first token always stays
+    filtered = np.full_like(logits, -np.inf)
+    filtered[kept] = logits[kept]
+    return filtered
 
 
 def sample_from_logits(logits: np.ndarray, u: float) -> int:
-    """Inverse-CDF draw: the first token (decreasing probability) whose cumulative mass exceeds u."""
-    order = decreasing_order(logits)
-    cdf = np.cumsum(softmax(logits)[order])                # [V] nondecreasing, cdf[-1] ~ 1
+    """Inverse-CDF draw: the first id (in id order) whose cumulative probability exceeds u.
+
+    Id order, as llama2.c's sampler, needs no sort: a full stable sort of 128256 logits would cost
+    more than the rest of the step. Removed (-inf) tokens are skipped and can never be drawn."""
+    candidates = np.flatnonzero(logits > -np.inf)          # [C] ids still in play, increasing
+    cdf = np.cumsum(softmax(logits[candidates]))           # [C] nondecreasing, cdf[-1] ~ 1
     position = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
-    return int(order[min(position, len(order) - 1)])
+    return int(candidates[min(position, len(candidates) - 1)])
 
 
 class Sampler:

@@ -98,6 +98,31 @@ def test_pipeline_matches_transformers_warper_chain(logits, temperature, k, top_
     assert np.array_equal(ours, np.isneginf(scores[0].numpy()))
 
 
+@given(logits=hnp.arrays(np.float64, st.integers(1, 60), elements=st.integers(-40, 40).map(float)),
+       top_p=st.floats(0.01, 1.0), head=st.integers(1, 8))
+def test_top_p_head_shortcut_is_exactly_the_full_sort(logits, top_p, head):
+    # Integer logits: many ties, including across the head's boundary. Sorting only the head must
+    # give bit-identical results to sorting everything (same prefix, same running sums).
+    import refbitnet.sampling as sampling
+    saved = sampling.TOP_P_HEAD
+    try:
+        sampling.TOP_P_HEAD = head
+        shortcut = top_p_filter(logits, top_p)
+        sampling.TOP_P_HEAD = 10**9
+        full = top_p_filter(logits, top_p)
+    finally:
+        sampling.TOP_P_HEAD = saved
+    assert np.array_equal(shortcut, full)
+
+
+@pytest.mark.parametrize("seed, scale, top_p", [(0, 3.0, 0.9), (1, 0.3, 0.5), (2, 8.0, 0.99)])
+def test_top_p_matches_transformers_at_full_vocabulary(seed, scale, top_p):
+    # V = 128256 as in 2B4T, with the head shortcut (scale 0.3 makes the head too small: fallback)
+    logits = np.random.default_rng(seed).standard_normal(128256) * scale
+    ours = np.isneginf(top_p_filter(logits, top_p))
+    assert np.array_equal(ours, hf_mask(logits_process.TopPLogitsWarper(top_p=top_p), logits))
+
+
 def test_top_p_worked_example():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     kept = lambda p: (~np.isneginf(top_p_filter(logits, p))).nonzero()[0].tolist()  # noqa: E731
@@ -117,14 +142,15 @@ def test_temperature_shift_keeps_tiny_temperatures_finite():
 # -- the draw --------------------------------------------------------------------------------------
 
 def test_inverse_cdf_draw():
-    logits = np.log(np.array([0.2, 0.5, 0.3]))       # decreasing order: ids 1, 2, 0
-    assert sample_from_logits(logits, 0.0) == 1
-    assert sample_from_logits(logits, 0.4999) == 1
-    assert sample_from_logits(logits, 0.5001) == 2
-    assert sample_from_logits(logits, 0.7999) == 2
-    assert sample_from_logits(logits, 0.8001) == 0
-    assert sample_from_logits(logits, 1 - 2**-53) == 0
-    assert sample_from_logits(np.array([0.0, -np.inf, 0.0]), 0.99) == 2  # never a removed token
+    logits = np.log(np.array([0.2, 0.5, 0.3]))       # id order: cumulative 0.2, 0.7, 1.0
+    assert sample_from_logits(logits, 0.0) == 0
+    assert sample_from_logits(logits, 0.1999) == 0
+    assert sample_from_logits(logits, 0.2001) == 1
+    assert sample_from_logits(logits, 0.6999) == 1
+    assert sample_from_logits(logits, 0.7001) == 2
+    assert sample_from_logits(logits, 1 - 2**-53) == 2
+    assert sample_from_logits(np.array([0.0, 0.0, -np.inf]), 0.99) == 1  # never a removed token
+    assert sample_from_logits(np.array([-np.inf, 0.0, 0.0]), 0.0) == 1
 
 
 def test_draws_follow_the_distribution():
@@ -150,8 +176,8 @@ def test_same_seed_same_sequence_and_fixed_expected_ids():
     assert draw(7, temperature=0.7, top_k=4, top_p=0.9) == EXPECTED_K4_P09
 
 
-EXPECTED_T1 = [4, 8, 5, 2, 8, 12, 5, 1, 2, 10, 5, 13]
-EXPECTED_K4_P09 = [5, 8, 13, 5, 5, 8, 5, 8, 8, 5, 8, 13]
+EXPECTED_T1 = [10, 2, 5, 5, 1, 13, 4, 12, 5, 8, 4, 8]
+EXPECTED_K4_P09 = [5, 2, 13, 8, 8, 5, 8, 5, 2, 5, 2, 13]
 
 
 def test_greedy_is_argmax_lowest_id_and_draws_no_random_number():
