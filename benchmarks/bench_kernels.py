@@ -1,0 +1,262 @@
+"""Kernel speed on the BitNet b1.58 2B4T shapes, against this machine's memory bandwidth (not a test).
+
+    python benchmarks/bench_kernels.py [--rounds 5] [--pool-mb 160] [--quick]
+
+For each projection shape (N x K) at 1 and 2 threads it prints the time of one GEMV (S = 1, decode),
+the weight bytes read, GB/s, and that as a fraction of two bandwidths measured in the same run:
+"copy" (np.copyto of 512 MiB: bytes read + written / time) and "sum" (a Numba prange sum over 512 MiB at
+the same thread count: bytes read / time). Beside it, in the same run: the NumPy reference path
+(refbitnet.bitlinear: float32 BLAS on int8 codes + epilogue) and torch F.linear on the dequantized float32
+weights (bf16 for the LM head). Then a 128-token GEMM per shape, and the first-call compile time and the
+cached start time of a fresh process.
+
+Noise: the machine has 2 cores shared with other jobs. Every figure is the best of --rounds rounds, and
+the rounds interleave all variants (each round runs every shape/thread/kernel once), so a busy moment
+hurts all variants alike instead of one. GEMV timings cycle through a pool of weight copies larger than
+the L3 cache, so the weights come from DRAM as in a real decode step.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from refbitnet import kernels  # noqa: E402  (sets the LLVM option before anything compiles)
+from refbitnet.bf16 import f32_to_bf16  # noqa: E402
+from refbitnet.bitlinear import bitlinear_epilogue, ternary_matmul_exact  # noqa: E402
+from refbitnet.kernels import reference  # noqa: E402
+from refbitnet.kernels.v1_unpacked_int8 import ternary_matmul_acc_v1  # noqa: E402
+from refbitnet.kernels.v2_packed_scalar import ternary_matmul_acc_v2  # noqa: E402
+from refbitnet.layouts import pack_kernel  # noqa: E402
+from refbitnet.quant import absmax_int8  # noqa: E402
+
+import numba  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+SHAPES = [  # name, N (out), K (in)
+    ("q/o", 2560, 2560),
+    ("k/v", 640, 2560),
+    ("gate/up", 6912, 2560),
+    ("down", 2560, 6912),
+]
+HEAD = ("lm_head", 128256, 2560)
+THREADS = [1, 2]
+
+
+@njit(cache=True, parallel=True)
+def _parallel_sum(a):
+    total = 0
+    for i in prange(a.shape[0]):
+        total += a[i]
+    return total
+
+
+def best_time(fn, rounds=1):
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+class Bandwidth:
+    """Copy and sum bandwidth (GB/s), best seen so far; measured inside each benchmark round."""
+
+    def __init__(self, mib=512):
+        self.src = np.ones(mib * 2**20 // 8, np.uint64)
+        self.dst = np.empty_like(self.src)
+        self.copy = 0.0
+        self.sum = {n: 0.0 for n in THREADS}
+        _parallel_sum(self.src[:16])
+
+    def measure(self):
+        t = best_time(lambda: np.copyto(self.dst, self.src))
+        self.copy = max(self.copy, 2 * self.src.nbytes / t / 1e9)
+        for n in THREADS:
+            kernels.set_num_threads(n)
+            t = best_time(lambda: _parallel_sum(self.src))
+            self.sum[n] = max(self.sum[n], self.src.nbytes / t / 1e9)
+
+
+def random_ternary(rng, n, k):
+    return rng.integers(-1, 2, (n, k), dtype=np.int8)
+
+
+def compile_times():
+    """First-call time in a fresh process with an empty Numba cache, then a second process on that cache."""
+    code = (
+        "import time; t = time.perf_counter()\n"
+        "import numpy as np\n"
+        "from refbitnet import kernels\n"
+        "from refbitnet.layouts import pack_kernel\n"
+        "p = pack_kernel(np.zeros((64, 256), np.int8))\n"
+        "for S in (1, 4):\n"
+        "    xq = np.zeros((S, 256), np.int8); s = np.ones(S, np.float32)\n"
+        "    kernels.ternary_matmul(xq, s, p, np.float32(1)); kernels.ternary_matmul_acc(xq, p)\n"
+        "    kernels.bf16_matmul(np.ones((S, 256), np.float32), np.zeros((64, 256), np.uint16))\n"
+        "print(time.perf_counter() - t)\n")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=root)
+        out = []
+        for _ in range(2):
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            out.append(float(r.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pool-mb", type=int, default=160, help="weight copies cycled through per GEMV timing")
+    ap.add_argument("--gemm-tokens", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, no torch, no compile-time subprocesses")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds = 2
+    rng = np.random.default_rng(0)
+    torch = None
+    if not args.quick:
+        try:
+            import torch
+            import torch.nn.functional as F
+        except ImportError:
+            torch = None
+
+    bw = Bandwidth()
+    # ---- operands for every shape
+    cases = {}
+    for name, N, K in SHAPES:
+        codes = random_ternary(rng, N, K)
+        packed = pack_kernel(codes)
+        copies = max(2, -(-args.pool_mb * 2**20 // packed.nbytes))
+        pool = [packed.copy() for _ in range(copies)]
+        x = rng.standard_normal((1, K)).astype(np.float32)
+        xq, s = absmax_int8(x)
+        xg = rng.standard_normal((args.gemm_tokens, K)).astype(np.float32)
+        xqg, sg = absmax_int8(xg)
+        ws = np.float32(0.0123)
+        cases[name] = dict(N=N, K=K, codes=codes, packed=packed, pool=pool, x=x, xq=xq, s=s, xqg=xqg, sg=sg, ws=ws)
+        assert np.array_equal(kernels.ternary_matmul(xq, s, packed, ws).view(np.uint32),
+                              reference.ternary_matmul_reference(xq, s, packed, ws).view(np.uint32))
+        if torch is not None:
+            cases[name]["w_torch"] = torch.from_numpy(codes.astype(np.float32) * ws)
+            cases[name]["x_torch"] = torch.from_numpy(x)
+    name, V, K = HEAD
+    table = f32_to_bf16((rng.standard_normal((V, K)) * 0.02).astype(np.float32))    # uint16 [V, K], 656 MB
+    xh = rng.standard_normal((1, K)).astype(np.float32)
+    head = dict(table=table, x=xh, xg=rng.standard_normal((args.gemm_tokens, K)).astype(np.float32))
+    if torch is not None:
+        head["w_torch"] = torch.from_numpy(table.view(np.int16)).view(torch.bfloat16)
+        head["x_torch"] = torch.from_numpy(xh).to(torch.bfloat16)
+    kernels.bf16_matmul(xh, table[:64])
+
+    gemv = {}      # (shape, threads) -> seconds per call
+    gemm = {}
+    head_t = {}
+    numpy_t = {}
+    torch_t = {}
+    for r in range(args.rounds):
+        bw.measure()
+        for nt in THREADS:
+            kernels.set_num_threads(nt)
+            for name, c in cases.items():
+                pool = c["pool"]
+                t = time.perf_counter()
+                for p in pool:
+                    kernels.ternary_matmul(c["xq"], c["s"], p, c["ws"])
+                t = (time.perf_counter() - t) / len(pool)
+                gemv[name, nt] = min(gemv.get((name, nt), 1e9), t)
+                t = best_time(lambda: kernels.ternary_matmul(c["xqg"], c["sg"], c["packed"], c["ws"]))
+                gemm[name, nt] = min(gemm.get((name, nt), 1e9), t)
+                if torch is not None and r < 3:
+                    torch.set_num_threads(nt)
+                    t = best_time(lambda: F.linear(c["x_torch"], c["w_torch"]), 3)
+                    torch_t[name, nt] = min(torch_t.get((name, nt), 1e9), t)
+            t = best_time(lambda: kernels.bf16_matmul(head["x"], head["table"]))
+            head_t[nt] = min(head_t.get(nt, 1e9), t)
+            if r == 0:
+                t = best_time(lambda: kernels.bf16_matmul(head["xg"], head["table"]))
+                gemm[HEAD[0], nt] = t
+            if torch is not None and r < 2:
+                torch.set_num_threads(nt)
+                t = best_time(lambda: F.linear(head["x_torch"], head["w_torch"]))
+                torch_t[HEAD[0], nt] = min(torch_t.get((HEAD[0], nt), 1e9), t)
+        if r < 2:   # the NumPy reference path (BLAS threads as configured; slow, so two rounds)
+            for name, c in cases.items():
+                t = best_time(lambda: bitlinear_epilogue(ternary_matmul_exact(c["xq"], c["codes"]), c["s"], c["ws"]))
+                numpy_t[name] = min(numpy_t.get(name, 1e9), t)
+
+    # ---- the ladder of versions on one shape (gate/up), weights from DRAM, 2 threads
+    ladder = {}
+    c = cases["gate/up"]
+    kernels.set_num_threads(max(THREADS))
+    ternary_matmul_acc_v1(c["xq"], c["codes"]), ternary_matmul_acc_v2(c["xq"], c["packed"])
+    for _ in range(2):
+        for label, fn, nbytes in (
+                ("numpy reference (int64 unpack+matmul)", lambda: reference.ternary_matmul_acc_reference(c["xq"], c["packed"]), c["packed"].nbytes),
+                ("v1 unpacked int8", lambda: ternary_matmul_acc_v1(c["xq"], c["codes"]), c["codes"].nbytes),
+                ("v2 packed, scalar decode", lambda: ternary_matmul_acc_v2(c["xq"], c["packed"]), c["packed"].nbytes),
+                ("v3 word planes (vpmaddwd)", lambda: kernels.ternary_matmul_acc(c["xq"], c["packed"]), c["packed"].nbytes)):
+            t = best_time(fn, 2)
+            ladder[label] = (min(ladder.get(label, (1e9,))[0], t), nbytes)
+
+    # ---- report
+    print(f"load average during the run: {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs "
+          f"(anything above ~0.5 means neighbours share the cores and the 2-thread rows suffer most)")
+    print(f"bandwidth (best of {args.rounds} rounds, same run): copy {bw.copy:.1f} GB/s (read+write), "
+          f"prange sum " + ", ".join(f"{n} thr {bw.sum[n]:.1f} GB/s" for n in THREADS))
+    print("\nGEMV, S = 1 (decode), weights cycled from a pool larger than L3; times are best of the rounds")
+    hdr = (f"{'shape':8} {'N x K':>13} {'thr':>3} {'bytes':>9} {'numba ms':>9} {'GB/s':>6} {'%copy':>6} {'%sum':>5}"
+           f" {'numpy ms':>9} {'x numpy':>8} {'torch ms':>9} {'x torch':>8}")
+    print(hdr)
+    rows = []
+    for name, N, K in SHAPES + [HEAD]:
+        for nt in THREADS:
+            nbytes = N * K // 4 if name != HEAD[0] else N * K * 2
+            t = gemv[name, nt] if name != HEAD[0] else head_t[nt]
+            gbs = nbytes / t / 1e9
+            npt = numpy_t.get(name)
+            tt = torch_t.get((name, nt))
+            row = dict(shape=name, N=N, K=K, threads=nt, bytes=nbytes, ms=t * 1e3, gbs=gbs,
+                       frac_copy=gbs / bw.copy, frac_sum=gbs / bw.sum[nt],
+                       numpy_ms=npt * 1e3 if npt else None, torch_ms=tt * 1e3 if tt else None)
+            rows.append(row)
+            print(f"{name:8} {N:>6}x{K:<6} {nt:>3} {nbytes / 1e6:>7.2f}MB {t * 1e3:>9.3f} {gbs:>6.1f} "
+                  f"{100 * gbs / bw.copy:>5.0f}% {100 * gbs / bw.sum[nt]:>4.0f}% "
+                  + (f"{npt * 1e3:>9.2f} {npt / t:>7.1f}x " if npt else f"{'-':>9} {'-':>8} ")
+                  + (f"{tt * 1e3:>9.3f} {tt / t:>7.1f}x" if tt else f"{'-':>9} {'-':>8}"))
+    print(f"\nGEMM, S = {args.gemm_tokens} tokens (prefill), one weight copy; 'x GEMV' = tokens/s relative to "
+          f"S x the GEMV above")
+    print(f"{'shape':8} {'thr':>3} {'ms':>9} {'tokens/s':>9} {'x GEMV':>7}")
+    for name, N, K in SHAPES + [HEAD]:
+        for nt in THREADS:
+            t = gemm[name, nt]
+            t1 = gemv[name, nt] if name != HEAD[0] else head_t[nt]
+            ratio = args.gemm_tokens * t1 / t
+            rows.append(dict(shape=name, threads=nt, gemm_tokens=args.gemm_tokens, gemm_ms=t * 1e3, gemm_vs_gemv=ratio))
+            print(f"{name:8} {nt:>3} {t * 1e3:>9.2f} {args.gemm_tokens / t:>9.0f} {ratio:>6.2f}x")
+    print(f"\nVersions on gate/up 6912x2560, S = 1, {max(THREADS)} threads, one weight copy (partly cache-resident)")
+    for label, (t, nbytes) in ladder.items():
+        print(f"  {label:40} {t * 1e3:8.3f} ms  {nbytes / t / 1e9:6.2f} GB/s of its own weight bytes")
+    if not args.quick:
+        first, cached = compile_times()
+        print(f"\ncompile: first call in a fresh process (empty cache, import included) {first:.2f} s; "
+              f"second process on that cache {cached:.2f} s")
+        rows.append(dict(compile_first_s=first, compile_cached_s=cached))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(bandwidth=dict(copy=bw.copy, sum=bw.sum), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
