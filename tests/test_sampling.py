@@ -115,12 +115,15 @@ def test_top_p_head_shortcut_is_exactly_the_full_sort(logits, top_p, head):
     assert np.array_equal(shortcut, full)
 
 
-@pytest.mark.parametrize("seed, scale, top_p", [(0, 3.0, 0.9), (1, 0.3, 0.5), (2, 8.0, 0.99)])
-def test_top_p_matches_transformers_at_full_vocabulary(seed, scale, top_p):
-    # V = 128256 as in 2B4T, with the head shortcut (scale 0.3 makes the head too small: fallback)
+@pytest.mark.parametrize("seed, scale, top_p, kept", [
+    (0, 5.0, 0.9, 27), (3, 4.0, 0.5, 16), (2, 8.0, 0.99, 1),    # the nucleus is inside the head
+    (0, 3.0, 0.9, 4794), (1, 0.3, 0.5, 49039)])                 # it is not: the full sort
+def test_top_p_matches_transformers_at_full_vocabulary(seed, scale, top_p, kept):
+    # V = 128256 as in 2B4T, on both paths of top_p_filter
     logits = np.random.default_rng(seed).standard_normal(128256) * scale
     ours = np.isneginf(top_p_filter(logits, top_p))
     assert np.array_equal(ours, hf_mask(logits_process.TopPLogitsWarper(top_p=top_p), logits))
+    assert (~ours).sum() == kept
 
 
 def test_top_p_worked_example():
