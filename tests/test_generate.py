@@ -169,7 +169,8 @@ def test_stop_string_absent_runs_to_max(llama3):
     (dict(prompt_ids=[1.0, 2.0]), RefBitNetTypeError, "integers"),
     (dict(prompt_ids=[1, 16]), TokenizerError, "outside the vocabulary"),
     (dict(prompt_ids=[-1]), TokenizerError, "outside the vocabulary"),
-    (dict(prompt_ids=list(range(10)) * 6, max_new_tokens=5), RefBitNetError, "exceeds the model's context of 64"),
+    (dict(prompt_ids=list(range(10)) * 6, max_new_tokens=5), RefBitNetError,
+     "exceeds the model's context of 64"),
     (dict(max_new_tokens=62), RefBitNetError, "at most 61 new tokens"),
     (dict(stop_ids=[16]), TokenizerError, "stop id 16"),
     (dict(stop_ids=["x"]), RefBitNetTypeError, "stop_ids"),
@@ -228,8 +229,9 @@ def tiny_config_and_weights(tokenizer):
     shapes = {"q_proj": (h * hd, d), "k_proj": (kvh * hd, d), "v_proj": (kvh * hd, d), "o_proj": (d, h * hd),
               "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
     rng = np.random.default_rng(1234)
-    weights = {"model.embed_tokens.weight": rng.standard_normal((config.vocab_size, d)).astype(np.float32) * 0.25,
-               "lm_head.weight": rng.standard_normal((config.vocab_size, d)).astype(np.float32) * 0.25,
+    table = (config.vocab_size, d)                                                    # [V, D]
+    weights = {"model.embed_tokens.weight": rng.standard_normal(table).astype(np.float32) * 0.25,
+               "lm_head.weight": rng.standard_normal(table).astype(np.float32) * 0.25,
                "model.norm.weight": np.ones(d, np.float32)}
     for i in range(layers):
         for name, module in PROJECTIONS:
