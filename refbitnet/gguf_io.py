@@ -41,6 +41,7 @@ package does not know type id 36 (I2_S) and fails on it, and we want every malfo
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -133,7 +134,7 @@ class GGUFTensor:
 
 def tensor_nbytes(type_id: int, shape: tuple[int, ...], name: str = "tensor", path: str = "GGUF") -> int:
     """Bytes a tensor of this GGML type and numpy shape occupies; GGUFError for types refbitnet cannot read."""
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)
     row = shape[-1] if shape else 1
     if type_id == F32:
         return 4 * n
@@ -392,16 +393,26 @@ def gguf_config(gf: GGUFFile) -> Config:
         raise GGUFError(f"{gf.path}: general.architecture is {arch!r}, not BitNet b1.58 "
                         f"(expected one of {list(BITNET_ARCHS)})")
 
-    def key(suffix, default=None, required=True):
+    def key(suffix, default=None, required=True, kind=int):
         value = gf.get(f"{arch}.{suffix}", default)
-        if value is None and required:
-            raise GGUFError(f"{gf.path}: missing metadata key {arch}.{suffix}")
-        return value.item() if isinstance(value, np.generic) else value
+        if value is None:
+            if required:
+                raise GGUFError(f"{gf.path}: missing metadata key {arch}.{suffix}")
+            return None
+        if isinstance(value, np.ndarray):
+            raise GGUFError(f"{gf.path}: {arch}.{suffix}: per-layer values are not supported (BitNet b1.58 "
+                            f"layers are all alike), found an array of {value.size}")
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise GGUFError(f"{gf.path}: {arch}.{suffix}: expected {'a number' if kind is float else 'an integer'}, "
+                            f"found {value!r}")
+        return kind(value)
 
     d = key("embedding_length")
     n_head = key("attention.head_count")
+    if d <= 0 or n_head <= 0:
+        raise GGUFError(f"{gf.path}: expected positive embedding_length and head_count, found {d} and {n_head}")
     rope_dim = key("rope.dimension_count", required=False)
-    if rope_dim is not None and n_head and rope_dim != d // n_head:
+    if rope_dim is not None and rope_dim != d // n_head:
         raise GGUFError(f"{gf.path}: {arch}.rope.dimension_count is {rope_dim}; refbitnet rotates the whole "
                         f"head (expected embedding_length / head_count = {d // n_head})")
     embd = gf.tensors.get("token_embd.weight")
@@ -411,23 +422,22 @@ def gguf_config(gf: GGUFFile) -> Config:
         vocab = embd.shape[0] if embd is not None else (len(tokens) if tokens is not None else None)
     if vocab is None:
         raise GGUFError(f"{gf.path}: cannot tell the vocabulary size (no {arch}.vocab_size, no token_embd.weight)")
-    bos = gf.get("tokenizer.ggml.bos_token_id")
-    eos = gf.get("tokenizer.ggml.eos_token_id")
+    special = {}
+    for k in ("bos", "eos"):
+        value = gf.get(f"tokenizer.ggml.{k}_token_id")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise GGUFError(f"{gf.path}: tokenizer.ggml.{k}_token_id: expected an integer, found {value!r}")
+        special[k] = value
     cfg = dict(
         hidden_size=d, intermediate_size=key("feed_forward_length"), num_hidden_layers=key("block_count"),
         num_attention_heads=n_head, num_key_value_heads=key("attention.head_count_kv", n_head),
         vocab_size=int(vocab), max_position_embeddings=key("context_length"),
-        rope_theta=_f32_value(key("rope.freq_base", 10000.0, required=False)),
-        rms_norm_eps=_f32_value(key("attention.layer_norm_rms_epsilon")),
-        bos_token_id=None if bos is None else int(bos), eos_token_id=None if eos is None else int(eos),
+        rope_theta=_f32_value(key("rope.freq_base", 10000.0, required=False, kind=float)),
+        rms_norm_eps=_f32_value(key("attention.layer_norm_rms_epsilon", kind=float)),
+        bos_token_id=special["bos"], eos_token_id=special["eos"],
         tie_word_embeddings="output.weight" not in gf.tensors)
-    for k in ("intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "max_position_embeddings"):
-        if isinstance(cfg[k], (list, np.ndarray)):
-            raise GGUFError(f"{gf.path}: per-layer {k} is not supported (BitNet b1.58 layers are all alike)")
     try:
-        return Config(**{k: (int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v)
-                         for k, v in cfg.items()})
+        return Config(**cfg)
     except ValueError as e:
         raise GGUFError(f"{gf.path}: metadata does not describe a valid BitNet b1.58 model: {e}") from None
 
