@@ -71,6 +71,10 @@ class Tokenizer:
                 f"tokenizer file {path!r} is not a valid tokenizer.json: {exc}") from exc
         return cls(backend, source=path)
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer as a ``tokenizer.json`` (e.g. next to a saved model)."""
+        self._backend.save(os.fspath(path))
+
     def _special_id(self, name: str) -> int:
         token_id = self._backend.token_to_id(name)
         if token_id is None:

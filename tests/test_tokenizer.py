@@ -204,6 +204,9 @@ def test_small_trained_tokenizer_with_the_three_specials(tmp_path):
     assert ids[0] == small.bos_id and ids.count(small.eot_id) == 1
     assert small.decode(ids) == "<|begin_of_text|>User: the cat<|eot_id|>Assistant: "
     assert small.decode(small.encode("naïve 😀 text")) == "naïve 😀 text"
+    small.save(tmp_path / "copy.json")
+    again = Tokenizer.from_file(tmp_path / "copy.json")
+    assert again.encode("the cat sat") == small.encode("the cat sat") and again.eos_ids == small.eos_ids
 
 
 def test_tokenizer_without_a_special_names_the_missing_token(tmp_path):
