@@ -146,3 +146,31 @@ def use_integer_bitlinear(model):
             assert not module.online_quant and module.bias is None and module.rms_norm is None
             module.forward = types.MethodType(integer_forward, module)
     return model
+
+
+def numpy_release_tensors(sizes, seed, tie_word_embeddings=True):
+    """The same kind of random model as random_release_tensors, built with NumPy only (refbitnet's pack_hf):
+    {name: ndarray} with bf16 tensors as uint16 bits, for tests that need no torch."""
+    from refbitnet.bf16 import f32_to_bf16
+    from refbitnet.layouts import pack_hf
+    rng = np.random.default_rng(seed)
+    d, f, v = sizes["hidden_size"], sizes["intermediate_size"], sizes["vocab_size"]
+    t = {"model.embed_tokens.weight": f32_to_bf16(rng.standard_normal((v, d)).astype(np.float32)),
+         "model.norm.weight": f32_to_bf16((1 + 0.2 * rng.standard_normal(d)).astype(np.float32))}
+    if not tie_word_embeddings:
+        t["lm_head.weight"] = f32_to_bf16(rng.standard_normal((v, d)).astype(np.float32))
+    for i in range(sizes["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for norm, width in (("input_layernorm", d), ("post_attention_layernorm", d),
+                            ("self_attn.attn_sub_norm", d), ("mlp.ffn_sub_norm", f)):
+            t[p + norm + ".weight"] = f32_to_bf16((1 + 0.2 * rng.standard_normal(width)).astype(np.float32))
+        for proj, (n, k) in projection_shapes(sizes).items():
+            t[p + proj + ".weight"] = pack_hf(rng.integers(-1, 2, size=(n, k)).astype(np.int8))
+            t[p + proj + ".weight_scale"] = f32_to_bf16(np.array([rng.uniform(0.6, 1.4) / np.sqrt(k)], np.float32))
+    return t
+
+
+def numpy_config(sizes, max_position_embeddings=128, **kw):
+    from refbitnet.config import Config
+    return Config(**sizes, max_position_embeddings=max_position_embeddings, rope_theta=10000.0,
+                  bos_token_id=1, eos_token_id=2, **kw)

@@ -1,0 +1,133 @@
+"""The KV cache: prefill in one block, token-by-token decoding and the full forward agree.
+
+numerics="int": bit for bit. Every op of the NumPy path computes a token's row independently of the
+other rows in the block: BitLinear is integer arithmetic plus an elementwise epilogue, rms_norm and
+the quantizer reduce each row on its own, attention handles each query with arrays of the same shapes
+whether it comes in a block or alone, and the LM head is one matrix-vector product per token.
+numerics="fake-quant": BitLinear is a float32 matmul whose rounding depends on how many rows the BLAS
+call gets, so a block and single tokens differ by float rounding (observed ~1e-7 relative), which
+can flip an int8 code downstream; checked to 1e-5 relative when no code flipped, else 5e-2.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refbitnet.checkpoint import model_from_tensors
+from refbitnet.errors import RefBitNetError, RefBitNetTypeError
+from refbitnet.model import KVCache
+from refbitnet.quant import absmax_int8
+
+from _tiny_bitnet import TINY_CONFIGS, numpy_config, numpy_release_tensors
+
+_models = {}
+
+
+def tiny_model(name, numerics="int", backend="numpy", seed=0):
+    key = (name, numerics, backend, seed)
+    if key not in _models:
+        sizes = TINY_CONFIGS[name]
+        _models[key] = model_from_tensors(numpy_config(sizes), numpy_release_tensors(sizes, seed),
+                                          source=f"tiny {name}", numerics=numerics, backend=backend)
+    return _models[key]
+
+
+def _ids(model, n, seed=0):
+    return np.random.default_rng(seed).integers(0, model.config.vocab_size, n)
+
+
+def _run_blocks(model, ids, cuts, trace_list=None):
+    cache = model.new_cache(len(ids))
+    out, start = [], 0
+    for end in list(cuts) + [len(ids)]:
+        if end > start:
+            trace = {} if trace_list is not None else None
+            out.append(model.forward(ids[start:end], cache=cache, trace=trace))
+            if trace_list is not None:
+                trace_list.append(trace)
+            start = end
+    assert cache.length == len(ids)
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_int_prefill_block_equals_token_by_token_equals_full(name):
+    model = tiny_model(name)
+    ids = _ids(model, 24)
+    full = model.forward(ids)
+    one_by_one = _run_blocks(model, ids, range(1, 24))
+    prefill_then_decode = _run_blocks(model, ids, [10])
+    assert np.array_equal(one_by_one, full)
+    assert np.array_equal(prefill_then_decode, full)
+
+
+@settings(max_examples=25)
+@given(cuts=st.lists(st.integers(1, 19), max_size=6), name=st.sampled_from(list(TINY_CONFIGS)))
+def test_int_any_split_into_blocks_equals_full(cuts, name):
+    model = tiny_model(name)
+    ids = _ids(model, 20, seed=len(cuts))
+    assert np.array_equal(_run_blocks(model, ids, sorted(set(cuts))), model.forward(ids))
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_fake_quant_cache_matches_full_forward(name):
+    model = tiny_model(name, numerics="fake-quant")
+    ids = _ids(model, 24)
+    full_trace = {}
+    full = model.forward(ids, trace=full_trace)
+    traces = []
+    stepped = _run_blocks(model, ids, [8] + list(range(9, 24)), traces)
+    flips = 0
+    for key in full_trace:
+        if key.endswith(("input_layernorm", "attn_sub_norm", "post_attention_layernorm", "ffn_sub_norm")):
+            a, _ = absmax_int8(full_trace[key])
+            b, _ = absmax_int8(np.concatenate([t[key] for t in traces]))
+            flips += int((a != b).sum())
+    rel = float(np.abs(stepped - full).max() / np.abs(full).max())
+    print(f"[{name}] fake-quant cache vs full: relative max|diff| {rel:.1e}, int8 codes flipped {flips}")
+    assert rel <= (1e-5 if flips == 0 else 5e-2)
+
+
+def test_forward_without_cache_leaves_no_state():
+    model = tiny_model("gqa")
+    ids = _ids(model, 12)
+    first = model.forward(ids)
+    cache = model.new_cache(30)
+    model.forward(ids[:5], cache=cache)
+    assert np.array_equal(model.forward(ids), first)
+    assert cache.length == 5
+    again = model.forward(ids)
+    assert np.array_equal(again, first)
+
+
+def test_cache_is_preallocated_zeros_of_the_requested_size():
+    model = tiny_model("one_kv_head")
+    cfg = model.config
+    cache = model.new_cache(50)
+    assert isinstance(cache, KVCache) and cache.capacity == 50 and cache.length == 0
+    assert cache.k.shape == (cfg.num_hidden_layers, 50, cfg.num_key_value_heads, cfg.head_dim)
+    assert cache.k.dtype == np.float32 and not cache.k.any()
+    assert model.new_cache().capacity == cfg.max_position_embeddings
+
+
+def test_cache_errors():
+    model = tiny_model("gqa")
+    with pytest.raises(RefBitNetError, match="max_tokens"):
+        model.new_cache(0)
+    with pytest.raises(RefBitNetError, match="max_position_embeddings = 128"):
+        model.new_cache(129)
+    with pytest.raises(RefBitNetTypeError, match="max_tokens"):
+        model.new_cache(3.5)
+    cache = model.new_cache(6)
+    model.forward(_ids(model, 4), cache=cache)
+    with pytest.raises(RefBitNetError, match="exceed its capacity 6"):
+        model.forward(_ids(model, 3), cache=cache)
+    assert cache.length == 4                      # a refused call changes nothing
+    other = tiny_model("one_kv_head")
+    with pytest.raises(RefBitNetError, match="cache: expected one made for this model"):
+        model.forward([1], cache=other.new_cache(4))
+    with pytest.raises(RefBitNetTypeError, match="cache"):
+        model.forward([1], cache={})
+    with pytest.raises(RefBitNetError, match="exceed max_position_embeddings"):
+        model.forward(_ids(model, 129))
