@@ -348,10 +348,13 @@ def test_example_chat_reads_turns_from_stdin(tiny_model_dir, capsys, monkeypatch
     assert code == 0 and err.count("peak memory") == 2
 
 
-def test_example_without_a_model_says_what_to_pass(capsys):
+def test_example_without_a_model_uses_the_shipped_one_or_says_what_to_pass(capsys):
     from pathlib import Path
     import refbitnet
+    code = load_example().main(["--prompt", "Once upon a time", "--max-new-tokens", "8",
+                                "--backend", "numpy"])
+    out, err = capsys.readouterr()
     if (Path(refbitnet.__file__).parent / "shipped" / "config.json").exists():
-        pytest.skip("a shipped model exists, so no --model is needed")
-    assert load_example().main(["--prompt", "hi"]) == 2
-    assert "--model DIR" in capsys.readouterr().err
+        assert code == 0 and out.startswith("Once upon a time") and "tokens/s" in err
+    else:
+        assert code == 2 and "--model DIR" in err
