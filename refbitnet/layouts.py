@@ -128,7 +128,7 @@ def pack_hf(codes: np.ndarray) -> np.ndarray:
     codes = _codes_2d(codes, n_multiple=4, what="HF release layout: ")
     rows = codes.shape[0] // 4
     c = (codes + np.int8(1)).astype(np.uint8).reshape(4, rows, codes.shape[1])  # [4, N/4, K]
-    return (c[0] | (c[1] << 2) | (c[2] << 4) | (c[3] << 6)).astype(np.uint8)    # [N/4, K]
+    return np.ascontiguousarray(c[0] | (c[1] << 2) | (c[2] << 4) | (c[3] << 6), dtype=np.uint8)  # [N/4, K]
 
 
 def unpack_hf(packed: np.ndarray) -> np.ndarray:
@@ -171,7 +171,7 @@ def pack_kernel(codes: np.ndarray) -> np.ndarray:
     codes = _codes_2d(codes, k_multiple=4, what="kernel layout: ")
     n, k = codes.shape
     c = (codes + np.int8(1)).astype(np.uint8).reshape(n, k // 4, 4)        # [N, K/4, 4]
-    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).astype(np.uint8)  # [N, K/4]
+    return np.ascontiguousarray(c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6), dtype=np.uint8)  # [N, K/4]
 
 
 def unpack_kernel(packed: np.ndarray) -> np.ndarray:
@@ -181,7 +181,7 @@ def unpack_kernel(packed: np.ndarray) -> np.ndarray:
     """
     packed = _packed(packed, "packed", 2)
     fields = _fields(packed, "packed")                                      # [N, K/4, 4]
-    return (fields.astype(np.int8) - np.int8(1)).reshape(packed.shape[0], -1)  # [N, K]
+    return np.ascontiguousarray((fields.astype(np.int8) - np.int8(1)).reshape(packed.shape[0], -1))  # [N, K]
 
 
 # ----------------------------------------------------------------------------- GGUF I2_S (bitnet.cpp)
@@ -231,7 +231,7 @@ def unpack_i2s(data: np.ndarray, shape):
     groups = fields[..., ::-1]                                              # group g at shift 6 - 2g
     codes = np.moveaxis(groups, -1, 1).astype(np.int8) - np.int8(1)         # [N*K/128, 4, 32]
     scale = data[n * k // 4: n * k // 4 + 4].copy().view("<f4")[0]
-    return codes.reshape(n, k), np.float32(scale)
+    return np.ascontiguousarray(codes.reshape(n, k)), np.float32(scale)
 
 
 # ----------------------------------------------------------------------------- llama.cpp TQ2_0 / TQ1_0
@@ -283,7 +283,7 @@ def unpack_tq2_0(data: np.ndarray, shape):
     fields = _fields(blocks[:, :64].reshape(-1, 2, 32), "data")             # [B, h, m, l]
     codes = np.moveaxis(fields, -1, 2).astype(np.int8) - np.int8(1)         # [B, h, l, m]
     d = blocks[:, 64:].copy().view("<f2").astype(np.float32)                # [B, 1]
-    return codes.reshape(n, k), d.reshape(n, k // TQ_BLOCK)
+    return np.ascontiguousarray(codes.reshape(n, k)), d.reshape(n, k // TQ_BLOCK)
 
 
 _POW3 = np.array([81, 27, 9, 3, 1], dtype=np.uint16)
@@ -348,4 +348,4 @@ def unpack_tq1_0(data: np.ndarray, shape):
     digits = np.concatenate([np.moveaxis(t, 0, 1).reshape(blocks.shape[0], -1) for t in (t0, t1, th)], axis=1)
     codes = digits.astype(np.int8) - np.int8(1)                             # [B, 256]
     d = blocks[:, 52:].copy().view("<f2").astype(np.float32)                # [B, 1]
-    return codes.reshape(n, k), d.reshape(n, k // TQ_BLOCK)
+    return np.ascontiguousarray(codes.reshape(n, k)), d.reshape(n, k // TQ_BLOCK)

@@ -87,7 +87,7 @@ def scalar_pack_kernel(codes):
 @given(ternary(k_multiple=4, max_n=5, max_k=6))
 def test_kernel_layout_matches_its_definition_and_uint16_reading(codes):
     packed = pack_kernel(codes)
-    assert np.array_equal(packed, scalar_pack_kernel(codes))
+    assert packed.flags.c_contiguous and np.array_equal(packed, scalar_pack_kernel(codes))
     assert np.array_equal(unpack_kernel(packed), codes)
     if codes.shape[1] % 8 == 0:    # how the Numba kernels read it: 8 codes per little-endian uint16 word
         words = np.ascontiguousarray(packed).view("<u2")                    # [N, K/8]
@@ -214,11 +214,12 @@ def test_tq1_0_every_trit_group_round_trips_and_worked_example():
 
 @given(ternary(n_multiple=4, k_multiple=256, max_n=2, max_k=1), st.floats(2.0 ** -20, 100, width=32))
 def test_every_layout_round_trips(codes, scale):
-    assert np.array_equal(unpack_hf(pack_hf(codes)), codes)
-    assert np.array_equal(unpack_kernel(pack_kernel(codes)), codes)
-    assert np.array_equal(unpack_i2s(pack_i2s(codes, scale), codes.shape)[0], codes)
-    assert np.array_equal(unpack_tq2_0(pack_tq2_0(codes, scale), codes.shape)[0], codes)
-    assert np.array_equal(unpack_tq1_0(pack_tq1_0(codes, scale), codes.shape)[0], codes)
+    decoded = [unpack_hf(pack_hf(codes)), unpack_kernel(pack_kernel(codes)),
+               unpack_i2s(pack_i2s(codes, scale), codes.shape)[0],
+               unpack_tq2_0(pack_tq2_0(codes, scale), codes.shape)[0],
+               unpack_tq1_0(pack_tq1_0(codes, scale), codes.shape)[0]]
+    for back in decoded:
+        assert back.dtype == np.int8 and back.flags.c_contiguous and np.array_equal(back, codes)
 
 
 # ----------------------------------------------------------------------------- bad input
