@@ -593,6 +593,19 @@ def gguf_tokenizer(gf: GGUFFile):
     return Tokenizer(backend, source=f"{gf.path} (tokenizer.ggml.*)")
 
 
+def _exact_bf16(table: np.ndarray, what: str, rows: int = 8192) -> np.ndarray:
+    """float16/float32 [V, D] -> bf16 bits uint16, converted a block of rows at a time; GGUFError if a
+    value is not exactly a bf16 value (an F16 file made from the bf16 release converts exactly)."""
+    bits = np.empty(table.shape, dtype=np.uint16)
+    for r in range(0, table.shape[0], rows):
+        block = np.asarray(table[r:r + rows], dtype=np.float32)
+        bits[r:r + rows] = f32_to_bf16(block)
+        if not np.array_equal(bf16_to_f32(bits[r:r + rows]), block):
+            raise GGUFError(f"{what} holds values bf16 cannot represent; backend='numba' reads the LM head "
+                            f"as bf16 (use backend='numpy')")
+    return bits
+
+
 def load_gguf(path, *, numerics: str = "int", backend: str = "numpy", tokenizer: bool = True):
     """Load a bitnet.cpp (I2_S) or llama.cpp (TQ1_0/TQ2_0) BitNet b1.58 GGUF file as a refbitnet Model.
 
@@ -611,13 +624,8 @@ def load_gguf(path, *, numerics: str = "int", backend: str = "numpy", tokenizer:
             tok = None
     if backend == "numba":           # the Numba LM head reads bf16 bits; F16/F32 tables convert if exact
         for hf in ("model.embed_tokens.weight", "lm_head.weight"):
-            table = tensors.get(hf)
-            if table is not None and table.dtype != np.uint16:
-                bits = f32_to_bf16(np.asarray(table, dtype=np.float32))
-                if not np.array_equal(bf16_to_f32(bits), table):
-                    raise GGUFError(f"{os.fspath(path)}: {hf} holds values bf16 cannot represent; "
-                                    f"backend='numba' reads the LM head as bf16 (use backend='numpy')")
-                tensors[hf] = bits
+            if hf in tensors and tensors[hf].dtype != np.uint16:
+                tensors[hf] = _exact_bf16(tensors[hf], f"{os.fspath(path)}: {hf}")
     return model_from_tensors(config, tensors, source=os.fspath(path), numerics=numerics, backend=backend,
                               tokenizer=tok)
 

@@ -567,3 +567,20 @@ def test_corrupted_bytes_raise_gguf_error_or_load(tmp_path, hand_file):
         except GGUFError:
             outcomes["GGUFError"] += 1
     assert outcomes["GGUFError"] > 100
+
+
+def test_numba_backend_from_gguf(tmp_path, checkpoint_dir):
+    """backend="numba" reads the LM head as bf16: an F16 embedding made from bf16 converts exactly (same
+    logits as the checkpoint loaded with numba); one with non-bf16 values is refused."""
+    import refbitnet
+    path = tmp_path / "m.gguf"
+    gguf_io.save_gguf(checkpoint_dir, path, layout="i2_s")
+    expected = refbitnet.load(checkpoint_dir, backend="numba").forward(IDS)
+    assert np.array_equal(gguf_io.load_gguf(path, backend="numba").forward(IDS), expected)
+    tensors = release_tensors(TINY)
+    tensors["model.embed_tokens.weight"] = (bf16_to_f32(tensors["model.embed_tokens.weight"])
+                                            * np.float32(1 + 2 ** -10))        # f16 values, not bf16
+    gguf_io.write_gguf(tmp_path / "f16.gguf", TINY, tensors)
+    with pytest.raises(GGUFError, match="bf16 cannot represent"):
+        gguf_io.load_gguf(tmp_path / "f16.gguf", backend="numba")
+    gguf_io.load_gguf(tmp_path / "f16.gguf")                                    # the NumPy path takes it
