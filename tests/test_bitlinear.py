@@ -132,6 +132,36 @@ def test_transformers_autobitlinear_offline_agrees_within_derived_bounds(case):
     assert (d_i <= int_bound(out.xq, out.s, codes, ws, y_t, out.y) * F64_SLACK).all()
 
 
+@given(layer_case())
+def test_transformers_autobitlinear_in_a_bf16_model_agrees_within_derived_bound(case):
+    # The release's torch_dtype is bfloat16: AutoBitLinear then rounds xq / s to bf16, runs a bf16
+    # matmul (accumulation precision is torch's choice: we only assume every addition rounds with
+    # relative error <= u_b = 2**-9, true for float32 or bf16 accumulators), rounds the output to bf16
+    # and multiplies by the bf16 weight_scale (one more bf16 rounding). With eta = (1 + u)(1 + u_b) - 1
+    # for xdq = bf16(fl(xq / s)) and B = sum |xq_k w_nk| / s:
+    #   |y_t - ws acc / s| <= ws (eta + gamma^b_{K-1} (1 + eta)) B + u_b |y_t| / (1 - u_b)**2 + u_b |y_t| / (1 - u_b)
+    #   |y_i - ws acc / s| <= ((1 + u)**2 - 1) ws |acc| / s          (refbitnet's float32 epilogue)
+    ub = 2.0 ** -9
+    x, codes, ws = case
+    ws = np.float32(round_to_bf16(np.atleast_1d(ws).astype(np.float32))[0])
+    x = round_to_bf16(x.astype(np.float32))                                # a bf16 model's activations, widened exactly
+    n, k = codes.shape
+    layer = AutoBitLinear(k, n, bias=False, dtype=torch.bfloat16, online_quant=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(codes.astype(np.float32)).to(torch.bfloat16))
+        layer.weight_scale.copy_(torch.tensor([ws]).to(torch.bfloat16))
+        y_t = layer(torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16)).float().numpy().astype(np.float64)
+    out = bitlinear_int(x, codes, ws)
+    s64 = np.asarray(out.s, np.float64)[..., None]
+    b = (np.abs(out.xq.astype(np.float64)) @ np.abs(codes.T.astype(np.float64))) / s64
+    exact = ws * (out.xq.astype(np.float64) @ codes.T.astype(np.float64)) / s64
+    eta = (1 + U) * (1 + ub) - 1
+    gamma_b = (k - 1) * ub / (1 - (k - 1) * ub)
+    bound = (ws * (eta + gamma_b * (1 + eta)) * b + ub * np.abs(y_t) / (1 - ub) ** 2 + ub * np.abs(y_t) / (1 - ub)
+             + ((1 + U) ** 2 - 1) * np.abs(exact))
+    assert (np.abs(y_t - out.y) <= bound * F64_SLACK).all()
+
+
 def test_autobitlinear_agreement_at_a_real_projection_size():
     # One full-width case (K = 2560, N = 640) from realistic activations, same bounds.
     rng = np.random.default_rng(0)
