@@ -8,13 +8,16 @@ them works (the released 128256-token Llama-3 file, or a small one trained for t
     <|end_of_text|>     end of a document: generation stops
     <|eot_id|>          end of a chat turn: generation stops
 
-The chat format is the ``chat_template`` of the released ``tokenizer_config.json``, written out:
+The chat format of SPEC §6: the ``chat_template`` of the released ``tokenizer_config.json``,
+written out, behind a BOS:
 
     <|begin_of_text|>System: {content.strip()}<|eot_id|>User: {...}<|eot_id|>Assistant: 
 
 The role is capitalised (``system`` -> ``System``), the content trimmed of surrounding whitespace,
 every turn ends with ``<|eot_id|>``, and the generation prompt is ``Assistant: `` whose trailing
-space is a token of its own (220 in Llama-3). What it is not: a general Jinja template engine.
+space is a token of its own (220 in Llama-3). The released template itself renders no BOS (and
+transformers adds none when it tokenizes a chat); SPEC §6 puts one first, as bitnet.cpp does for
+every prompt. What it is not: a general Jinja template engine.
 
 ``TextStream`` turns ids produced one at a time into text that is safe to print: a character split
 across several byte-level tokens is held back until its last byte arrives.

