@@ -244,7 +244,7 @@ def test_reference_bitlinear_is_the_same_in_every_layout(weight):
     assert base.acc.dtype == np.int32
     assert np.array_equal(base.acc, (xq.astype(np.int64) @ codes.T.astype(np.int64)).astype(np.int32))
     assert np.array_equal(base.y, (base.acc.astype(np.float32) / s[:, None]) * gamma)
-    for layout in ("hf", "kernel", "i2_s", "tq2_0", "tq1_0"):
+    for layout in ("hf", "kernel", "i2_s", "tq2_0", "tq1_0", "bitnet_gpu"):
         data = oracle.encode(codes, layout, scale=gamma)
         back, stored = oracle.decode(data, layout, shape=codes.shape)
         assert np.array_equal(back, codes), layout
@@ -294,3 +294,43 @@ def test_layout_argument_errors(weight):
         oracle.reference_bitlinear(np.ones((1, 512), np.float32), codes, "codes")
     with pytest.raises(RefBitNetError, match="expected 8224 bytes"):
         oracle.decode(oracle.encode(codes, "i2_s", scale=gamma)[:-1], "i2_s", shape=codes.shape)
+
+
+def gpu_pack_as_microsoft_writes_it(codes):
+    """microsoft/BitNet gpu/pack_weight.py (convert_weight_int8_to_int2), transcribed step by step
+    with plain loops: +2, 16x32 tile permutation, 4 codes per byte, interleave within each int32."""
+    w = codes.astype(np.int64) + 2
+    n, k = w.shape
+    perm = np.zeros((n // 16, k // 32, 16, 32), np.int64)
+    for bi in range(n // 16):
+        for bj in range(k // 32):
+            for ii in range(16):
+                for jj in range(32):
+                    t = ii * 2 + jj // 16
+                    row, col = (t // 16) * 8 + t % 8, jj % 16 + 16 * ((t % 16) // 8)
+                    perm[bi, bj, ii, jj] = w[bi * 16 + row, bj * 32 + col]
+    comp = np.zeros((n // 16, k // 32, 16, 8), np.int64)
+    for j in range(8):
+        for b in range(4):
+            comp[..., j] |= perm[..., 4 * j + b] << (2 * b)
+    q = comp.astype(np.uint8).view("<i4")
+    new = np.zeros_like(q)
+    for i in range(4):
+        for j in range(4):
+            offset = i * 4 + j
+            shift = (offset % 4) * 8 + (offset // 4) * 2
+            new |= ((q >> (2 * offset)) & 3) << shift
+    return new.view(np.int8).reshape(n, k // 4)
+
+
+def test_bitnet_gpu_layout_matches_microsofts_packer():
+    rng = np.random.default_rng(11)
+    codes = rng.integers(-1, 2, size=(32, 64)).astype(np.int8)
+    packed = oracle.encode(codes, "bitnet_gpu")
+    assert packed.dtype == np.int8 and packed.shape == (32, 16)
+    assert np.array_equal(packed, gpu_pack_as_microsoft_writes_it(codes))
+    assert np.array_equal(oracle.decode(packed, "bitnet_gpu")[0], codes)
+    with pytest.raises(RefBitNetError, match="field equal to 0"):
+        oracle.decode(np.zeros((32, 16), np.int8), "bitnet_gpu")
+    with pytest.raises(RefBitNetError, match="divisible by 16"):
+        oracle.encode(codes[:8], "bitnet_gpu")
