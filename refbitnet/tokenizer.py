@@ -131,8 +131,7 @@ class Tokenizer:
             raise RefBitNetTypeError(
                 "apply_chat_template: messages must be a list of {'role', 'content'} dicts, "
                 f"found {type(messages).__name__}")
-        if len(messages) == 0:
-            # the released template puts BOS inside its loop, so an empty chat has no defined form
+        if len(messages) == 0:  # as transformers: an empty chat is an error, not a bare prompt
             raise TokenizerError("apply_chat_template: needs at least one message, found none")
         ids = [self.bos_id]
         for number, message in enumerate(messages):
