@@ -251,7 +251,8 @@ def model_weights(config: Config, tensors: Mapping, *, source: str = "tensors") 
             codes, gamma = absmean_ternary(w)
         except RefBitNetError as e:
             raise CheckpointError(f"{source}: tensor {name}: {e}") from None
-        return TernaryWeight(pack_hf(codes), np.float32(bf16_to_f32(f32_to_bf16(np.float32(gamma)))))
+        weight_scale = bf16_to_f32(f32_to_bf16(np.array([gamma], dtype=np.float32)))[0]   # as the export stores it
+        return TernaryWeight(pack_hf(codes), np.float32(weight_scale))
 
     embed_tokens = table("model.embed_tokens.weight")
     lm_head = None

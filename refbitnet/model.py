@@ -374,12 +374,12 @@ class Model:
         if isinstance(ids, (str, bytes)):
             raise RefBitNetTypeError("ids: expected token ids (a 1-D int array or list of ints), found a string")
         arr = np.asarray(ids)
+        if arr.size == 0:
+            raise RefBitNetError("ids: expected at least one token id, found an empty sequence")
         if arr.dtype == object or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
             raise RefBitNetTypeError(f"ids: expected integer token ids, found dtype {arr.dtype}")
         if arr.ndim != 1:
             raise RefBitNetError(f"ids: expected a 1-D sequence [S] of token ids, found shape {arr.shape}")
-        if arr.size == 0:
-            raise RefBitNetError("ids: expected at least one token id, found an empty sequence")
         bad = (arr < 0) | (arr >= vocab)
         if bad.any():
             j = int(np.argmax(bad))
