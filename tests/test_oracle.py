@@ -71,7 +71,7 @@ def decode_i2s(raw, n, k, block=128):
 class OtherImplementation:
     """A from-SPEC BitNet forward over a bitnet.cpp I2_S GGUF file, with bug switches."""
 
-    def __init__(self, path, ffn="relu2", scale_op="multiply", i2s_block=128):
+    def __init__(self, path, ffn="relu2", scale_op="multiply", i2s_block=128, qkv_scale_thirds=False):
         from refbitnet.gguf_io import read_gguf
         gf = read_gguf(path)             # any GGUF reader would do; we only use its byte ranges
         a = gf.metadata["general.architecture"]
@@ -80,7 +80,7 @@ class OtherImplementation:
         self.n_heads = int(gf.metadata[f"{a}.attention.head_count"])
         self.n_kv = int(gf.metadata[f"{a}.attention.head_count_kv"])
         self.n_layers = int(gf.metadata[f"{a}.block_count"])
-        self.ffn, self.scale_op = ffn, scale_op
+        self.ffn, self.scale_op, self.qkv_scale_thirds = ffn, scale_op, qkv_scale_thirds
         self.t = {}
         for name, info in gf.tensors.items():
             raw = gf.raw(name)
@@ -94,13 +94,28 @@ class OtherImplementation:
     def rms_norm(self, x, w):
         return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(self.eps)))
 
-    def bitlinear(self, x, name):
-        codes, scale = self.t[name]
+    def bitlinear(self, x, name, codes=None, scale=None):
+        if codes is None:
+            codes, scale = self.t[name]
         absmax = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-5))
         s = np.float32(127) / absmax
         xq = np.clip(np.round(x * s), -128, 127).astype(np.int64)
         acc = (xq @ codes.T.astype(np.int64)).astype(np.float32)
         return (acc / s) / scale if self.scale_op == "divide" else (acc / s) * scale
+
+    def qkv(self, x, b):
+        """q, k, v as one fused matrix with a scale per row (how GPU kernels do it). The bug: the three
+        scales indexed by equal thirds of the rows instead of the q / k / v row counts."""
+        parts = [self.t[b + f"attn_{p}.weight"] for p in "qkv"]
+        codes = np.concatenate([c for c, _ in parts])                                # [Q + 2 KV, D]
+        rows = [c.shape[0] for c, _ in parts]
+        if self.qkv_scale_thirds:
+            third = codes.shape[0] // 3
+            rows = [third, third, codes.shape[0] - 2 * third]
+        scale = np.concatenate([np.full(r, s, np.float32) for r, (_, s) in zip(rows, parts)])
+        y = self.bitlinear(x, None, codes, scale)
+        q_rows, kv_rows = parts[0][0].shape[0], parts[1][0].shape[0]
+        return y[:, :q_rows], y[:, q_rows:q_rows + kv_rows], y[:, q_rows + kv_rows:]
 
     def rope(self, x, pos):
         hd = x.shape[-1]
@@ -120,9 +135,8 @@ class OtherImplementation:
         for i in range(self.n_layers):
             p, b = f"layers.{i}.", f"blk.{i}."
             x = self.rms_norm(h, t[b + "attn_norm.weight"])
-            q = self.bitlinear(x, b + "attn_q.weight").reshape(s_len, self.n_heads, -1)
-            k = self.bitlinear(x, b + "attn_k.weight").reshape(s_len, self.n_kv, -1)
-            v = self.bitlinear(x, b + "attn_v.weight").reshape(s_len, self.n_kv, -1)
+            q, k, v = self.qkv(x, b)
+            q, k, v = q.reshape(s_len, self.n_heads, -1), k.reshape(s_len, self.n_kv, -1), v.reshape(s_len, self.n_kv, -1)
             q, k = self.rope(q, pos), self.rope(k, pos)
             rep = self.n_heads // self.n_kv
             kk, vv = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)          # [S, H, HD]
@@ -173,6 +187,7 @@ def test_correct_implementation_passes(files, reference):
     (dict(ffn="silu"), 0, "ffn_act"),                 # bitnet.cpp's FFN with SiLU
     (dict(scale_op="divide"), 0, "q"),                # converters that divide by weight_scale
     (dict(i2s_block=64), 0, "q"),                     # ARM I2_S kernels: 64-element blocks
+    (dict(qkv_scale_thirds=True), 0, "q"),            # GPU qkv kernel: scales by equal thirds of rows
 ])
 def test_bug_is_located(files, reference, bug, first_layer, first_tensor):
     other = OtherImplementation(files["i2_s"], **bug).forward(IDS)
