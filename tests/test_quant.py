@@ -115,6 +115,8 @@ def mean_ulp_bound(w32: np.ndarray) -> float:
     clamp to 1e-5 when m straddles it: clamping only moves both values toward each other).
     """
     n = w32.size
+    if (n - 1) * U >= 0.5:                                                  # the a-priori bound says nothing here
+        return float("inf")
     gamma_n = (n - 1) * U / (1 - (n - 1) * U)
     r = (1 + gamma_n) * (1 + U) - 1
     return 2 * r / ((1 - r) * U) + 1
@@ -205,6 +207,25 @@ def test_weight_codes_at_exact_thresholds():
     codes = ternary_codes(w, gamma)
     assert codes.tolist() == [0, 0, 1, 1, -1, 1, 0, 1, 0, 0]                 # 0.5 is a tie: to even, i.e. 0
     assert np.array_equal(codes, torch_ternary_codes(w, gamma))
+
+
+_multipliers = st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 1.5, -1.5, 2.5, -2.5, 0.25, 3.0])
+
+
+@given(st.floats(2.0 ** -16, 2.0 ** 16, width=32), arrays(np.float64, st.integers(1, 32), elements=_multipliers),
+       arrays(np.int8, st.integers(1, 32), elements=st.integers(-1, 1)))
+def test_weight_codes_at_and_next_to_every_threshold_bit_identical_to_torch(gamma, mult, nudge):
+    # w = m * gamma for m on and around the rounding thresholds 0.5 and 1.5 (0.5 * gamma is exact;
+    # 1.5 * gamma may round), and one float32 step up or down from there.
+    gamma = np.float32(gamma)
+    m = np.resize(mult, max(mult.size, nudge.size))
+    w = (m * gamma).astype(np.float32)
+    step = np.resize(nudge, w.size)
+    w = np.where(step > 0, np.nextafter(w, np.float32(np.inf)), np.where(step < 0, np.nextafter(w, np.float32(-np.inf)), w))
+    codes = ternary_codes(w, gamma)
+    assert np.array_equal(codes, torch_ternary_codes(w, gamma))
+    exact = np.clip(np.round(w.astype(np.float64) / np.float64(gamma)), -1, 1)   # float64 quotient: no double rounding
+    assert np.array_equal(codes, exact.astype(np.int8))
 
 
 @given(float_inputs(max_dims=2, max_last=64, ties=False, huge_max=1e35))
