@@ -101,6 +101,16 @@ class Config:
         return self.num_attention_heads // self.num_key_value_heads
 
     @property
+    def num_parameters(self) -> int:
+        """Parameter count: embedding (+ untied head), 7 projections and 4 norms per layer, final norm.
+        2B4T: 328,335,360 + 30 x 69,468,160 + 30 x 14,592 + 2,560 = 2,412,820,480 (SPEC §1)."""
+        d, f, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
+        projections = d * d * 2 + 2 * kv * d + 3 * f * d          # q, o; k, v; gate, up, down
+        norms = 3 * d + f
+        tables = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return tables + self.num_hidden_layers * (projections + norms) + d
+
+    @property
     def eos_ids(self) -> list[int]:
         """eos_token_id as a list (config.json allows an int, a list or null)."""
         if self.eos_token_id is None:
@@ -126,9 +136,11 @@ class Config:
         if missing:
             raise ConfigError(f"{source}: missing key(s) {missing}")
         head_dim = d.get("head_dim")
-        if head_dim is not None and head_dim != d["hidden_size"] // max(1, d["num_attention_heads"]):
+        hidden, heads = d["hidden_size"], d["num_attention_heads"]
+        sizes_are_ints = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads))
+        if head_dim is not None and sizes_are_ints and head_dim != hidden // heads:   # else __post_init__ says why
             raise ConfigError(f"{source}: head_dim: expected hidden_size / num_attention_heads = "
-                              f"{d['hidden_size'] // max(1, d['num_attention_heads'])}, found {head_dim}")
+                              f"{hidden // heads}, found {head_dim!r}")
         # RoPE: older files say rope_theta; transformers 5 writes rope_parameters {rope_type, rope_theta}.
         rope_theta = d.get("rope_theta")
         rope_parameters = d.get("rope_parameters")
@@ -163,8 +175,8 @@ class Config:
                 d = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found (expected a HF config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: expected JSON, found invalid content ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: expected JSON, found invalid content ({type(e).__name__}: {e})") from None
         return cls.from_dict(d, source=path)
 
     def to_dict(self) -> dict:
