@@ -3,8 +3,9 @@
 Kernels, converters and runtimes for BitNet b1.58 check their numbers against this module:
 
 - **layouts** -- ``encode(codes, layout, scale)`` / ``decode(data, layout, shape)`` for every packed
-  layout of SPEC §4-§5 ("codes", "hf", "kernel", "i2_s", "tq2_0", "tq1_0"), plus the ``pack_*`` /
-  ``unpack_*`` pairs of :mod:`refbitnet.layouts` re-exported as they are.
+  layout of SPEC §4-§5 ("codes", "hf", "kernel", "i2_s", "tq2_0", "tq1_0", "bitnet_gpu"), plus the
+  ``pack_*`` / ``unpack_*`` pairs of :mod:`refbitnet.layouts` re-exported as they are, and
+  ``pack_bitnet_gpu`` / ``unpack_bitnet_gpu`` (microsoft/BitNet's GPU kernel format) defined here.
 - **BitLinear** -- ``reference_bitlinear(x, weight, layout, ...)`` returns the output ``y`` and the
   exact integer intermediates: ``acc`` (int32 accumulators), ``xq`` (int8 activations) and ``s``
   (per-token activation scales), so a kernel can be checked bit for bit on the integer part.
