@@ -22,6 +22,7 @@ e.g. a float32 GGUF scale, is written as float32 so saving never changes a model
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -31,8 +32,8 @@ import numpy as np
 
 from .bf16 import bf16_to_f32, f32_to_bf16
 from .config import RELEASE_QUANTIZATION_CONFIG, Config
-from .errors import CheckpointError, ConfigError, RefBitNetError, RefBitNetTypeError
-from .model import NORMS, PROJECTIONS, LayerWeights, Model, ModelWeights, TernaryWeight, _name
+from .errors import CheckpointError, ConfigError, RefBitNetError, RefBitNetTypeError, TokenizerError
+from .model import NORMS, PROJECTIONS, LayerWeights, Model, ModelWeights, TernaryWeight, _name, read_private
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -43,6 +44,7 @@ TOKENIZER_FILE = "tokenizer.json"
 _ST_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
               "U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
 _MAX_HEADER = 100 * 1024 * 1024        # safetensors' own limit on the JSON header
+_MAX_DIMS = 32                          # numpy allows 64; no checkpoint tensor has more than a few
 
 
 # ============================================================================ safetensors, by hand
@@ -72,13 +74,13 @@ def read_safetensors(path) -> dict:
         raise CheckpointError(f"{path}: expected a file, found a directory") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header: expected a JSON object, found {type(header).__name__}")
     data_start = 8 + header_len
     data_size = file_size - data_start
-    tensors = {}
+    entries = []                              # (begin, end, name, dtype, shape), all checked first
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -86,17 +88,19 @@ def read_safetensors(path) -> dict:
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise CheckpointError(f"{where}: header entry needs dtype, shape, data_offsets; found {info!r}")
         dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype_name not in _ST_DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
             raise CheckpointError(f"{where}: unsupported dtype: expected one of {sorted(_ST_DTYPES)}, "
                                   f"found {dtype_name!r}")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise CheckpointError(f"{where}: shape: expected a list of non-negative ints, found {shape!r}")
+        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+                or not all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where}: shape: expected a list of at most {_MAX_DIMS} non-negative ints, "
+                                  f"found {str(shape)[:80]}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
             raise CheckpointError(f"{where}: data_offsets: expected [begin, end] with 0 <= begin <= end, "
                                   f"found {offsets!r}")
         dtype = np.dtype(_ST_DTYPES[dtype_name])
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize          # Python ints: a hostile shape cannot wrap
         begin, end = offsets
         if end - begin != expected:
             raise CheckpointError(f"{where}: expected {expected} bytes for {dtype_name} {shape}, "
@@ -104,10 +108,24 @@ def read_safetensors(path) -> dict:
         if end > data_size:
             raise CheckpointError(f"{where}: truncated file: data_offsets end at byte {end} of the data, "
                                   f"but the file holds {data_size} data bytes")
-        if expected == 0:
+        entries.append((begin, end, name, dtype, tuple(shape)))
+    # As the safetensors format requires: the tensors tile the data exactly, no overlap, hole or tail
+    # (a shifted header length or a duplicated name would otherwise read other tensors' bytes).
+    position, previous = 0, "the start of the data"
+    for begin, end, name, _, _ in sorted(entries, key=lambda e: (e[0], e[1])):
+        if begin != position:
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets start at byte {begin}, expected {position} "
+                                  f"(right after {previous}): tensors {'overlap' if begin < position else 'leave a hole'}")
+        position, previous = end, f"tensor {name}"
+    if position != data_size:
+        raise CheckpointError(f"{path}: the tensors end at data byte {position}, but the file holds {data_size} "
+                              f"data bytes (trailing bytes or a wrong header length)")
+    tensors = {}
+    for begin, end, name, dtype, shape in entries:
+        if begin == end:
             tensors[name] = np.zeros(shape, dtype=dtype)
         else:
-            tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=tuple(shape))
+            tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
     return tensors
 
 
@@ -161,7 +179,7 @@ def read_checkpoint_tensors(directory) -> dict:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
         assert isinstance(weight_map, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AssertionError) as e:
         raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' object, found invalid content "
                               f"({type(e).__name__}: {e})") from None
     tensors, shards = {}, {}
@@ -211,7 +229,7 @@ def model_weights(config: Config, tensors: Mapping, *, source: str = "tensors") 
     def table(name):
         a = get(name, f"[{v_size}, {d}] bf16")
         _expect(source, name, a, (v_size, d), (np.uint16, np.float16, np.float32), "bf16 (uint16 bits) or float")
-        return a if a.dtype == np.uint16 else _finite(source, name, a)
+        return _finite_bf16_bits(source, name, a) if a.dtype == np.uint16 else _finite(source, name, a)
 
     def vector(name, size):
         a = get(name, f"[{size}] bf16")
@@ -289,11 +307,27 @@ def _finite(source, name, a):
     return a
 
 
+def _finite_bf16_bits(source, name, bits):
+    """Reject bf16 NaN / inf (all exponent bits set), a block of rows at a time (the table stays mapped)."""
+    rows = max(1, (1 << 22) // max(1, bits.shape[1]))
+    for r0 in range(0, bits.shape[0], rows):
+        block = np.asarray(bits[r0:r0 + rows])
+        bad = (block & np.uint16(0x7F80)) == np.uint16(0x7F80)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise CheckpointError(f"{source}: tensor {name}: expected finite values, found bf16 bits "
+                                  f"0x{int(block[r, c]):04x} (NaN or inf) at [{r0 + r}, {c}]")
+    return bits
+
+
 def _check_packed_codes(source, name, packed):
     """Reject a 2-bit field equal to 3 (no encoder writes it; unpacking would give the weight +2)."""
+    if packed.size == 0:
+        return
+    p_all = read_private(packed)          # a file read for a memmap: validating leaves no pages resident
     rows = max(1, (1 << 22) // max(1, packed.shape[1]))
     for r0 in range(0, packed.shape[0], rows):
-        p = np.asarray(packed[r0:r0 + rows])
+        p = p_all[r0:r0 + rows]
         bad = p & (p >> 1) & np.uint8(0x55)
         if bad.any():
             r, c = np.argwhere(bad)[0]
@@ -320,6 +354,9 @@ def load_model_dir(directory, numerics: str = "int", backend: str = "numpy") -> 
     if (directory / TOKENIZER_FILE).exists():
         from .tokenizer import Tokenizer
         tokenizer = Tokenizer.from_file(directory / TOKENIZER_FILE)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise TokenizerError(f"{directory / TOKENIZER_FILE}: the tokenizer has {tokenizer.vocab_size} tokens, "
+                                 f"more than vocab_size = {config.vocab_size} in {directory / CONFIG_FILE}")
     return model_from_tensors(config, read_checkpoint_tensors(directory), source=str(directory),
                               numerics=numerics, backend=backend, tokenizer=tokenizer)
 

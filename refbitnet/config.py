@@ -60,8 +60,8 @@ class Config:
                 raise ConfigError(f"config {key}: expected a positive integer, found {value!r}")
         for key in ("rope_theta", "rms_norm_eps"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"config {key}: expected a positive number, found {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigError(f"config {key}: expected a positive number (finite), found {value!r}")
         if self.hidden_act != "relu2":
             raise ConfigError(f"config hidden_act: expected 'relu2' (BitNet b1.58), found {self.hidden_act!r}")
         if not isinstance(self.tie_word_embeddings, bool):
