@@ -649,6 +649,22 @@ def _scale_of(tensors: Mapping[str, np.ndarray], hf: str) -> np.float32:
     return np.float32(_as_f32(ws.reshape(1))[0])
 
 
+def _convert_table(table: np.ndarray, kind: str, rows: int = 8192) -> np.ndarray:
+    """Embedding [V, D] (bf16 bits or float) -> float16 / bf16 bits / float32, a block of rows at a time
+    (the 2B4T table is 0.66 GB as bf16; no float32 copy of all of it is made for f16 or bf16)."""
+    dtype = {"f16": np.float16, "bf16": np.uint16, "f32": np.float32}[kind]
+    if kind == "bf16" and table.dtype == np.uint16:
+        return table
+    out = np.empty(table.shape, dtype=dtype)
+    for r in range(0, table.shape[0], rows):
+        block = _as_f32(table[r:r + rows])
+        if kind == "f16" and np.abs(block).max() > FP16_MAX:
+            raise GGUFError("model.embed_tokens.weight: values beyond fp16's range (65504) cannot be written "
+                            "as F16 (use embedding_type='bf16')")
+        out[r:r + rows] = f32_to_bf16(block) if kind == "bf16" else block
+    return out
+
+
 def tokenizer_metadata(tokenizer_file, vocab_size: int) -> dict[str, Any]:
     """GGUF tokenizer keys (Llama-3 style byte-level BPE, ``tokenizer.ggml.model = "gpt2"``) from a HF
     tokenizer.json. Ids the file does not define up to vocab_size become "[PAD{id}]" (USER_DEFINED),
@@ -778,16 +794,8 @@ def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layou
     if embed.shape != (config.vocab_size, config.hidden_size):
         raise GGUFError(f"model.embed_tokens.weight: expected shape {[config.vocab_size, config.hidden_size]}, "
                         f"found {list(embed.shape)}")
-    if embedding_type == "bf16":
-        bits = embed if embed.dtype == np.uint16 else f32_to_bf16(embed.astype(np.float32))
-        w.add_tensor("token_embd.weight", bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
-    else:
-        embed32 = _as_f32(embed)
-        if embedding_type == "f16" and np.abs(embed32).max() > FP16_MAX:
-            raise GGUFError("model.embed_tokens.weight: values beyond fp16's range (65504) cannot be written "
-                            "as F16 (use embedding_type='bf16')")
-        w.add_tensor("token_embd.weight", embed32.astype(np.float16 if embedding_type == "f16" else np.float32))
-        del embed32
+    w.add_tensor("token_embd.weight", _convert_table(embed, embedding_type),
+                 raw_dtype=gguf.GGMLQuantizationType.BF16 if embedding_type == "bf16" else None)
     w.add_tensor("output_norm.weight", _as_f32(need("model.norm.weight")))
     qtype = LAYOUT_TYPES[layout]
     for i in range(config.num_hidden_layers):
@@ -837,3 +845,61 @@ def save_gguf(source, path, *, layout: str = "i2_s", tokenizer_file=None, name: 
             tokenizer_file = candidate if candidate is not None and os.path.isfile(candidate) else None
     write_gguf(path, config, tensors, layout=layout, tokenizer_file=tokenizer_file, name=name,
                embedding_type=embedding_type)
+
+
+# =====================================================================================================
+# Command line: python -m refbitnet.gguf_io {info,export}
+# =====================================================================================================
+def describe(path) -> str:
+    """A short human-readable summary of a GGUF file: architecture, sizes, tensor types."""
+    gf = read_gguf(path)
+    counts: dict[str, int] = {}
+    for t in gf.tensors.values():
+        counts[t.type_name] = counts.get(t.type_name, 0) + 1
+    lines = [f"{gf.path}: GGUF v{gf.version}, {len(gf.metadata)} metadata keys, {len(gf.tensors)} tensors "
+             f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})",
+             f"architecture: {gf.get('general.architecture')!r}"]
+    try:
+        lines.append(f"config: {gguf_config(gf)}")
+    except GGUFError as e:
+        lines.append(f"not a BitNet b1.58 file: {e}")
+    if "tokenizer.ggml.tokens" in gf.metadata:
+        lines.append(f"tokenizer: {gf.get('tokenizer.ggml.model')!r}, pre {gf.get('tokenizer.ggml.pre')!r}, "
+                     f"{len(gf.metadata['tokenizer.ggml.tokens'])} tokens")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from .errors import RefBitNetError
+
+    parser = argparse.ArgumentParser(prog="python -m refbitnet.gguf_io",
+                                     description="BitNet b1.58 GGUF files for bitnet.cpp (I2_S) and llama.cpp (TQ2_0/TQ1_0)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="summarize a GGUF file")
+    info.add_argument("file")
+    export = sub.add_parser("export", help="write a model directory (refbitnet.load reads it) as GGUF")
+    export.add_argument("model_dir")
+    export.add_argument("out")
+    export.add_argument("--layout", choices=sorted(LAYOUT_TYPES), default="i2_s",
+                        help="i2_s for bitnet.cpp (default), tq2_0 / tq1_0 for llama.cpp")
+    export.add_argument("--embedding-type", choices=["f16", "bf16", "f32"], default="f16")
+    export.add_argument("--tokenizer", help="tokenizer.json to embed (default: the model directory's)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            print(describe(args.file))
+        else:
+            save_gguf(args.model_dir, args.out, layout=args.layout, tokenizer_file=args.tokenizer,
+                      embedding_type=args.embedding_type)
+            print(describe(args.out))
+    except RefBitNetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -584,3 +584,14 @@ def test_numba_backend_from_gguf(tmp_path, checkpoint_dir):
     with pytest.raises(GGUFError, match="bf16 cannot represent"):
         gguf_io.load_gguf(tmp_path / "f16.gguf", backend="numba")
     gguf_io.load_gguf(tmp_path / "f16.gguf")                                    # the NumPy path takes it
+
+
+def test_command_line(tmp_path, checkpoint_dir, capsys):
+    out = tmp_path / "cli.gguf"
+    assert gguf_io.main(["export", str(checkpoint_dir), str(out), "--layout", "tq1_0"]) == 0
+    assert "14 TQ1_0" in capsys.readouterr().out
+    assert gguf_io.main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "architecture: 'bitnet'" in printed and "hidden_size=256" in printed
+    assert gguf_io.main(["info", str(tmp_path / "missing.gguf")]) == 1
+    assert "file not found" in capsys.readouterr().err
