@@ -65,7 +65,7 @@ LAYOUT_TYPES = {"i2_s": I2_S, "tq2_0": TQ2_0, "tq1_0": TQ1_0}
 # general.file_type (llama_ftype) written for each layout: bitnet.cpp's MOSTLY_I2_S is 40 in its fork.
 FILE_TYPES = {"i2_s": 40, "tq1_0": 36, "tq2_0": 37}
 ARCH_BY_LAYOUT = {"i2_s": "bitnet-b1.58", "tq2_0": "bitnet", "tq1_0": "bitnet"}
-# "bitnet-25" is the older name of the same architecture in bitnet.cpp's fork.
+# bitnet.cpp's llama.cpp fork runs "bitnet-25" files with the same graph as "bitnet-b1.58".
 BITNET_ARCHS = ("bitnet-b1.58", "bitnet-25", "bitnet")
 
 GGUF_MAGIC = b"GGUF"
@@ -356,7 +356,10 @@ def decode_ternary(gf: GGUFFile, name: str) -> tuple[np.ndarray, np.float32]:
     try:
         if t.type_id == I2_S:
             codes, scale = layouts.unpack_i2s(raw, t.shape)
-            return codes, np.float32(scale)
+            if not np.isfinite(scale) or scale < 0 or (scale == 0 and codes.any()):
+                raise GGUFError(f"{gf.path}: tensor {name!r} (I2_S): expected a positive finite scale, "
+                                f"found {scale}")
+            return codes, np.float32(scale) if scale > 0 else np.float32(1.0)   # all-zero tensor: any scale
         if t.type_id == TQ2_0:
             codes, d = layouts.unpack_tq2_0(raw, t.shape)
         elif t.type_id == TQ1_0:

@@ -595,3 +595,13 @@ def test_command_line(tmp_path, checkpoint_dir, capsys):
     assert "architecture: 'bitnet'" in printed and "hidden_size=256" in printed
     assert gguf_io.main(["info", str(tmp_path / "missing.gguf")]) == 1
     assert "file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [-1.0, float("nan"), float("inf"), 0.0])
+def test_bad_i2s_scale(tmp_path, hand_file, scale):
+    kv, tensors, codes, *_ = hand_file
+    name = "blk.0.attn_output.weight"
+    bad = [(n, ne, t, spec_i2s_bytes(codes[n], scale).tobytes()) if n == name else (n, ne, t, d)
+           for n, ne, t, d in tensors]
+    with pytest.raises(GGUFError, match=r"blk\.0\.attn_output\.weight.*positive finite scale"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
