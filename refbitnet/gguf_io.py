@@ -379,8 +379,8 @@ def _per_tensor_scale(codes: np.ndarray, d: np.ndarray, what: str) -> np.float32
     n, k = codes.shape
     used = (codes.reshape(n, k // 256, 256) != 0).any(axis=-1)       # [N, K/256]
     scales = np.unique(np.asarray(d, dtype=np.float32)[used])
-    if scales.size == 0:
-        return np.float32(np.max(d)) if np.max(d) > 0 else np.float32(1.0)
+    if scales.size == 0:                       # an all-zero tensor: the scale does not matter
+        return np.float32(1.0)
     if scales.size > 1:
         raise GGUFError(f"{what}: blocks carry {scales.size} different scales (from {scales.min():g} to "
                         f"{scales.max():g}); BitNet b1.58 has one scale per tensor")
