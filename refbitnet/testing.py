@@ -225,7 +225,9 @@ def load_reference_model(source, *, numerics: str = "int", backend: str = "numpy
 def reference_activations(model, ids, *, numerics: str = "int") -> dict[str, np.ndarray]:
     """Every named intermediate of refbitnet's forward pass over token ids [S] (positions 0..S-1).
 
-    model: a refbitnet Model, or a checkpoint directory / GGUF path (loaded with load_reference_model).
+    model: a refbitnet Model (its own numerics apply), or a checkpoint directory / GGUF path, loaded
+    with load_reference_model(model, numerics=numerics) -- load once and pass the Model when calling
+    this repeatedly.
     Returns {name: float32 array} in forward order: "embed", "layers.{i}.{t}" for t in TRACE_TENSORS,
     "norm", "logits" [S, V].
     """
