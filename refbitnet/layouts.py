@@ -207,6 +207,9 @@ def pack_i2s(codes: np.ndarray, scale) -> np.ndarray:
         bytes 1..30 = 0x55; bytes 32..35 = float32 scale; bytes 36..63 = 0
 
     K must be divisible by 128 so that no block straddles two rows (bitnet.cpp's kernels need it).
+    This is bitnet.cpp's x86 layout with ACT_PARALLEL, which include/gemm-config.h defines by default;
+    its ARM build uses 64-element blocks of 16 bytes and a non-ACT_PARALLEL x86 build interleaves
+    four rows per byte: neither reads the official file correctly.
     """
     codes = _codes_2d(codes, k_multiple=I2S_BLOCK, what="I2_S layout: ")
     scale = _scale(scale)
