@@ -93,24 +93,56 @@ def random_ternary(rng, n, k):
 def compile_times():
     """First-call time in a fresh process with an empty Numba cache, then a second process on that cache."""
     code = (
-        "import time; t = time.perf_counter()\n"
+        "import time; t0 = time.perf_counter()\n"
         "import numpy as np\n"
         "from refbitnet import kernels\n"
         "from refbitnet.layouts import pack_kernel\n"
+        "t = time.perf_counter()\n"
         "p = pack_kernel(np.zeros((64, 256), np.int8))\n"
         "for S in (1, 4):\n"
         "    xq = np.zeros((S, 256), np.int8); s = np.ones(S, np.float32)\n"
         "    kernels.ternary_matmul(xq, s, p, np.float32(1)); kernels.ternary_matmul_acc(xq, p)\n"
         "    kernels.bf16_matmul(np.ones((S, 256), np.float32), np.zeros((64, 256), np.uint16))\n"
-        "print(time.perf_counter() - t)\n")
+        "print(t - t0, time.perf_counter() - t)\n")
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=root)
         out = []
         for _ in range(2):
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-            out.append(float(r.stdout.strip().splitlines()[-1]))
+            out.append([float(v) for v in r.stdout.strip().splitlines()[-1].split()])
     return out
+
+
+_ASM_PROBE = r"""
+import re, numpy as np
+from collections import Counter
+from refbitnet import kernels
+from refbitnet.kernels import v3_word_planes as v3, lm_head
+from refbitnet.layouts import pack_kernel
+kernels.ternary_matmul(np.zeros((2, 256), np.int8), np.ones(2, np.float32), pack_kernel(np.zeros((8, 256), np.int8)), 1.0)
+kernels.bf16_matmul(np.ones((1, 256), np.float32), np.zeros((8, 256), np.uint16))
+for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), ("lm_head", lm_head.bf16_matmul_kernel, "vmulps")):
+    asm = next(iter(disp.inspect_asm().values()))
+    blocks = re.split(r"\n(?=\.LBB)", asm)                     # basic blocks
+    loop = max(blocks, key=lambda b: len(re.findall(marker + r"\s[^\n]*ymm", b)))
+    ops = []
+    for ln in loop.splitlines()[1:]:                             # up to the loop's closing jump
+        if ln.strip() and not ln.strip().startswith((".", "#")):
+            ops.append(ln.split()[0])
+            if ops[-1].startswith("j"):
+                break
+    print(f"{name}: {len(ops)} instructions per iteration", dict(Counter(ops).most_common(6)))
+"""
+
+
+def inner_loop_mix():
+    """Compile in a fresh cache (inspection is disabled for cached code) and count the hottest loop's instructions."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=root)
+        r = subprocess.run([sys.executable, "-c", _ASM_PROBE], env=env, capture_output=True, text=True, check=True)
+    return r.stdout.strip()
 
 
 def main():
@@ -196,10 +228,10 @@ def main():
                 t = best_time(lambda: bitlinear_epilogue(ternary_matmul_exact(c["xq"], c["codes"]), c["s"], c["ws"]))
                 numpy_t[name] = min(numpy_t.get(name, 1e9), t)
 
-    # ---- the ladder of versions on one shape (gate/up), weights from DRAM, 2 threads
+    # ---- the ladder of versions on one shape (gate/up), 1 thread (least disturbed by neighbours)
     ladder = {}
     c = cases["gate/up"]
-    kernels.set_num_threads(max(THREADS))
+    kernels.set_num_threads(1)
     ternary_matmul_acc_v1(c["xq"], c["codes"]), ternary_matmul_acc_v2(c["xq"], c["packed"])
     for _ in range(2):
         for label, fn, nbytes in (
@@ -207,7 +239,7 @@ def main():
                 ("v1 unpacked int8", lambda: ternary_matmul_acc_v1(c["xq"], c["codes"]), c["codes"].nbytes),
                 ("v2 packed, scalar decode", lambda: ternary_matmul_acc_v2(c["xq"], c["packed"]), c["packed"].nbytes),
                 ("v3 word planes (vpmaddwd)", lambda: kernels.ternary_matmul_acc(c["xq"], c["packed"]), c["packed"].nbytes)):
-            t = best_time(fn, 2)
+            t = best_time(fn, 3)
             ladder[label] = (min(ladder.get(label, (1e9,))[0], t), nbytes)
 
     # ---- report
@@ -245,14 +277,18 @@ def main():
             ratio = args.gemm_tokens * t1 / t
             rows.append(dict(shape=name, threads=nt, gemm_tokens=args.gemm_tokens, gemm_ms=t * 1e3, gemm_vs_gemv=ratio))
             print(f"{name:8} {nt:>3} {t * 1e3:>9.2f} {args.gemm_tokens / t:>9.0f} {ratio:>6.2f}x")
-    print(f"\nVersions on gate/up 6912x2560, S = 1, {max(THREADS)} threads, one weight copy (partly cache-resident)")
+    print("\nVersions on gate/up 6912x2560, S = 1, 1 thread, one weight copy (partly cache-resident), best of 6")
     for label, (t, nbytes) in ladder.items():
         print(f"  {label:40} {t * 1e3:8.3f} ms  {nbytes / t / 1e9:6.2f} GB/s of its own weight bytes")
     if not args.quick:
-        first, cached = compile_times()
-        print(f"\ncompile: first call in a fresh process (empty cache, import included) {first:.2f} s; "
-              f"second process on that cache {cached:.2f} s")
-        rows.append(dict(compile_first_s=first, compile_cached_s=cached))
+        (imp1, first), (imp2, cached) = compile_times()
+        print(f"\ncompile (a fresh process calling each public kernel at S = 1 and S = 4): empty Numba cache "
+              f"{first:.2f} s of first calls (+{imp1:.2f} s imports); second process on that cache {cached:.2f} s "
+              f"(+{imp2:.2f} s imports)")
+        rows.append(dict(compile_first_s=first, compile_cached_s=cached, import_s=[imp1, imp2]))
+    if not args.quick:
+        print("\nhottest loop of each kernel (instruction count, most frequent mnemonics):")
+        print("  " + inner_loop_mix().replace("\n", "\n  "))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=dict(copy=bw.copy, sum=bw.sum), rows=rows), f, indent=1)
