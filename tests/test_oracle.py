@@ -349,3 +349,71 @@ def test_bitnet_gpu_layout_matches_microsofts_packer():
         oracle.decode(np.zeros((32, 16), np.int8), "bitnet_gpu")
     with pytest.raises(RefBitNetError, match="divisible by 16"):
         oracle.encode(codes[:8], "bitnet_gpu")
+
+
+# The README's "Use refbitnet as an oracle" example, verbatim; test_readme_example runs it as an outside
+# project would (its own pytest process) against this module's tiny I2_S file.
+README_EXAMPLE = r'''# tests/test_against_refbitnet.py -- in your project
+import os
+
+import numpy as np
+import pytest
+
+from refbitnet import testing as oracle
+
+MODEL = os.environ.get("BITNET_MODEL", "models/ggml-model-i2_s.gguf")  # a .gguf file or a HF model directory
+IDS = np.array([128000, 791, 4062, 14198, 39935, 35308, 927])
+
+
+@pytest.fixture(scope="session")
+def reference():
+    if not os.path.exists(MODEL):
+        pytest.skip(f"no model at {MODEL}")
+    model = oracle.load_reference_model(MODEL)             # load once per session
+    ids = IDS % model.config.vocab_size
+    return model, ids, oracle.reference_activations(model, ids)
+
+
+def my_forward(model_path, ids):
+    """YOUR runtime: return the intermediates it exposes under refbitnet's names (any subset of
+    oracle.trace_names(num_layers)). Stand-in so this file runs as is: refbitnet itself."""
+    return oracle.reference_activations(oracle.load_reference_model(model_path), ids)
+
+
+def my_kernel_acc(xq, packed, n, k):
+    """YOUR int8 x ternary kernel on an I2_S tensor -> int32 [S, N]. Stand-in: NumPy."""
+    codes, _ = oracle.decode(packed, "i2_s", shape=(n, k))
+    return xq.astype(np.int32) @ codes.T.astype(np.int32)
+
+
+def test_forward_matches_refbitnet(reference):
+    _, ids, ref = reference
+    # prints "TENSOR OK, maxdiff = ..." per tensor; raises naming the first layer and tensor that diverges
+    oracle.assert_activations_match(ref, my_forward(MODEL, ids), atol=5e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("n, k", [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)])
+def test_kernel_is_bit_exact(n, k):
+    rng = np.random.default_rng(n + k)
+    codes, gamma = oracle.quantize_weights(rng.standard_normal((n, k)).astype(np.float32))
+    packed = oracle.encode(codes, "i2_s", scale=gamma)                  # the bytes bitnet.cpp stores
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    ref = oracle.reference_bitlinear(x, packed, "i2_s", shape=(n, k))   # .y .acc .xq .s
+    acc = my_kernel_acc(ref.xq, packed, n, k)
+    assert oracle.compare_tensor("acc", ref.acc, acc, atol=0, rtol=0).ok
+    y = (acc.astype(np.float32) / ref.s[:, None]) * gamma                # multiply by the scale, never divide
+    assert np.array_equal(y, ref.y)
+'''
+
+
+def test_readme_example(files, tmp_path):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "test_against_refbitnet.py").write_text(README_EXAMPLE)
+    env = dict(os.environ, BITNET_MODEL=str(files["i2_s"]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                          "test_against_refbitnet.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "5 passed" in run.stdout
