@@ -71,6 +71,7 @@ BITNET_ARCHS = ("bitnet-b1.58", "bitnet-25", "bitnet")
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+MAX_ARRAY_NESTING = 16         # arrays of arrays: real files use one level
 
 # ---- names -------------------------------------------------------------------------------------------
 PROJECTIONS = {  # gguf suffix -> HF name inside model.layers.{i}
@@ -235,7 +236,7 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="surrogateescape")
 
-    def value(self, vtype: int, what: str):
+    def value(self, vtype: int, what: str, depth: int = 0):
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype], what)
         if vtype == _STRING:
@@ -255,7 +256,9 @@ class _Cursor:
             if etype == _ARRAY:
                 if count > self.size - self.pos:
                     raise GGUFError(f"{self.path}: truncated file: {what} claims {count} arrays")
-                return [self.value(_ARRAY, f"{what}[{i}]") for i in range(count)]
+                if depth >= MAX_ARRAY_NESTING:        # a hostile file must not exhaust Python's stack
+                    raise GGUFError(f"{self.path}: {what}: arrays nested more than {MAX_ARRAY_NESTING} deep")
+                return [self.value(_ARRAY, f"{what}[{i}]", depth + 1) for i in range(count)]
             raise GGUFError(f"{self.path}: {what}: unknown array element type {etype}")
         raise GGUFError(f"{self.path}: {what}: unknown metadata value type {vtype}")
 
@@ -335,6 +338,16 @@ def read_gguf(path) -> GGUFFile:
             raise GGUFError(f"{path}: tensor {a.name!r} ({a.type_name}, shape {list(a.shape)}) needs {a.nbytes} "
                             f"bytes but tensor {b.name!r} starts {b.offset - a.offset} bytes after it: "
                             f"its byte size does not match its shape")
+        # Writers (gguf-py, llama.cpp) place each tensor at the aligned end of the previous one, and
+        # ggml's reader insists on it: a larger gap means a type or shape that claims too few bytes
+        # (e.g. an F32 norm relabelled F16 would read half its data).
+        if b.offset - (a.offset + a.nbytes) >= alignment:
+            raise GGUFError(f"{path}: tensor {a.name!r} ({a.type_name}, shape {list(a.shape)}) needs {a.nbytes} "
+                            f"bytes but tensor {b.name!r} starts {b.offset - a.offset} bytes after it: "
+                            f"a gap of at least the alignment {alignment}; its type or shape does not match its data")
+    if ordered and ordered[0].offset - data_start >= alignment:
+        raise GGUFError(f"{path}: tensor {ordered[0].name!r}: the data section starts {ordered[0].offset - data_start} "
+                        f"bytes before the first tensor (expected less than the alignment {alignment})")
     return GGUFFile(path, metadata, tensors, version, data)
 
 
@@ -553,6 +566,11 @@ def tokenizer_json_from_metadata(metadata: Mapping[str, Any], source: str = "GGU
         merges = list(metadata.get("tokenizer.ggml.merges", []))
     except KeyError as e:
         raise GGUFError(f"{source}: missing tokenizer key {e}") from None
+    except (TypeError, ValueError) as e:       # e.g. tokens given as one int, token types as strings
+        raise GGUFError(f"{source}: tokenizer.ggml.* keys have the wrong types ({type(e).__name__}: {e})") from None
+    if not all(isinstance(t, str) for t in tokens):
+        raise GGUFError(f"{source}: tokenizer.ggml.tokens: expected an array of strings, found "
+                        f"{type(next(t for t in tokens if not isinstance(t, str))).__name__} items")
     if len(types) != len(tokens):
         raise GGUFError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
     # Every token is in the BPE vocabulary under its id (tokenizers would renumber an added token that is

@@ -163,6 +163,60 @@ def gguf_spans(raw: bytes) -> dict:
             "tensors": sorted(tensors, key=lambda t: t[3])}
 
 
+def gguf_string(text) -> bytes:
+    raw = text.encode() if isinstance(text, str) else bytes(text)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class GGUFParts:
+    """A GGUF file taken apart for editing: kv [(key, vtype, raw value bytes)], tensors
+    [[name, ne list, type_id, relative offset]], data (bytes after the aligned tensor table)."""
+
+    def __init__(self, raw: bytes):
+        spans = gguf_spans(raw)
+        self.version = struct.unpack("<I", raw[4:8])[0]
+        self.kv = []
+        entries = sorted(spans["kv"].items(), key=lambda kv: kv[1][0])
+        ends = [v[0] for _, v in entries[1:]]
+        for (key, (start, vtype)), nxt in zip(entries, ends + [None]):
+            end = spans["kv_end"] if nxt is None else nxt - 8 - len(next(k for k, v in entries if v[0] == nxt).encode()) - 4
+            self.kv.append([key, vtype, raw[start:end]])
+        self.tensors = []
+        for name, type_id, ne, begin, end in spans["tensors"]:
+            self.tensors.append([name, list(ne), type_id, begin - spans["data_start"]])
+        self.data = raw[spans["data_start"]:]
+        self.alignment = 32
+
+    def set(self, key, vtype, raw_value: bytes):
+        for entry in self.kv:
+            if entry[0] == key:
+                entry[1], entry[2] = vtype, raw_value
+                return self
+        self.kv.append([key, vtype, raw_value])
+        return self
+
+    def drop(self, key):
+        self.kv = [e for e in self.kv if e[0] != key]
+        return self
+
+    def tensor(self, name):
+        return next(t for t in self.tensors if t[0] == name)
+
+    def to_bytes(self, n_tensors=None, n_kv=None, version=None, extra_kv: bytes = b"") -> bytes:
+        """The file; extra_kv: raw bytes of one more metadata entry (counted), after the others."""
+        out = bytearray(b"GGUF" + struct.pack("<IQQ", self.version if version is None else version,
+                                              len(self.tensors) if n_tensors is None else n_tensors,
+                                              len(self.kv) + bool(extra_kv) if n_kv is None else n_kv))
+        for key, vtype, value in self.kv:
+            out += gguf_string(key) + struct.pack("<I", vtype) + value
+        out += extra_kv
+        for name, ne, type_id, rel in self.tensors:
+            out += gguf_string(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne)
+            out += struct.pack("<IQ", type_id, rel)
+        out += bytes(-len(out) % self.alignment)
+        return bytes(out) + self.data
+
+
 def tensor_at(spans: dict, offset: int):
     """The tensor entry whose bytes hold offset, or None."""
     for t in spans["tensors"]:
