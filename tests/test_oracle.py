@@ -9,6 +9,8 @@ The oracle must pass the correct implementation and name the layer and tensor wh
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refbitnet import testing as oracle
 from refbitnet.config import Config
@@ -309,6 +311,25 @@ def test_layout_argument_errors(weight):
         oracle.reference_bitlinear(np.ones((1, 512), np.float32), codes, "codes")
     with pytest.raises(RefBitNetError, match="expected 8224 bytes"):
         oracle.decode(oracle.encode(codes, "i2_s", scale=gamma)[:-1], "i2_s", shape=codes.shape)
+
+
+@settings(max_examples=30)
+@given(n_tiles=st.integers(1, 3), k_blocks=st.integers(1, 2), seed=st.integers(0, 2**32 - 1),
+       zero_rows=st.booleans())
+def test_every_layout_round_trips_and_gives_the_same_bitlinear(n_tiles, k_blocks, seed, zero_rows):
+    rng = np.random.default_rng(seed)
+    n, k = 16 * n_tiles, 256 * k_blocks
+    codes = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+    if zero_rows:
+        codes[: n // 2] = 0                       # all-zero TQ blocks carry d = 0
+    gamma = np.float32(rng.uniform(0.01, 4.0))
+    x = (rng.standard_normal((2, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+    base = oracle.reference_bitlinear(x, codes, weight_scale=gamma)
+    for layout in oracle.LAYOUTS:
+        data = oracle.encode(codes, layout, scale=gamma)
+        assert np.array_equal(oracle.decode(data, layout, shape=(n, k))[0], codes), layout
+        out = oracle.reference_bitlinear(x, data, layout, shape=(n, k), weight_scale=gamma)
+        assert np.array_equal(out.acc, base.acc) and np.array_equal(out.y, base.y), layout
 
 
 def gpu_pack_as_microsoft_writes_it(codes):
