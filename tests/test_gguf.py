@@ -605,3 +605,24 @@ def test_bad_i2s_scale(tmp_path, hand_file, scale):
            for n, ne, t, d in tensors]
     with pytest.raises(GGUFError, match=r"blk\.0\.attn_output\.weight.*positive finite scale"):
         gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+
+
+@pytest.mark.parametrize("layout", ["i2_s", "tq2_0"])
+def test_shipped_model_round_trip(tmp_path, layout):
+    """The model shipped inside refbitnet (if this build has one) -> GGUF -> refbitnet: same logits,
+    same tokenizer ids."""
+    import refbitnet
+    from refbitnet.errors import CheckpointError
+    try:
+        model = refbitnet.load()
+    except CheckpointError:
+        pytest.skip("no model ships with this build")
+    path = tmp_path / f"shipped-{layout}.gguf"
+    gguf_io.save_gguf(model, path, layout=layout, embedding_type="bf16")
+    back = gguf_io.load_gguf(path)
+    ids = np.arange(12) % model.config.vocab_size
+    assert np.array_equal(back.forward(ids), model.forward(ids))
+    if model.tokenizer is not None:
+        assert back.tokenizer is not None
+        for text in TEXTS:
+            assert back.tokenizer.encode(text) == model.tokenizer.encode(text), text
