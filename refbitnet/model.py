@@ -172,10 +172,14 @@ class TernaryWeight:
         """(N, K) of the unpacked codes."""
         return (self.packed.shape[0] * 4, self.packed.shape[1])
 
-    def codes(self) -> np.ndarray:
-        """Ternary codes int8 [N, K] (unpacked on every call; not cached, to keep memory at 2 bits/weight)."""
+    def codes(self, private_read: bool = False) -> np.ndarray:
+        """Ternary codes int8 [N, K] (unpacked on every call; not cached, to keep memory at 2 bits/weight).
+
+        private_read: read a memory-mapped tensor's bytes with a plain file read instead of through
+        the mapping, so repacking a whole model (Numba path) leaves no file pages resident.
+        """
         from .layouts import unpack_hf
-        return unpack_hf(np.asarray(self.packed))
+        return unpack_hf(read_private(self.packed) if private_read else np.asarray(self.packed))
 
 
 @dataclass
@@ -207,6 +211,15 @@ class ModelWeights:
     def output_table(self) -> np.ndarray:
         """The LM head matrix [V, D]: the embedding when tied (2B4T)."""
         return self.embed_tokens if self.lm_head is None else self.lm_head
+
+
+def read_private(a: np.ndarray) -> np.ndarray:
+    """An array's values in fresh memory. For a whole np.memmap this is a file read (np.fromfile), which,
+    unlike reading through the mapping, does not leave the pages counted in this process's memory."""
+    import mmap
+    if isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename:
+        return np.fromfile(a.filename, dtype=a.dtype, count=a.size, offset=a.offset).reshape(a.shape)
+    return np.array(a)
 
 
 # ============================================================================ KV cache
@@ -561,11 +574,25 @@ class _NumbaLinears:
 
 def _fuse(parts) -> _KernelMatrix:
     """Concatenate projections' rows into one kernel-layout matrix with a per-row scale."""
-    from .layouts import pack_kernel
-    codes = [w.codes() for _, w in parts]                                             # [N_i, K] each
-    scales = [np.full(c.shape[0], w.weight_scale, dtype=np.float32) for c, (_, w) in zip(codes, parts)]
-    packed = pack_kernel(np.concatenate(codes) if len(codes) > 1 else codes[0])     # [sum N_i, K/4]
-    return _KernelMatrix(packed, np.concatenate(scales), tuple((n, c.shape[0]) for (n, _), c in zip(parts, codes)))
+    packed = [hf_to_kernel_layout(read_private(w.packed)) for _, w in parts]          # [N_i, K/4] each
+    scales = [np.full(p.shape[0], w.weight_scale, dtype=np.float32) for p, (_, w) in zip(packed, parts)]
+    return _KernelMatrix(np.concatenate(packed) if len(packed) > 1 else packed[0], np.concatenate(scales),
+                         tuple((n, p.shape[0]) for (n, _), p in zip(parts, packed)))
+
+
+def hf_to_kernel_layout(packed: np.ndarray) -> np.ndarray:
+    """HF release layout uint8 [N/4, K] -> kernel layout uint8 [N, K/4], without unpacking to int8.
+
+    Equals layouts.pack_kernel(layouts.unpack_hf(packed)). Field i of packed[r, c] is the code (+1) of
+    row i*R + r, column c; the kernel layout wants 4 consecutive columns of one row per byte.
+    Field values are not checked here (the loader rejects the value 3 once, at load).
+    """
+    rows, k = packed.shape
+    out = np.empty((4, rows, k // 4), dtype=np.uint8)                                  # [4, R, K/4]
+    for i in range(4):
+        c = ((packed >> np.uint8(2 * i)) & np.uint8(3)).reshape(rows, k // 4, 4)      # rows i*R.. [R, K/4, 4]
+        out[i] = c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
+    return out.reshape(4 * rows, k // 4)                                               # [N, K/4]
 
 
 def _norms_only(layer: LayerWeights):
