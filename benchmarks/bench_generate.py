@@ -1,0 +1,218 @@
+"""End-to-end speed and memory of refbitnet (backend="numba") on a 2B4T-shaped model (not a test).
+
+    python benchmarks/bench_generate.py [--model DIR] [--threads 1 2] [--prompt 128] [--decode 128]
+                                        [--context 4096] [--transformers] [--json OUT]
+
+--model defaults to /tmp/refbitnet-random-2b4t, written by benchmarks/make_random_2b4t.py if missing.
+Each measurement runs in a fresh process (so load times and peak RSS are that process's own):
+
+  1. "cold": 2 threads, an empty Numba cache directory (every kernel compiles);
+  2. "warm": the same cache again (what a user sees from the second run on);
+  3. one more warm process per other thread count.
+
+Each process reports: ready_s (imports + refbitnet.load + a first one-token forward, i.e. everything before
+the prompt can run, Numba compilation or cache loading included), first-token latency (prefill of the
+prompt in one forward + argmax), prefill tokens/s, decode tokens/s over --decode greedy steps with the
+KV cache (sized for --context positions), and peak RSS (ru_maxrss). The parent measures, in the same run,
+the read bandwidth (Numba prange sum over 1 GiB, best of 3 at each thread count) and the roofline it
+implies: bytes read per decoded token (all packed projections + the bf16 LM head table + the KV cache at
+the mean decode position) / bandwidth. --transformers adds transformers' BitNetForCausalLM on the same
+checkpoint (2 threads; a few tokens only, it is slow).
+
+The machine is shared: the load average is printed; compare runs made under similar load only.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+DEFAULT_MODEL = os.path.join(tempfile.gettempdir(), "refbitnet-random-2b4t")
+
+
+# ------------------------------------------------------------------------------------------- child side
+def child(args):
+    t_start = time.perf_counter()
+    import numpy as np
+
+    import refbitnet
+    from refbitnet import kernels
+    kernels.set_num_threads(args.threads)
+    model = refbitnet.load(args.model, backend="numba")
+    t_loaded = time.perf_counter()
+    model.forward(np.array([1]), cache=model.new_cache(8))                   # compile / load cached kernels
+    t_ready = time.perf_counter()
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg.vocab_size, args.prompt)
+    cache = model.new_cache(args.context)
+    t = time.perf_counter()
+    logits = model.forward(prompt, cache=cache)                              # [S, V]
+    token = int(np.argmax(logits[-1]))
+    first_token = time.perf_counter() - t
+    steps = []
+    for _ in range(args.decode):
+        t = time.perf_counter()
+        logits = model.forward(np.array([token]), cache=cache)               # [1, V]
+        token = int(np.argmax(logits[-1]))
+        steps.append(time.perf_counter() - t)
+    result = dict(threads=args.threads, load_s=t_loaded - t_start, ready_s=t_ready - t_start,
+                  first_token_s=first_token, prefill_tokens_per_s=args.prompt / first_token,
+                  decode_tokens_per_s=args.decode / sum(steps), decode_median_ms=1e3 * float(np.median(steps)),
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  kv_bytes_per_position=int(cache.k[:, 0].nbytes + cache.v[:, 0].nbytes))
+    print("RESULT " + json.dumps(result))
+
+
+def child_transformers(args):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(2)
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.bfloat16)
+    load = time.perf_counter() - t
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, model.config.vocab_size, (1, args.prompt)))
+    with torch.no_grad():
+        t = time.perf_counter()
+        out = model(ids, use_cache=True)
+        first = time.perf_counter() - t
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(args.decode):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = time.perf_counter() - t
+    print("RESULT " + json.dumps(dict(threads=2, load_s=load, first_token_s=first,
+                                      prefill_tokens_per_s=args.prompt / first,
+                                      decode_tokens_per_s=args.decode / decode,
+                                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+
+
+# ------------------------------------------------------------------------------------------ parent side
+def run_child(extra, env):
+    cmd = [sys.executable, os.path.abspath(__file__)] + extra
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def read_bandwidth(threads):
+    """Best-of-3 Numba prange sum over 1 GiB (bytes read / s) at each thread count."""
+    import numpy as np
+    from numba import njit, prange
+
+    from refbitnet import kernels  # noqa: F401  (same LLVM options as the kernels)
+
+    @njit(parallel=True)
+    def total(a):
+        s = 0
+        for i in prange(a.shape[0]):
+            s += a[i]
+        return s
+
+    a = np.ones(2**27, np.uint64)
+    total(a[:16])
+    out = {}
+    for n in threads:
+        kernels.set_num_threads(n)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            total(a)
+            best = min(best, time.perf_counter() - t)
+        out[n] = a.nbytes / best / 1e9
+    return out
+
+
+def bytes_per_token(model_dir, kv_bytes_per_position, mean_position):
+    """Packed projections + bf16 LM head table + KV cache read at mean_position, from the file's header."""
+    sys.path.insert(0, ROOT)
+    from refbitnet.checkpoint import read_checkpoint_tensors
+    tensors = read_checkpoint_tensors(model_dir)
+    packed = sum(a.nbytes for a in tensors.values() if a.dtype.name == "uint8")
+    head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).nbytes
+    return packed, head, kv_bytes_per_position * mean_position
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--context", type=int, default=4096, help="KV cache capacity (positions)")
+    ap.add_argument("--transformers", action="store_true", help="also time transformers' BitNetForCausalLM")
+    ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-transformers", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.threads = args.threads[0]
+        return child(args)
+    if args.child_transformers:
+        return child_transformers(args)
+
+    if not os.path.exists(os.path.join(args.model, "model.safetensors")):
+        print(f"{args.model}: writing a random 2B4T-shaped checkpoint (benchmarks/make_random_2b4t.py) ...")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from make_random_2b4t import make_random_2b4t
+        make_random_2b4t(args.model)
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    common = ["--model", args.model, "--prompt", str(args.prompt), "--decode", str(args.decode),
+              "--context", str(args.context), "--child"]
+    runs = []
+    with tempfile.TemporaryDirectory() as numba_cache:
+        env["NUMBA_CACHE_DIR"] = numba_cache
+        main_threads = max(args.threads)
+        runs.append(("cold", run_child(common + ["--threads", str(main_threads)], env)))
+        runs.append(("warm", run_child(common + ["--threads", str(main_threads)], env)))
+        for n in sorted(set(args.threads) - {main_threads}):
+            runs.append(("warm", run_child(common + ["--threads", str(n)], env)))
+    sys.path.insert(0, ROOT)
+    bandwidth = read_bandwidth(sorted(set(args.threads)))
+    packed, head, kv = bytes_per_token(args.model, runs[0][1]["kv_bytes_per_position"],
+                                       args.prompt + args.decode // 2)
+    per_token = packed + head + kv
+    if args.transformers:
+        try:
+            runs.append(("transformers", run_child(
+                ["--model", args.model, "--prompt", str(min(args.prompt, 16)), "--decode", "4",
+                 "--child-transformers"], env)))
+        except RuntimeError as e:
+            print(f"transformers run failed: {e}")
+
+    print(f"load average: {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs; "
+          f"read bandwidth " + ", ".join(f"{n} thr {bw:.1f} GB/s" for n, bw in bandwidth.items()))
+    print(f"bytes per decoded token: {per_token / 1e9:.3f} GB (packed projections {packed / 1e9:.3f}, "
+          f"LM head {head / 1e9:.3f}, KV cache {kv / 1e9:.3f} at position {args.prompt + args.decode // 2})")
+    print(f"\n{'run':13} {'thr':>3} {'load s':>7} {'ready s':>8} {'1st tok s':>9} {'prefill t/s':>11} "
+          f"{'decode t/s':>10} {'roofline':>8} {'% roof':>6} {'x decode':>8} {'peak RSS':>9}")
+    rows = []
+    for label, r in runs:
+        n = r["threads"]
+        roof = bandwidth.get(n, max(bandwidth.values())) * 1e9 / per_token
+        row = dict(run=label, roofline_tokens_per_s=roof, **r)
+        rows.append(row)
+        print(f"{label:13} {n:>3} {r['load_s']:>7.2f} {r.get('ready_s', float('nan')):>8.2f} "
+              f"{r['first_token_s']:>9.2f} {r['prefill_tokens_per_s']:>11.1f} {r['decode_tokens_per_s']:>10.2f} "
+              f"{roof:>8.1f} {100 * r['decode_tokens_per_s'] / roof:>5.0f}% "
+              f"{r['prefill_tokens_per_s'] / r['decode_tokens_per_s']:>7.1f}x {r['peak_rss_mb']:>7.0f}MB")
+    print(f"(prompt {args.prompt} tokens in one forward; decode {args.decode} greedy steps; KV cache capacity "
+          f"{args.context}; 'x decode' = prefill tokens/s over decode tokens/s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(bandwidth=bandwidth, bytes_per_token=per_token, runs=rows,
+                           loadavg=os.getloadavg()), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
