@@ -131,3 +131,35 @@ def test_cache_errors():
         model.forward([1], cache={})
     with pytest.raises(RefBitNetError, match="exceed max_position_embeddings"):
         model.forward(_ids(model, 129))
+
+
+def test_trace_names_match_the_contract():
+    model = tiny_model("odd_sizes")
+    cfg = model.config
+    trace = {}
+    model.forward(_ids(model, 5), trace=trace)
+    per_layer = ["input_layernorm", "q", "k", "v", "attn", "attn_sub_norm", "o_proj", "resid_attn",
+                 "post_attention_layernorm", "gate", "up", "ffn_act", "ffn_sub_norm", "down_proj", "out"]
+    want = ["embed"] + [f"layers.{i}.{n}" for i in range(cfg.num_hidden_layers) for n in per_layer] + ["norm", "logits"]
+    assert sorted(trace) == sorted(want)
+    assert trace["layers.0.q"].shape == (5, cfg.num_attention_heads, cfg.head_dim)
+    assert trace["layers.1.k"].shape == (5, cfg.num_key_value_heads, cfg.head_dim)
+    assert trace["layers.1.ffn_act"].shape == (5, cfg.intermediate_size)
+    assert all(v.dtype == np.float32 for v in trace.values())
+    assert np.array_equal(trace["layers.1.out"], model.forward_layer(1, trace["layers.0.out"]))
+
+
+def test_generate_is_greedy_decoding_with_the_cache():
+    model = tiny_model("gqa")
+    prompt = [int(t) for t in _ids(model, 6, seed=9)]
+    seq = list(prompt)
+    for _ in range(10):                                   # the slow way: full forward each step
+        seq.append(int(np.argmax(model.forward(seq)[-1])))
+    want = seq[len(prompt):]
+    eos = set(model.config.eos_ids)
+    if eos & set(want):                                   # generate stops at eos (not yielded)
+        want = want[:min(want.index(e) for e in eos & set(want))]
+    assert model.generate(prompt, 10) == want
+    assert list(model.generate(np.array(prompt), 10, stream=True)) == want
+    with pytest.raises(RefBitNetError, match="tokenizer"):
+        model.generate("text needs a tokenizer", 3)
