@@ -18,9 +18,12 @@ Three ideas make the inner loop a run of int16 x int16 -> int32 multiply-adds (A
    package __init__, on 256-bit registers).
 
 GEMM (S > 1 tokens): a task owns ROWS_PER_TASK output rows (32 x K/4 bytes, at most 55 KB) and runs
-every token over them, so the rows are read from DRAM once per call and from L1/L2 after that. The vpmaddwd count per weight x token is
-the same as in the GEMV, so a 128-token block gains only what the GEMV lost to memory (see
-benchmarks/bench_kernels.py).
+every token over them, so the rows come from DRAM once per call. The instructions per weight x token are
+those of the GEMV (about 62 per 256 products, 16 of them vpmaddwd), so the GEMM is bound by instruction
+throughput and a 128-token block gains only what the GEMV lost waiting for memory: 1.3-1.9x per token,
+not 4x (benchmarks/bench_kernels.py). More would need vpmaddubsw (32 products per instruction) with int16
+accumulators kept in registers across tokens; LLVM's loop vectorizer does not produce that from Numba
+loops (tried: two tokens per loop runs 3x slower; a byte-pair formulation is not matched to vpmaddubsw).
 """
 
 import numpy as np
