@@ -770,6 +770,11 @@ def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layou
         raise GGUFError(f"embedding_type: expected 'f16', 'bf16' or 'f32', found {embedding_type!r}")
     if not config.tie_word_embeddings:
         raise GGUFError("write_gguf: only tied-embedding models (tie_word_embeddings=True) are supported")
+    block = 128 if layout == "i2_s" else 256        # elements per block; blocks may not straddle rows
+    for key in ("hidden_size", "intermediate_size"):
+        if getattr(config, key) % block:
+            raise GGUFError(f"layout {layout!r}: every projection's input width must be a multiple of its "
+                            f"{block}-element block, found {key} = {getattr(config, key)}")
     arch = ARCH_BY_LAYOUT[layout]
     w = gguf.GGUFWriter(os.fspath(path), arch)
     w.add_name(name)

@@ -618,6 +618,11 @@ def test_shipped_model_round_trip(tmp_path, layout):
     except CheckpointError:
         pytest.skip("no model ships with this build")
     path = tmp_path / f"shipped-{layout}.gguf"
+    block = 128 if layout == "i2_s" else 256
+    if model.config.hidden_size % block or model.config.intermediate_size % block:
+        with pytest.raises(GGUFError, match=f"{block}-element block"):
+            gguf_io.save_gguf(model, path, layout=layout)
+        return
     gguf_io.save_gguf(model, path, layout=layout, embedding_type="bf16")
     back = gguf_io.load_gguf(path)
     ids = np.arange(12) % model.config.vocab_size
@@ -626,3 +631,11 @@ def test_shipped_model_round_trip(tmp_path, layout):
         assert back.tokenizer is not None
         for text in TEXTS:
             assert back.tokenizer.encode(text) == model.tokenizer.encode(text), text
+
+
+def test_widths_that_do_not_fit_the_blocks(tmp_path):
+    config = TINY.replace(hidden_size=384, num_attention_heads=6, num_key_value_heads=2)   # 384 % 256 != 0
+    tensors = release_tensors(config)
+    gguf_io.write_gguf(tmp_path / "ok.gguf", config, tensors, layout="i2_s")              # 384 % 128 == 0
+    with pytest.raises(GGUFError, match="multiple of its 256-element block, found hidden_size = 384"):
+        gguf_io.write_gguf(tmp_path / "bad.gguf", config, tensors, layout="tq2_0")
