@@ -236,14 +236,16 @@ class KVCache:
         self.k = np.zeros(shape, dtype=np.float32)                             # [L, capacity, KVH, HD]
         self.v = np.zeros(shape, dtype=np.float32)                             # [L, capacity, KVH, HD]
         self.length = 0
+        self.owner = None      # token of the Model whose keys/values it holds (claimed when first used)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[1]
 
     def reset(self) -> None:
-        """Forget every position (the memory is reused)."""
+        """Forget every position (the memory is reused, by this or another model of the same shape)."""
         self.length = 0
+        self.owner = None
 
     def __repr__(self):
         return f"KVCache(length={self.length}, capacity={self.capacity})"
@@ -278,6 +280,7 @@ class Model:
         self.backend = backend
         self.tokenizer = tokenizer
         self.source = source                     # where the weights came from (a path or a description)
+        self._cache_token = object()             # marks the KV caches this model has filled
         self.source_format = weights.source_format   # "packed" (release uint8 + weight_scale) or "bf16-master"
         self.embed_tokens = weights.embed_tokens             # uint16 [V, D] bf16 bits
         self.output_table = weights.output_table             # uint16 [V, D] (same array when tied)
@@ -386,7 +389,11 @@ class Model:
         vocab = self.config.vocab_size
         if isinstance(ids, (str, bytes)):
             raise RefBitNetTypeError("ids: expected token ids (a 1-D int array or list of ints), found a string")
-        arr = np.asarray(ids)
+        try:
+            arr = np.asarray(ids)
+        except (ValueError, TypeError) as e:        # e.g. a ragged nested list
+            raise RefBitNetTypeError(f"ids: expected a 1-D sequence [S] of token ids, found a "
+                                     f"{type(ids).__name__} numpy cannot read as one ({e})") from None
         if arr.size == 0:
             raise RefBitNetError("ids: expected at least one token id, found an empty sequence")
         if arr.dtype == object or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
@@ -429,7 +436,7 @@ class Model:
         p = f"layers.{i}."
         # attention block
         x = rms_norm(h, w.input_layernorm, eps)                                       # [S, D]
-        q, k, v = lin.qkv(i, x)                                       # [S, H*HD], [S, KVH*HD], [S, KVH*HD]
+        q, k, v = self._project(i, "q_proj/k_proj/v_proj", lin.qkv, x)                # [S, H*HD], [S, KVH*HD], [S, KVH*HD]
         q = rope(q.reshape(s_len, cfg.num_attention_heads, cfg.head_dim), cos, sin)   # [S, H, HD]
         k = rope(k.reshape(s_len, cfg.num_key_value_heads, cfg.head_dim), cos, sin)   # [S, KVH, HD]
         v = v.reshape(s_len, cfg.num_key_value_heads, cfg.head_dim)                   # [S, KVH, HD]
@@ -441,14 +448,14 @@ class Model:
             k_all, v_all = k, v
         a = attention(q, k_all, v_all, start).reshape(s_len, -1)                      # [S, H*HD]
         a_norm = rms_norm(a, w.attn_sub_norm, eps)                                    # [S, D] SubLN
-        o = lin.o(i, a_norm)                                                          # [S, D]
+        o = self._project(i, "o_proj", lin.o, a_norm)                                 # [S, D]
         h_attn = h + o                                                                # [S, D]
         # feed-forward block
         x2 = rms_norm(h_attn, w.post_attention_layernorm, eps)                        # [S, D]
-        gate, up = lin.gate_up(i, x2)                                                 # [S, F] x2
+        gate, up = self._project(i, "gate_proj/up_proj", lin.gate_up, x2)             # [S, F] x2
         m = relu2(gate) * up                                                          # [S, F]
         m_norm = rms_norm(m, w.ffn_sub_norm, eps)                                     # [S, F] SubLN
-        down = lin.down(i, m_norm)                                                    # [S, D]
+        down = self._project(i, "down_proj", lin.down, m_norm)                        # [S, D]
         out = h_attn + down                                                           # [S, D]
         if trace is not None:
             for name, value in (("input_layernorm", x), ("q", q), ("k", k), ("v", v), ("attn", a),
@@ -465,6 +472,14 @@ class Model:
             return kernels.bf16_matmul(np.ascontiguousarray(x, dtype=np.float32), self.output_table)
         return lm_head(x, self.output_table)
 
+    def _project(self, i, names, linear, x):
+        """linear(i, x), naming layer i and the projection when its input is rejected, e.g. an inf made
+        inside the model reaching the activation quantizer."""
+        try:
+            return linear(i, x)
+        except RefBitNetError as e:
+            raise RefBitNetError(f"layers.{i}.{names}: input to the activation quantizer: {e}") from None
+
     def _check_cache(self, cache):
         if not isinstance(cache, KVCache):
             raise RefBitNetTypeError(f"cache: expected a KVCache from model.new_cache(), found {type(cache).__name__}")
@@ -474,6 +489,10 @@ class Model:
         if want != found:
             raise RefBitNetError(f"cache: expected one made for this model (layers, KV heads, head_dim) = {want}, "
                                  f"found {found}")
+        if cache.length and cache.owner is not self._cache_token:
+            raise RefBitNetError("cache: holds keys and values computed by another model; use this model's "
+                                 "new_cache(), or reset() the cache first")
+        cache.owner = self._cache_token
 
 
 # ============================================================================ the two BitLinear paths

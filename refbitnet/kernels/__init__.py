@@ -72,7 +72,10 @@ def _threads_from_env() -> None:
         n = int(value)
     except ValueError:
         raise RefBitNetError(f"REFBITNET_THREADS: expected a positive integer, found {value!r}") from None
-    set_num_threads(n)
+    try:
+        set_num_threads(n)
+    except RefBitNetError as e:
+        raise RefBitNetError(f"REFBITNET_THREADS={value!r}: {e}") from None
 
 
 _threads_from_env()
