@@ -543,7 +543,20 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
             else:
                 arr = gf.array(name)
                 tensors[hf] = bf16_to_f32(arr) if arr.dtype == np.uint16 else np.asarray(arr, dtype=np.float32)
+            _check_finite(tensors[hf], f"{gf.path}: tensor {name!r} ({t.type_name})")
     return config, tensors
+
+
+def _check_finite(a: np.ndarray, what: str, rows: int = 8192) -> None:
+    """GGUFError at the first row holding a NaN or inf (checked a block of rows at a time)."""
+    for r in range(0, a.shape[0], rows):
+        block = a[r:r + rows]
+        block = bf16_to_f32(block) if block.dtype == np.uint16 else block
+        if not np.isfinite(block).all():
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(block))[0])
+            where = (where[0] + r,) + where[1:]
+            raise GGUFError(f"{what}: expected finite values, found {block[tuple([where[0] - r, *where[1:]])]} "
+                            f"at index {where}")
 
 
 # Llama-3's pre-tokenizer split (tokenizer.ggml.pre = "llama-bpe"), as in its tokenizer.json.

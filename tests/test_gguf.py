@@ -639,3 +639,17 @@ def test_widths_that_do_not_fit_the_blocks(tmp_path):
     gguf_io.write_gguf(tmp_path / "ok.gguf", config, tensors, layout="i2_s")              # 384 % 128 == 0
     with pytest.raises(GGUFError, match="multiple of its 256-element block, found hidden_size = 384"):
         gguf_io.write_gguf(tmp_path / "bad.gguf", config, tensors, layout="tq2_0")
+
+
+def test_nan_in_embedding_or_norm(tmp_path, hand_file):
+    kv, tensors, *_ = hand_file
+    embed = bytearray(tensors[0][3])
+    at = 2 * (3 * TINY.hidden_size + 5)                                              # row 3, column 5
+    embed[at:at + 2] = np.float16(np.nan).tobytes()
+    bad = [("token_embd.weight", tensors[0][1], 1, bytes(embed))] + tensors[1:]
+    with pytest.raises(GGUFError, match=r"'token_embd\.weight' \(F16\): expected finite values, found nan at index \(3, 5\)"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+    norm = [(n, ne, t, np.full(ne[0], np.inf, np.float32).tobytes()) if n == "blk.1.ffn_norm.weight" else (n, ne, t, d)
+            for n, ne, t, d in tensors]
+    with pytest.raises(GGUFError, match=r"'blk\.1\.ffn_norm\.weight' \(F32\): expected finite values, found inf"):
+        gguf_io.gguf_to_tensors(_write(tmp_path, kv, norm, "norm.gguf"))
