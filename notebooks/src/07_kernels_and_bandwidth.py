@@ -1,0 +1,229 @@
+# %% [markdown]
+# # 07 · From the NumPy reference to the fast kernel, and the roofline of this machine
+#
+# Decoding one token of 2B4T touches every weight once: 2.08 billion ternary weights and, for the
+# LM head, the 328 million bf16 numbers of the embedding. Each weight is used for one multiply-add
+# (S = 1 token), so the question is not how fast the CPU computes but how fast it can **read**.
+# This notebook follows `refbitnet.kernels` up its ladder (each step validated exactly against the
+# NumPy reference) and places each step on the roofline of the machine that runs the notebook.
+#
+# | step | module | bytes per weight |
+# |---|---|---|
+# | reference | `kernels.reference` (NumPy: unpack, int64 matmul) | 0.25 (+ unpacking) |
+# | NumPy path of the model | `bitlinear.ternary_matmul_exact` (float32 BLAS on int8 codes) | 1 |
+# | v1 | `kernels.v1_unpacked_int8` (Numba, one int8 per weight) | 1 |
+# | v2 | `kernels.v2_packed_scalar` (Numba, 2-bit codes decoded one by one) | 0.25 |
+# | v3 | `kernels.v3_word_planes` (Numba, 16-bit words, int16 multiply-adds; the one the model uses) | 0.25 |
+#
+# Timings depend on the machine and on whatever else runs on it; every figure is the best of a few
+# repetitions, and the assertions at the end check exactness, not speed.
+
+# %%
+import os
+
+os.environ["OPENBLAS_NUM_THREADS"] = "1"             # one core for everything: a fair comparison
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from refbitnet import BITNET_2B4T, kernels
+from refbitnet.bitlinear import ternary_matmul_exact
+from refbitnet.kernels.reference import bf16_matmul_reference, ternary_matmul_acc_reference
+from refbitnet.kernels.v1_unpacked_int8 import ternary_matmul_acc_v1
+from refbitnet.kernels.v2_packed_scalar import ternary_matmul_acc_v2
+from refbitnet.kernels.v3_word_planes import ternary_matmul_acc_v3
+from refbitnet.layouts import pack_kernel
+from refbitnet.quant import absmax_int8
+
+plt.rcParams.update({"figure.dpi": 80, "axes.spines.top": False, "axes.spines.right": False})
+kernels.set_num_threads(1)
+
+
+def best_time(fn, repeats=5):
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+# %% [markdown]
+# ## How fast can one core read memory?
+#
+# A read probe: a Numba loop that XORs every 8-byte word of a 128 MiB array (larger than any cache
+# here) and writes nothing. (A measuring tool, not part of the library, so it lives here; it is
+# compiled fresh each run.) NumPy's own reductions are not a good probe: most are limited by
+# their arithmetic before they reach the memory's speed.
+
+# %%
+from numba import njit
+
+
+@njit(cache=False)
+def read_every_word(words):
+    acc = np.uint64(0)
+    for i in range(words.shape[0]):
+        acc ^= words[i]
+    return acc
+
+
+probe = np.ones(16 * 2**20, dtype=np.uint64)                          # 128 MiB
+read_every_word(probe)                                                # compile, touch the pages
+t_read = best_time(lambda: read_every_word(probe))
+bw_probe = probe.nbytes / t_read / 1e9
+print(f"read bandwidth, one core: {bw_probe:.1f} GB/s")
+
+# %% [markdown]
+# ## One projection, every step of the ladder
+#
+# gate_proj of 2B4T: N = 6912 outputs, K = 2560 inputs, 17.7 M weights, 4.4 MB packed. To make the
+# weights come from DRAM rather than from a cache, each timing cycles through 8 different copies
+# (35 MB packed).
+
+# %%
+cfg = BITNET_2B4T
+N, K = cfg.intermediate_size, cfg.hidden_size
+rng = np.random.default_rng(0)
+codes_pool = [rng.integers(-1, 2, size=(N, K)).astype(np.int8) for _ in range(8)]   # 8 x [N, K] int8
+packed_pool = [pack_kernel(c) for c in codes_pool]                                 # 8 x [N, K/4] uint8
+xq, s = absmax_int8(rng.standard_normal((1, K)).astype(np.float32))                # one token [1, K]
+
+
+def cycling(fn, pool):
+    state = {"i": 0}
+
+    def run():
+        fn(pool[state["i"] % len(pool)])
+        state["i"] += 1
+    return run
+
+
+want = ternary_matmul_acc_reference(xq, packed_pool[0])                            # int32 [1, N]
+ladder = {  # name: (function of one weight matrix, pool, bytes of weights read per call)
+    "reference (NumPy)": (lambda p: ternary_matmul_acc_reference(xq, p), packed_pool, N * K // 4),
+    "NumPy float32 BLAS": (lambda c: ternary_matmul_exact(xq, c), codes_pool, N * K),
+    "v1 unpacked int8": (lambda c: ternary_matmul_acc_v1(xq, c), codes_pool, N * K),
+    "v2 packed scalar": (lambda p: ternary_matmul_acc_v2(xq, p), packed_pool, N * K // 4),
+    "v3 word planes": (lambda p: ternary_matmul_acc_v3(xq, p), packed_pool, N * K // 4),
+}
+results = {}
+for name, (fn, pool, nbytes) in ladder.items():
+    got = fn(pool[0])                                              # also compiles on first use
+    exact = np.array_equal(got, want)
+    t = best_time(cycling(fn, pool), repeats=3 if name.startswith("ref") else 8)
+    results[name] = (t, nbytes)
+    print(f"{name:<20} exact: {exact}   {t * 1e3:8.2f} ms   {nbytes / t / 1e9:6.2f} GB/s of weights   "
+          f"{2 * N * K / t / 1e9:7.2f} Gop/s")
+
+# %% [markdown]
+# Reading the table: the reference is slow because it unpacks and multiplies in int64; NumPy's BLAS
+# path is fast but reads a whole byte (as float32 after conversion) per weight; v1 is the plain
+# Numba loop over bytes; v2 reads 2-bit codes but decodes them one at a time, so it is limited by
+# instructions, not memory; v3 reads 16-bit words and uses int16 multiply-adds (`vpmaddwd`), about
+# a fifth of an instruction per weight, and gets close to what the memory system delivers.
+#
+# ## The roofline
+#
+# A kernel that does F operations (a multiply-add counts as 2) on B bytes of weights has arithmetic
+# intensity F / B. It can run no faster than bandwidth × F / B (the slanted roof), nor faster than
+# the core computes (the flat roof). For a decode step (S = 1): ternary weights packed 4 per byte
+# give 8 operations per byte; one byte per weight gives 2; the bf16 LM head gives 1. Processing S
+# tokens at once (prefill) reuses each weight S times: S × 8 operations per byte.
+#
+# Both roofs are measured in this run, on one core. The slanted one: the highest read rate seen
+# (the probe above, or a kernel that streamed its weights faster — a kernel reading at X GB/s
+# proves the memory delivers at least X). The flat one: the best integer throughput seen, v3 on one
+# token or on a prompt block of 64 tokens (where each weight is read once and used 64 times).
+
+# %%
+xq64, _ = absmax_int8(rng.standard_normal((64, K)).astype(np.float32))            # [64, K]
+t64 = best_time(lambda: ternary_matmul_acc_v3(xq64, packed_pool[0]), repeats=3)
+gops = {name: 2 * N * K / t / 1e9 for name, (t, _) in results.items()}
+gops_prefill = 2 * 64 * N * K / t64 / 1e9
+peak = max(gops["v3 word planes"], gops_prefill)                                   # Gop/s
+bw_read = max([bw_probe] + [nbytes / t / 1e9 for t, nbytes in results.values()])   # GB/s
+print(f"v3 on 64 tokens: {t64 * 1e3:.1f} ms, {gops_prefill:.1f} Gop/s")
+print(f"roofs: memory {bw_read:.1f} GB/s, compute {peak:.1f} Gop/s; ridge at {peak / bw_read:.1f} operations per byte")
+
+# the LM head: bf16 rows of the embedding, 2 flops per 2 bytes; a 32768-row slice of a [V, D] table
+table = rng.integers(0, 2**16, size=(32768, K), dtype=np.uint16) & np.uint16(0x3FFF)   # finite bf16 bits
+x1 = rng.standard_normal((1, K)).astype(np.float32)
+head_exact = np.array_equal(kernels.bf16_matmul(x1, table), bf16_matmul_reference(x1, table))
+t_head = best_time(lambda: kernels.bf16_matmul(x1, table), repeats=5)
+print(f"bf16 LM head kernel on {table.shape[0]} rows: exact {head_exact}, {table.nbytes / t_head / 1e9:.2f} GB/s")
+
+points = {  # name: (operations per byte, achieved Gop/s)
+    "v1 decode (1 B/weight)": (2.0, gops["v1 unpacked int8"]),
+    "v2 decode": (8.0, gops["v2 packed scalar"]),
+    "v3 decode": (8.0, gops["v3 word planes"]),
+    "v3 prefill, 64 tokens": (8.0 * 64, gops_prefill),
+    "LM head decode (bf16)": (1.0, 2 * table.shape[0] * K / t_head / 1e9),
+}
+ai = np.logspace(-1, 3.5, 200)
+fig, ax = plt.subplots(figsize=(9, 4.2))
+ax.loglog(ai, np.minimum(peak, bw_read * ai), "k-", lw=2, label=f"roofline: {bw_read:.1f} GB/s, {peak:.0f} Gop/s")
+for name, (x, y) in points.items():
+    ax.loglog(x, y, "o", ms=8, label=f"{name}: {y:.1f} Gop/s")
+ax.set_xlabel("arithmetic intensity (operations per byte of weights)")
+ax.set_ylabel("Gop/s (one core)")
+ax.legend(fontsize=8, loc="lower right")
+ax.set_title("one core of this machine")
+plt.tight_layout()
+plt.show()
+for name, (x, y) in points.items():
+    roof = min(peak, bw_read * x)
+    bound = "memory" if bw_read * x < peak else "compute"
+    print(f"{name:<24} {x:6.0f} op/B: {y:6.1f} Gop/s = {y / roof:4.0%} of its roof ({bound}-bound region)")
+
+# %% [markdown]
+# Reading the plot: the slanted roof is the memory, the flat one the best integer rate measured.
+# Decode steps (1 to 8 operations per byte) cannot run faster than bandwidth × intensity, however
+# good the kernel: v1 computes the same thing as v3 from one byte per weight, so it needs 4× the
+# bytes. On one core the ridge lies near 8 operations per byte, i.e. ternary decode needs about as
+# much instruction throughput as memory throughput — which is why v3's instruction count matters
+# (v2, which decodes the 2-bit codes one by one, is far below both roofs). With more cores, compute
+# grows and bandwidth does not, the ridge moves right, and decode ends up on the memory roof
+# (benchmarks/bench_kernels.py measures 1 and 2 threads). The LM head reads bf16 at 1 operation per
+# byte. Prefill (far right) is not limited by memory at all; how close it gets to the flat roof is
+# up to the GEMM kernel (the v3 module docstring explains why its GEMM gains little per token).
+#
+# ## What this means for decoding 2B4T here
+#
+# Per token, decoding reads all ternary weights (0.52 GB) and the bf16 embedding as the LM head
+# (0.66 GB). At the measured read bandwidth that sets a floor on the time per token; the kernels'
+# achieved GB/s give the estimate for this implementation (attention and the rest are small at
+# short context).
+
+# %%
+ternary_bytes = cfg.num_hidden_layers * 69_468_160 / 4
+head_bytes = cfg.vocab_size * cfg.hidden_size * 2
+floor = (ternary_bytes + head_bytes) / (bw_read * 1e9)     # seconds per token
+v3_gbs = results["v3 word planes"][1] / results["v3 word planes"][0] / 1e9
+head_gbs = table.nbytes / t_head / 1e9
+estimate = ternary_bytes / (v3_gbs * 1e9) + head_bytes / (head_gbs * 1e9)
+print(f"bytes per token: {ternary_bytes / 1e9:.2f} GB ternary + {head_bytes / 1e9:.2f} GB LM head")
+print(f"bandwidth floor on one core: {floor * 1e3:.0f} ms/token ({1 / floor:.1f} tokens/s)")
+print(f"with the kernels' measured speeds: about {estimate * 1e3:.0f} ms/token ({1 / estimate:.1f} tokens/s)")
+print("the report's figure: 29 ms/token with 8 threads on an i7-13800H")
+
+# %% [markdown]
+# More than half of the bytes per token are the bf16 LM head, not the ternary weights: at 2B
+# parameters and a 128k vocabulary, the embedding is the largest tensor the model reads.
+#
+# ## Checks against the library
+
+# %%
+for name, (fn, pool, _) in ladder.items():                    # every step equals the reference exactly
+    for i in (0, 3):
+        assert np.array_equal(fn(pool[i]), ternary_matmul_acc_reference(xq, packed_pool[i])), name
+acc64 = ternary_matmul_acc_reference(xq64, packed_pool[0])
+assert np.array_equal(ternary_matmul_acc_v3(xq64, packed_pool[0]), acc64)
+assert np.array_equal(kernels.ternary_matmul_acc(xq64, packed_pool[0]), acc64)   # the public, checked API
+y = kernels.ternary_matmul(xq64, s.repeat(64), packed_pool[0], np.float32(0.02))
+assert np.array_equal(y, (acc64.astype(np.float32) / s.repeat(64)[:, None]) * np.float32(0.02))
+assert head_exact
+assert bw_read >= bw_probe > 0 and peak > 0 and floor > 0
+print("all checks passed")
