@@ -32,6 +32,11 @@ range [6.1e-5, 65504]; smaller scales lose precision (fp16 subnormals) and large
 Embeddings are written as F16: bf16 values with |x| >= 2**-14 convert exactly; smaller ones are
 rounded to the fp16 subnormal grid (absolute error <= 2**-25).
 
+Public API: ``load_gguf(path) -> Model`` (with the file's tokenizer), ``gguf_to_tensors(path) ->
+(Config, tensors)``, ``save_gguf(model or model dir, path, layout=...)``, ``write_gguf(path, config,
+tensors, ...)``, ``read_gguf(path) -> GGUFFile`` (metadata, tensor table, raw bytes), ``describe(path)``;
+command line ``python -m refbitnet.gguf_io info FILE`` / ``export MODEL_DIR OUT.gguf --layout i2_s``.
+
 Reading uses our own small GGUF parser rather than ``gguf.GGUFReader``: the reader in the ``gguf``
 package does not know type id 36 (I2_S) and fails on it, and we want every malformed file to raise a
 :class:`~refbitnet.errors.GGUFError` that names the file, tensor and offset. Writing uses
