@@ -215,7 +215,7 @@ def load_reference_model(source, *, numerics: str = "int", backend: str = "numpy
     """A refbitnet Model from a checkpoint directory, a ``.gguf`` file (I2_S, TQ1_0, TQ2_0), or None for
     the model refbitnet.load() finds by default. Load once (e.g. a session-scoped pytest fixture) and
     pass the Model to reference_activations."""
-    if source is not None and os.path.isfile(os.fspath(source)):
+    if source is not None and (os.path.isfile(os.fspath(source)) or os.fspath(source).endswith(".gguf")):
         from .gguf_io import load_gguf
         return load_gguf(source, numerics=numerics, backend=backend)
     import refbitnet
