@@ -35,9 +35,18 @@ from _tiny_bitnet import (QUANTIZER_SITES, TINY_CONFIGS, load_transformers, run_
 
 TIGHT = 1e-5
 LOOSE = 5e-2
-CASES = [(name, seed) for name in TINY_CONFIGS for seed in (0, 2)]   # gqa-0 and mha-2 show flips
+CASES = [(name, seed) for name in TINY_CONFIGS for seed in (0, 1, 2)]   # gqa-0, mha-0, mha-2 show flips
 PROMPT_LEN = 32
 _built = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These matmuls are tiny: torch's worker threads only spin (0.2 s per forward on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
