@@ -438,3 +438,11 @@ def test_readme_example(files, tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "5 passed" in run.stdout
+
+
+def test_missing_reference_model(tmp_path):
+    from refbitnet.errors import CheckpointError, GGUFError
+    with pytest.raises(GGUFError, match="file not found"):
+        oracle.load_reference_model(tmp_path / "model.gguf")
+    with pytest.raises(CheckpointError, match="expected a model directory"):
+        oracle.reference_activations(tmp_path / "no-such-dir", IDS)
