@@ -178,8 +178,8 @@ class TernaryWeight:
         private_read: read a memory-mapped tensor's bytes with a plain file read instead of through
         the mapping, so repacking a whole model (Numba path) leaves no file pages resident.
         """
-        from .layouts import unpack_hf
-        return unpack_hf(read_private(self.packed) if private_read else np.asarray(self.packed))
+        packed = read_private(self.packed) if private_read else np.asarray(self.packed)
+        return unpack_hf_fast(packed)
 
 
 @dataclass
@@ -211,6 +211,17 @@ class ModelWeights:
     def output_table(self) -> np.ndarray:
         """The LM head matrix [V, D]: the embedding when tied (2B4T)."""
         return self.embed_tokens if self.lm_head is None else self.lm_head
+
+
+def unpack_hf_fast(packed: np.ndarray) -> np.ndarray:
+    """layouts.unpack_hf without its per-call check for the field value 3 (the loader checked every
+    projection once): uint8 [N/4, K] -> int8 codes [N, K], rows i*R .. (i+1)*R-1 from bits 2i..2i+1."""
+    rows, k = packed.shape
+    codes = np.empty((4, rows, k), dtype=np.int8)                                    # [4, R, K]
+    for i in range(4):
+        codes[i] = ((packed >> np.uint8(2 * i)) & np.uint8(3)).view(np.int8)          # c = w + 1 in {0, 1, 2}
+    codes -= np.int8(1)
+    return codes.reshape(4 * rows, k)                                                # [N, K]
 
 
 def read_private(a: np.ndarray) -> np.ndarray:
