@@ -285,7 +285,9 @@ class LoaderWorker:
     """
 
     def __init__(self, env: dict | None = None):
-        self.env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+        # One BLAS thread: the tiny matmuls of a fingerprint are 10x slower with threads on a busy machine.
+        self.env = dict(os.environ, PYTHONPATH=str(REPO), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                        MKL_NUM_THREADS="1", **(env or {}))
         self.proc = None
         self.start()
 

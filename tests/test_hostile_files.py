@@ -132,7 +132,11 @@ def invalid_after_flip(spans, new: bytes, offset: int) -> bool:
 def test_flipped_bytes_in_tensor_data(worker, pristine, scratch, reference, data):
     _, raw, spans = pristine
     offset = data.draw(st.integers(spans["header_end"], len(raw) - 1), label="offset")
-    mask = data.draw(st.integers(1, 255), label="xor")
+    check_data_flip(worker, pristine, scratch, reference, offset, data.draw(st.integers(1, 255), label="xor"))
+
+
+def check_data_flip(worker, pristine, scratch, reference, offset, mask):
+    _, raw, spans = pristine
     new = bytearray(raw)
     new[offset] ^= mask
     put_safetensors(scratch, bytes(new))
@@ -149,6 +153,11 @@ def test_flipped_bytes_in_header(worker, pristine, scratch, reference, data):
     _, raw, spans = pristine
     flips = data.draw(st.lists(st.tuples(st.integers(0, spans["header_end"] - 1), st.integers(1, 255)),
                                min_size=1, max_size=3), label="flips")
+    check_header_flips(worker, pristine, scratch, reference, flips)
+
+
+def check_header_flips(worker, pristine, scratch, reference, flips):
+    _, raw, spans = pristine
     new = bytearray(raw)
     for offset, mask in flips:
         new[offset] ^= mask
@@ -158,6 +167,20 @@ def test_flipped_bytes_in_header(worker, pristine, scratch, reference, data):
         assert out["same"], f"a header flip {flips} loaded a different model silently"
     else:
         assert_error(out, path, scratch)
+
+
+@pytest.mark.slow
+@settings(max_examples=1500)
+@given(data=st.data())
+def test_sweep_flipped_bytes(worker, pristine, scratch, reference, data):
+    """The larger sweep: 1500 single flips in the data and header (one in four in the header)."""
+    _, raw, spans = pristine
+    if data.draw(st.integers(0, 3)) == 0:
+        flips = [(data.draw(st.integers(0, spans["header_end"] - 1)), data.draw(st.integers(1, 255)))]
+        check_header_flips(worker, pristine, scratch, reference, flips)
+    else:
+        check_data_flip(worker, pristine, scratch, reference, data.draw(st.integers(spans["header_end"], len(raw) - 1)),
+                        data.draw(st.integers(1, 255)))
 
 
 def rewrite(raw: bytes, edit=None, header_len=None, data_edit=None) -> bytes:

@@ -20,7 +20,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import _corrupt as C
@@ -120,8 +120,13 @@ def test_flipped_bytes_in_tensor_data(worker, files, reference, target, data):
     raw = files["i2_s"].read_bytes()
     spans = C.gguf_spans(raw)
     offset = data.draw(st.integers(spans["data_start"], len(raw) - 1), label="offset")
+    check_data_flip(worker, raw, reference, target, offset, data.draw(st.integers(1, 255), label="xor"))
+
+
+def check_data_flip(worker, raw, reference, target, offset, mask):
+    spans = C.gguf_spans(raw)
     new = bytearray(raw)
-    new[offset] ^= data.draw(st.integers(1, 255), label="xor")
+    new[offset] ^= mask
     out = load(worker, target, reference, bytes(new))
     name = C.tensor_at(spans, offset)[0]
     if i2s_invalid_after_flip(spans, new, offset):
@@ -144,6 +149,24 @@ def test_flipped_bytes_in_header_and_tensor_table(worker, files, reference, targ
         assert out["same"], f"a flip at {offset} in the header/tensor table loaded a different model"
     else:
         assert_error(out, target)
+
+
+@pytest.mark.slow
+@settings(max_examples=1500)
+@given(data=st.data())
+def test_sweep_flipped_bytes_in_i2s_data(worker, files, reference, target, data):
+    """The larger sweep of the data-flip oracle: 1500 flips."""
+    raw = files["i2_s"].read_bytes()
+    spans = C.gguf_spans(raw)
+    check_data_flip(worker, raw, reference, target, data.draw(st.integers(spans["data_start"], len(raw) - 1)),
+                    data.draw(st.integers(1, 255)))
+
+
+@pytest.mark.slow
+@settings(max_examples=1500)
+@given(layout=st.sampled_from(["i2_s", "tq2_0", "tq1_0"]), data=st.data())
+def test_sweep_flipped_bytes_anywhere(worker, files, reference, target, layout, data):
+    test_flipped_bytes_anywhere.hypothesis.inner_test(worker, files, reference, target, layout, data)
 
 
 @given(layout=st.sampled_from(["i2_s", "tq2_0", "tq1_0"]), data=st.data())

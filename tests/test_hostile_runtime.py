@@ -355,7 +355,7 @@ def check_ternary(xq, s, packed, weight_scale, with_scales):
 def ternary_case(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     s_len = draw(st.integers(1, 5))
-    k = draw(st.sampled_from([8, 16, 24, 40, 64, 136, 1024]))
+    k = draw(st.sampled_from([8, 16, 24, 40, 64, 136, 520]))
     n = draw(st.integers(1, 70))
     xq = rng.integers(-128, 128, size=(s_len, k), dtype=np.int8)
     codes = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
@@ -389,7 +389,7 @@ def run_kernel_fuzz_case(case, with_scales):
         assert np.array_equal(out, kref.ternary_matmul_acc_reference(xq, packed))
 
 
-@settings(max_examples=150)
+@settings(max_examples=100)
 @given(case=ternary_case(), with_scales=st.booleans())
 def test_kernel_wrappers_fuzz_ternary(case, with_scales):
     run_kernel_fuzz_case(case, with_scales)
