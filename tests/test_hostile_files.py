@@ -520,3 +520,32 @@ def test_reference_files_load(worker, pristine, scratch, reference):
     """The unmodified files load, in place and copied (so every error above is caused by the corruption)."""
     assert worker.run("dir", pristine[0], reference=reference)["same"]
     assert worker.run("dir", scratch, reference=reference)["same"]
+
+
+AUDIT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import _corrupt as C, refbitnet
+from refbitnet import gguf_io
+refbitnet.load({ckpt!r}).forward([1, 2]); gguf_io.load_gguf({gguf!r}).forward([1, 2])   # imports done
+events = []
+WATCH = ("pickle.", "marshal.", "exec", "compile", "os.system", "os.exec", "os.posix_spawn", "os.fork",
+         "subprocess.Popen", "ctypes.dlopen", "import", "urllib.", "socket.")
+sys.addaudithook(lambda ev, args: events.append(ev) if ev.startswith(WATCH) else None)
+refbitnet.load({ckpt!r}).forward([1, 2]); gguf_io.load_gguf({gguf!r}).forward([1, 2])
+print("EVENTS", sorted(set(events)))
+"""
+
+
+def test_loading_executes_no_code_from_files(pristine, tmp_path):
+    """Security: a load (config.json, model.safetensors, tokenizer.json; a GGUF file) unpickles nothing,
+    compiles or executes no code, starts no process, loads no library, opens no socket: a Python audit
+    hook (in a child process, after a first load did the imports) sees none of those events."""
+    import subprocess
+    import sys
+    gguf_path = C.write_gguf_file(tmp_path / "m.gguf")
+    script = AUDIT_SCRIPT.format(tests=str(C.HERE), ckpt=str(pristine[0]), gguf=str(gguf_path))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(__import__("os").environ, OPENBLAS_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "EVENTS []" in out.stdout, out.stdout
