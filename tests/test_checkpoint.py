@@ -165,6 +165,11 @@ def test_tokenizer_json_is_loaded_and_saved(packed_dir, tmp_path):
     tok.save(os.path.join(packed_dir, "tokenizer.json"))
     model = refbitnet.load(packed_dir)
     assert model.tokenizer is not None and model.tokenizer.encode("hello world") == [1, 2]
+    new_ids = model.generate("hello world", 4)                    # text prompt: encoded with BOS
+    cache = model.new_cache(8)
+    logits = model.forward([3, 1, 2], cache=cache)
+    first = int(np.argmax(logits[-1]))
+    assert new_ids[:1] == ([] if first in model.tokenizer.eos_ids else [first])
     refbitnet.save(model, tmp_path / "with_tok")
     assert (tmp_path / "with_tok" / "tokenizer.json").read_bytes() == \
         open(os.path.join(packed_dir, "tokenizer.json"), "rb").read()
