@@ -74,7 +74,7 @@ def read_safetensors(path) -> dict:
         raise CheckpointError(f"{path}: expected a file, found a directory") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:      # bad UTF-8, bad JSON, a 5000-digit number, deep nesting
         raise CheckpointError(f"{path}: header is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header: expected a JSON object, found {type(header).__name__}")
@@ -179,7 +179,7 @@ def read_checkpoint_tensors(directory) -> dict:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
         assert isinstance(weight_map, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AssertionError) as e:
+    except (ValueError, RecursionError, KeyError, TypeError, AssertionError) as e:
         raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' object, found invalid content "
                               f"({type(e).__name__}: {e})") from None
     tensors, shards = {}, {}

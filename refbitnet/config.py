@@ -175,7 +175,7 @@ class Config:
                 d = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found (expected a HF config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:     # bad UTF-8, bad JSON, a 5000-digit number, deep nesting
             raise ConfigError(f"{path}: expected JSON, found invalid content ({type(e).__name__}: {e})") from None
         return cls.from_dict(d, source=path)
 

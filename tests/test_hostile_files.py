@@ -341,6 +341,14 @@ def test_deeply_nested_header_json(worker, pristine, scratch, reference):
     assert_error(load_variant(worker, scratch, reference, "safetensors"), path, match=("json",))
 
 
+def test_header_with_a_5000_digit_number(worker, pristine, scratch, reference):
+    """Python refuses to parse integers of more than 4300 digits (a ValueError that is not a JSONDecodeError)."""
+    _, raw, _ = pristine
+    text = raw[8:8 + struct.unpack("<Q", raw[:8])[0]].replace(b'"shape":[', b'"shape":[' + b"1" * 5000 + b",", 1)
+    path = put_safetensors(scratch, struct.pack("<Q", len(text)) + text + raw[8 + struct.unpack("<Q", raw[:8])[0]:])
+    assert_error(load_variant(worker, scratch, reference, "safetensors"), path, match=("json",))
+
+
 def test_same_size_dtype_swap_is_a_different_valid_file(worker, pristine, scratch, reference):
     """BF16 <-> F16 (both 2 bytes) gives a self-consistent file: refbitnet accepts float16 norms, so
     this loads a DIFFERENT model (or fails on a resulting inf). Stated here, not hidden: without a
@@ -368,6 +376,7 @@ def test_shards_index(worker, pristine, scratch, reference, tmp_path):
         "tensor not in its shard": json.dumps({"weight_map": {**{n: "part-1.safetensors" for n in names},
                                                                "model.extra.weight": "part-1.safetensors"}}),
         "deeply nested": "[" * 100000 + "]" * 100000,
+        "5000-digit number": '{"weight_map": {}, "n": ' + "1" * 5000 + "}",
     }
     for what, text in cases.items():
         index.write_text(text)
@@ -430,7 +439,7 @@ def test_config_sizes_contradicting_the_tensors(worker, scratch, config_dict, re
 
 @pytest.mark.parametrize("text", ["", "{", "null", "[]", "7", '"config"', "{\"hidden_size\": 256}",
                                   "\xff\xfe garbage", "[" * 100000 + "]" * 100000,
-                                  '{"a":' * 50000 + "1" + "}" * 50000])
+                                  '{"a":' * 50000 + "1" + "}" * 50000, '{"hidden_size": ' + "9" * 5000 + "}"])
 def test_config_not_a_config(worker, scratch, config_dict, reference, text):
     path = scratch / "config.json"
     path.write_bytes(text.encode("latin-1"))
@@ -469,7 +478,7 @@ def test_tokenizer_missing_is_optional_but_from_file_says_so(worker, scratch, re
 
 
 @pytest.mark.parametrize("text", ["", "{", "null", "[]", "{}", '{"model": 3}', '{"model": {"type": "BPE"}}',
-                                  "\x00" * 100, "[" * 100000 + "]" * 100000])
+                                  "\x00" * 100, "[" * 100000 + "]" * 100000, '{"version": ' + "1" * 5000 + "}"])
 def test_tokenizer_invalid(worker, scratch, reference, text):
     path = scratch / "tokenizer.json"
     path.write_bytes(text.encode("latin-1"))
