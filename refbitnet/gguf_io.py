@@ -717,9 +717,13 @@ def tokenizer_metadata(tokenizer_file, vocab_size: int) -> dict[str, Any]:
             raise GGUFError(f"{path}: expected a BPE tokenizer, found model type {model.get('type')!r}")
         vocab: dict[str, int] = model["vocab"]
         merges = model.get("merges", [])
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise GGUFError(f"{path}: model.vocab: expected an object of token -> integer id")
     except FileNotFoundError:
         raise GGUFError(f"{path}: tokenizer file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except GGUFError:
+        raise
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:   # ValueError: bad JSON
         raise GGUFError(f"{path}: not a HF tokenizer.json ({type(e).__name__}: {e})") from None
     tokens: list[str | None] = [None] * vocab_size
     types = [1] * vocab_size                                         # NORMAL

@@ -376,3 +376,19 @@ def test_not_a_file(worker, reference, tmp_path):
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
     assert_error(load(worker, empty, reference), empty, match=("empty",))
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '{"model": 3}', '{"model": {"type": "BPE", "vocab": {"a": "x"}}}',
+                                  '{"model": {"type": "BPE", "vocab": []}}', "[" * 100000 + "]" * 100000,
+                                  '{"model": ' + "1" * 5000 + "}", "\udcff"])
+def test_export_with_a_hostile_tokenizer_file(tmp_path, text):
+    """The writer reads a user's tokenizer.json too: anything malformed is a GGUFError naming it."""
+    from refbitnet import gguf_io
+    from refbitnet.checkpoint import read_checkpoint_tensors
+    from refbitnet.errors import GGUFError
+    src = C.write_checkpoint_dir(tmp_path / "src")
+    tok = tmp_path / "tokenizer.json"
+    tok.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(GGUFError, match="tokenizer.json"):
+        gguf_io.write_gguf(tmp_path / "out.gguf", C.tiny_config(), dict(read_checkpoint_tensors(src)),
+                           tokenizer_file=tok)
