@@ -323,8 +323,11 @@ class Model:
         Without a cache: a full causal forward over ids at positions 0..S-1 that leaves no state behind.
         With a cache: ids continue after the cache.length positions it holds (prefill: the whole
         prompt as one block; decode: one token), and their keys/values are appended to it.
-        trace: if a dict, receives named float32 intermediates [S, ...] (see module docstring of
-        CONTRACTS: "embed", "layers.{i}.q", ..., "layers.{i}.out", "norm", "logits").
+        trace: if a dict, receives every named intermediate as a float32 copy [S, ...]: "embed";
+        per layer i "layers.{i}." + input_layernorm, q, k (after RoPE, [S, heads, HD]), v, attn,
+        attn_sub_norm, o_proj, resid_attn, post_attention_layernorm, gate, up, ffn_act (relu2(gate) * up),
+        ffn_sub_norm, down_proj, out (the layer's output hidden state); then "norm" and "logits".
+        So ``trace["layers.{i}.out"]`` is every layer's hidden state.
         """
         cfg = self.config
         ids = self.check_ids(ids)                                                    # [S]
