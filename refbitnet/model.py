@@ -315,7 +315,13 @@ class Model:
         if not 1 <= max_tokens <= limit:
             raise RefBitNetError(f"max_tokens: expected 1 <= max_tokens <= max_position_embeddings = {limit}, "
                                  f"found {max_tokens}")
-        return KVCache(self.config, int(max_tokens))
+        try:
+            return KVCache(self.config, int(max_tokens))
+        except (MemoryError, ValueError):       # a context length from the file that cannot be allocated
+            cfg = self.config
+            gib = 2 * 4 * cfg.num_hidden_layers * int(max_tokens) * cfg.num_key_value_heads * cfg.head_dim / 2**30
+            raise RefBitNetError(f"max_tokens: a KV cache of {max_tokens} positions needs {gib:.3g} GiB, more than "
+                                 f"can be allocated; pass a smaller max_tokens to new_cache()") from None
 
     def forward(self, ids, cache: KVCache | None = None, trace: dict | None = None) -> np.ndarray:
         """Logits float32 [S, V] for token ids [S].

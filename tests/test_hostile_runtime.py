@@ -188,6 +188,15 @@ def test_cache_arguments(model, numba_model, no_kernels):
         model.forward([1, 2], cache={"k": 0})
 
 
+def test_cache_for_a_huge_context_length(tmp_path):
+    """A config.json may claim any context length; the default cache then cannot be allocated."""
+    huge = refbitnet.load(C.write_checkpoint_dir(tmp_path / "huge", C.tiny_config().replace(
+        max_position_embeddings=2**40)))
+    with pytest.raises(RefBitNetError, match="max_tokens.*GiB"):
+        huge.new_cache()
+    assert huge.new_cache(4).capacity == 4
+
+
 def test_cache_capacity(model):
     full = model.new_cache(2)
     model.forward([1, 2], cache=full)
