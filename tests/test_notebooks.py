@@ -27,8 +27,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
 import build  # noqa: E402  (notebooks/build.py)
 
-CELL_TIMEOUT = 300           # seconds; whole notebooks take 5-60 s on 2 cores (see the ids below)
-SLOW = {"06_generation_kv_cache", "08_training_ste"}   # > ~60 s on a loaded 2-core machine
+CELL_TIMEOUT = 300           # seconds per cell; whole notebooks take 5-65 s on a loaded 2-core machine
+SLOW = {"06_generation_kv_cache"}   # > ~60 s on a loaded 2-core machine (loads transformers + torch)
 
 NAMES = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
