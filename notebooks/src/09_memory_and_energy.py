@@ -88,7 +88,8 @@ print(f"the same non-embedding weights in bf16: {non_embedding * 2 / GB:.2f} GB"
 # The report does not spell out its accounting. The following one reproduces all five rows of
 # Table 1 from the models' configurations, to within 1.5 %:
 #
-# - a sequence of T = 512 tokens (the length the b1.58 paper uses for its end-to-end energy figures);
+# - a sequence of T = 512 tokens (our assumption: the report does not state a length; 512 is the one
+#   at which all five entries match);
 # - per token, one multiply-accumulate per non-embedding weight (ternary: one INT8 ADD), plus the
 #   attention products q·k and p·v over all T positions, 2·T·(heads·head_dim) multiply-accumulates
 #   per layer, in FP16 for every model (BitNet quantizes only its linear layers);
