@@ -57,6 +57,7 @@ def read_safetensors(path) -> dict:
     """
     path = os.fspath(path)
     try:
+        _check_not_special(path)
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
             prefix = f.read(8)
@@ -129,6 +130,12 @@ def read_safetensors(path) -> dict:
     return tensors
 
 
+def _check_not_special(path) -> None:
+    """Refuse a named pipe, device or socket (open() of a FIFO waits forever, /dev/zero never ends)."""
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise CheckpointError(f"{path}: expected a regular file, found a FIFO, device or socket")
+
+
 def write_safetensors(path, entries) -> None:
     """Write a .safetensors file. entries: list of (name, dtype_name, shape, data), dtype_name a safetensors
     dtype ("BF16" data is uint16 bits). data is an array, or a callable returning an array or an iterator of
@@ -175,6 +182,7 @@ def read_checkpoint_tensors(directory) -> dict:
             raise CheckpointError(f"{single}: file not found (expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} "
                                   f"in {directory})")
         return read_safetensors(single)
+    _check_not_special(index_path)
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]

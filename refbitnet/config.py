@@ -170,6 +170,9 @@ class Config:
     def from_json(cls, path) -> "Config":
         """Read a HF ``config.json``."""
         path = os.fspath(path)
+        if os.path.exists(path) and not os.path.isfile(path):   # a FIFO would block, /dev/zero never end
+            raise ConfigError(f"{path}: expected a regular file (a HF config.json), found "
+                              f"{'a directory' if os.path.isdir(path) else 'a FIFO, device or socket'}")
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)

@@ -558,3 +558,25 @@ def test_loading_executes_no_code_from_files(pristine, tmp_path):
                          env=dict(__import__("os").environ, OPENBLAS_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "EVENTS []" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "model.safetensors.index.json",
+                                  "tokenizer.json"])
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_special_files_do_not_hang(worker, scratch, reference, name, kind):
+    """A named pipe (open() would wait for a writer forever) or a link to /dev/zero (endless bytes) in
+    place of a file: an error naming it, within the worker's time limit."""
+    import os
+    path = scratch / name
+    if name == "model.safetensors.index.json":
+        (scratch / "model.safetensors").unlink()
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    try:
+        out = load_variant(worker, scratch, reference, name, timeout=15)
+    finally:
+        path.unlink()
+    assert_error(out, path)
