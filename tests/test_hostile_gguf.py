@@ -16,6 +16,7 @@ capped address space, 30 s per case). What each must do:
   positive and finite, an F16/F32 NaN or inf in the embedding or a norm) is rejected, anything else loads.
 """
 
+import os
 import struct
 
 import numpy as np
@@ -376,6 +377,11 @@ def test_not_a_file(worker, reference, tmp_path):
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
     assert_error(load(worker, empty, reference), empty, match=("empty",))
+    fifo, zero = tmp_path / "fifo.gguf", tmp_path / "zero.gguf"          # must not block or read forever
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+    for path in (fifo, zero):
+        assert_error(load(worker, path, reference), path)
 
 
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"model": 3}', '{"model": {"type": "BPE", "vocab": {"a": "x"}}}',
