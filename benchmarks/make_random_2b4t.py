@@ -5,7 +5,7 @@
 The packed release layout (SPEC §4): 30 layers of uint8 [N/4, K] projections with a bf16 weight_scale [1],
 bf16 norms, a bf16 tied embedding [128256, 2560]; config.json from refbitnet.config.BITNET_2B4T with the
 release quantization_config. About 1.18 GB. The values are random (codes uniform over {-1, 0, +1}, the
-embedding N(0, 0.02), norms near 1), so the text it generates is noise; speed and memory are what it is for.
+embedding N(0, 0.02), norms near 1, weight_scale about 1/sqrt(K)), so the text it generates is noise; speed and memory are what it is for.
 Tensors are produced one at a time while the file is written, so writing needs little memory.
 """
 
@@ -55,7 +55,9 @@ def entries_for(config, seed):
             sub = np.random.default_rng([seed, i, len(entries)])
             entries.append((f"model.layers.{i}.{proj}.weight", "U8", (n // 4, k),
                             lambda sub=sub, n=n, k=k: random_packed(sub, n // 4, k)))
-            scale = f32_to_bf16(np.array([rng.uniform(0.5, 3.0)], np.float32))
+            # about 1/sqrt(K): each projection's output stays of order one, as in a trained model, so
+            # attention scores are moderate and comparisons against other implementations are well conditioned
+            scale = f32_to_bf16(np.array([rng.uniform(0.5, 1.5) / np.sqrt(k)], np.float32))
             entries.append((f"model.layers.{i}.{proj}.weight_scale", "BF16", (1,), scale))
     entries.append(("model.norm.weight", "BF16", (d,), f32_to_bf16(np.ones(d, np.float32))))
     return entries

@@ -174,3 +174,33 @@ def numpy_config(sizes, max_position_embeddings=128, **kw):
     from refbitnet.config import Config
     return Config(**sizes, max_position_embeddings=max_position_embeddings, rope_theta=10000.0,
                   bos_token_id=1, eos_token_id=2, **kw)
+
+
+def check_bitlinear_against_autobitlinear(hf_module, x, codes, weight_scale, what):
+    """Feed x [S, K] to transformers' AutoBitLinear and to refbitnet's integer BitLinear: assert identical
+    int8 codes and outputs within the float32 dot-product error bound.
+
+    ours   = fl(fl(acc / s) * ws), acc exact            -> relative error <= 2u
+    theirs = fl(fl(sum_k fl(xq_k / s) * w_k) * ws)       -> error <= ws * gamma_(K+1) * sum_k |xq_k / s|
+    with u = 2**-24 and gamma_n = n u / (1 - n u) (Higham, Accuracy and Stability, §3.1).
+    Returns the largest |ours - theirs| as a fraction of the bound.
+    """
+    import torch
+
+    from refbitnet.model import bitlinear
+    from refbitnet.quant import absmax_int8
+    u = 2.0 ** -24
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    with torch.no_grad():
+        theirs = hf_module(xt).numpy()
+        hf_xq = (xt * (127.0 / xt.abs().amax(-1, keepdim=True).clamp(min=1e-5))).round().clamp(-128, 127).numpy()
+    xq, s = absmax_int8(x)
+    assert np.array_equal(xq, hf_xq.astype(np.int8)), f"{what}: int8 codes differ"
+    ours = bitlinear(x, codes, weight_scale, "int")
+    k = x.shape[1]
+    gamma = (k + 1) * u / (1 - (k + 1) * u)
+    bound = weight_scale * gamma * (np.abs(xq).astype(np.float64) / s[:, None]).sum(-1, keepdims=True) \
+        + 4 * u * np.abs(theirs)
+    err = np.abs(ours.astype(np.float64) - theirs)
+    assert (err <= bound).all(), f"{what}: outside the error bound by {(err - bound).max():.3e}"
+    return float((err / bound).max())

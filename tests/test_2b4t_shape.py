@@ -84,3 +84,50 @@ def test_random_2b4t_numba_layers_equal_numpy_at_full_width(random_2b4t):
         assert np.array_equal(out_ref, out_fast)
         for key in t_ref:
             assert np.array_equal(t_ref[key], t_fast[key]), key
+
+
+@pytest.fixture
+def one_torch_thread():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_two_layers_at_full_width_match_transformers(tmp_path, one_torch_thread):
+    """2B4T widths (D=2560, F=6912, H=20, KVH=5, HD=128, rope_theta=5e5, V=128256), 2 layers, against
+    transformers' BitNetForCausalLM (fake-quant, float32), layer by layer. Bounds as in
+    test_model_vs_transformers: 1e-5 relative until an int8 code flips, 5e-2 after (flips are printed)."""
+    pytest.importorskip("transformers")
+    import refbitnet
+    from refbitnet.quant import absmax_int8
+    from _tiny_bitnet import (QUANTIZER_SITES, check_bitlinear_against_autobitlinear, load_transformers,
+                              run_transformers)
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_random_2b4t.py"), str(tmp_path),
+                    "--layers", "2"], check=True, cwd=ROOT)
+    ids = np.random.default_rng(0).integers(0, 128256, 24)
+    hf = load_transformers(str(tmp_path))
+    ref_logits, ref = run_transformers(hf, ids)
+    model = refbitnet.load(tmp_path, numerics="fake-quant")
+    for i, layer in enumerate(model.layers):              # each projection teacher-forced: exact codes, error bound
+        for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            proj = getattr(layer, module.split(".")[1])
+            check_bitlinear_against_autobitlinear(hf.model.layers[i].get_submodule(module),
+                                                  ref[f"layers.{i}.{module}"], proj.codes(), proj.weight_scale,
+                                                  f"full width layer {i} {module}")
+    del hf
+    trace = {}
+    logits = model.forward(ids, trace=trace)
+    flipped = 0
+    for i in range(2):
+        for module, name in QUANTIZER_SITES:
+            flipped += int((absmax_int8(trace[f"layers.{i}.{name}"])[0] != absmax_int8(ref[f"layers.{i}.{module}"])[0]).sum())
+        want = ref[f"layers.{i}.out"]
+        rel = float(np.abs(trace[f"layers.{i}.out"] - want).max() / np.abs(want).max())
+        print(f"full width layer {i}: relative max|diff| {rel:.1e}, int8 codes flipped so far {flipped}")
+        assert rel <= (1e-5 if flipped == 0 else 5e-2)
+    rel = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
+    print(f"full width logits: relative max|diff| {rel:.1e}")
+    assert rel <= (1e-5 if flipped == 0 else 5e-2)

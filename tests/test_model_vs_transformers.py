@@ -30,8 +30,8 @@ pytest.importorskip("transformers")
 import refbitnet  # noqa: E402
 from refbitnet.quant import absmax_int8  # noqa: E402
 
-from _tiny_bitnet import (QUANTIZER_SITES, TINY_CONFIGS, load_transformers, run_transformers,  # noqa: E402
-                          use_integer_bitlinear, write_release_checkpoint)
+from _tiny_bitnet import (QUANTIZER_SITES, TINY_CONFIGS, check_bitlinear_against_autobitlinear,  # noqa: E402
+                          load_transformers, run_transformers, use_integer_bitlinear, write_release_checkpoint)
 
 TIGHT = 1e-5
 LOOSE = 5e-2
@@ -128,34 +128,19 @@ def test_fake_quant_greedy_32_tokens_identical(case):
 
 def test_bitlinear_int_vs_autobitlinear_teacher_forced(case):
     """Every projection fed transformers' own input to it: identical int8 codes, and outputs within the
-    float32 dot-product error bound.
-
-    ours   = fl(fl(acc / s) * ws), acc exact            -> relative error <= 2u
-    theirs = fl(fl(sum_k fl(xq_k / s) * w_k) * ws)       -> error <= ws * gamma_(K+1) * sum_k |xq_k / s|
-    with u = 2**-24 and gamma_n = n u / (1 - n u) (Higham, Accuracy and Stability, §3.1).
-    """
+    float32 dot-product error bound (see _tiny_bitnet.check_bitlinear_against_autobitlinear)."""
     model = refbitnet.load(case["dir"], numerics="int")
     _, ref = run_transformers(case["hf"], case["ids"])
-    u = 2.0 ** -24
+    worst = 0.0
     for i, layer in enumerate(model.layers):
         for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
             proj = getattr(layer, module.split(".")[1])
-            hf_module = case["hf"].model.layers[i].get_submodule(module)
-            x = ref[f"layers.{i}.{module}"]                                   # [S, K] transformers' input
-            with torch.no_grad():
-                theirs = hf_module(torch.from_numpy(x)).numpy()
-                hf_xq = (torch.from_numpy(x) * (127.0 / torch.from_numpy(x).abs().amax(-1, keepdim=True)
-                                                .clamp(min=1e-5))).round().clamp(-128, 127).numpy()
-            xq, s = absmax_int8(x)
-            assert np.array_equal(xq, hf_xq.astype(np.int8)), f"layer {i} {module}: int8 codes differ"
-            ours = refbitnet.model.bitlinear(x, proj.codes(), proj.weight_scale, "int")
-            k = x.shape[1]
-            gamma = (k + 1) * u / (1 - (k + 1) * u)
-            bound = proj.weight_scale * gamma * (np.abs(xq).astype(np.float64) / s[:, None]).sum(-1, keepdims=True) \
-                + 4 * u * np.abs(theirs)
-            excess = np.abs(ours.astype(np.float64) - theirs) - bound
-            assert (excess <= 0).all(), f"layer {i} {module}: outside the error bound by {excess.max():.3e}"
+            worst = max(worst, check_bitlinear_against_autobitlinear(
+                case["hf"].model.layers[i].get_submodule(module), ref[f"layers.{i}.{module}"], proj.codes(),
+                proj.weight_scale, f"layer {i} {module}"))
+    print(f"[{case['name']} seed {case['seed']}] BitLinear int vs AutoBitLinear: 0 codes differ, largest "
+          f"error {worst:.2f} of the bound")
 
 
 def test_int_layers_teacher_forced(case):
