@@ -487,6 +487,10 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
 
     gf = source if isinstance(source, GGUFFile) else read_gguf(source)
     config = gguf_config(gf)
+    per_layer = len(LAYER_NORMS) + len(PROJECTIONS)
+    if config.num_hidden_layers * per_layer > len(gf.tensors):     # before listing millions of names
+        raise GGUFError(f"{gf.path}: block_count {config.num_hidden_layers} needs {per_layer} tensors per layer, "
+                        f"but the file has {len(gf.tensors)} tensors in all")
     expected = expected_tensor_names(config)
     if not config.tie_word_embeddings:
         expected.append("output.weight")
