@@ -264,3 +264,13 @@ def test_k_beyond_int32_headroom_is_rejected():
 def test_bf16_matmul_rejects_bad_input(x, table, error, message):
     with pytest.raises(error, match=message):
         kernels.bf16_matmul(x, table)
+
+
+def test_openmp_threads_wait_passively_unless_told_otherwise():
+    code = "import os; from refbitnet import kernels; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "passive"
+    env["OMP_WAIT_POLICY"] = "active"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "active"
