@@ -7,8 +7,9 @@
   corruption at a given offset must do.
 - ``LoaderWorker``: a long-lived subprocess (``python -X faulthandler``) that loads one file per request
   and answers with the outcome. A segfault kills only the worker (the test sees its faulthandler
-  dump), a hang is cut off by a per-case time limit, and the address space is capped so a hostile
-  size cannot make the machine swap.
+  dump), a hang is cut off by a per-case time limit (30 s), a load that takes over 5 s fails too (a
+  tiny file loads in about 0.05 s, so that is work driven by a header value), and the address space
+  is capped so a hostile size cannot make the machine swap.
 
 Outcomes: "error" (a RefBitNetError subclass: its class and message), "loaded" (with a fingerprint of
 the logits of a fixed input, to tell "the corruption changed nothing" from "a different model"), or
@@ -32,6 +33,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CASE_TIMEOUT = 30.0                  # seconds one load may take before it counts as a hang
+SLOW_CASE = 5.0                      # a tiny file loads in ~0.05 s: more than this is work driven by a header value
 WORKER_MEMORY_LIMIT = 6 << 30        # bytes of address space for the worker (RLIMIT_AS)
 FINGERPRINT_IDS = [0, 5, 9, 3, 17, 2, 33, 8]
 
@@ -332,6 +334,8 @@ class LoaderWorker:
         outcome["wall"] = wall
         if outcome["outcome"] == "loaded" and reference is not None:
             outcome["same"] = outcome["fingerprint"] == reference
+        if outcome["seconds"] > SLOW_CASE:
+            raise WorkerFailure(f"SLOW: {op} {path} took {outcome['seconds']:.1f} s (limit {SLOW_CASE} s): {outcome}")
         if outcome["outcome"] == "other":
             raise WorkerFailure(f"{op} {path}: raised {outcome['exc']} (not a RefBitNetError): "
                                 f"{outcome['message']}\n{outcome.get('traceback', '')}")
