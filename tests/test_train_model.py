@@ -172,6 +172,10 @@ def test_bad_training_settings_are_clear_errors():
         Trainer(TINY, TrainConfig(seq_len=32), random_batch_fn(TINY.vocab_size, 1, 32))
     with pytest.raises(RefBitNetError, match="token ids"):
         M.forward(TINY, M.init_parameters(TINY, 0), np.array([[0, 67]]), np.array([[1, 2]]))
+    with pytest.raises(RefBitNetError, match="targets: expected token ids"):
+        M.forward(TINY, M.init_parameters(TINY, 0), np.array([[0, 6]]), np.array([[1, 67]]))
+    with pytest.raises(RefBitNetError, match="targets: expected an int array"):
+        M.forward(TINY, M.init_parameters(TINY, 0), np.array([[0, 6]]), np.array([1, 2]))
 
 
 def test_clip_gradients_matches_torch():

@@ -68,6 +68,13 @@ def forward(config, params, ids, targets, *, quantize=True, reduction="mean"):
     """ids, targets int [B, T] (targets -1 = not counted) -> (loss, caches for backward)."""
     ids = check_ids(ids, config.vocab_size)
     B, T = ids.shape
+    targets = np.asarray(targets)
+    if targets.shape != ids.shape or not np.issubdtype(targets.dtype, np.integer):
+        raise RefBitNetError(f"targets: expected an int array of the ids' shape {ids.shape}, "
+                             f"found {targets.dtype} {targets.shape}")
+    if targets.min() < -1 or targets.max() >= config.vocab_size:
+        raise RefBitNetError(f"targets: expected token ids in [0, {config.vocab_size}) or -1 (not counted), "
+                             f"found {targets.min()}..{targets.max()}")
     if T > config.max_position_embeddings:
         raise RefBitNetError(f"ids: sequence length {T} exceeds max_position_embeddings "
                              f"{config.max_position_embeddings}")
@@ -103,7 +110,7 @@ def forward(config, params, ids, targets, *, quantize=True, reduction="mean"):
     x, caches["norm"] = ops.rms_norm_forward(h, params["model.norm.weight"], eps)         # [B, T, D]
     logits, caches["lm_head"] = ops.lm_head_forward(x, params["model.embed_tokens.weight"])  # [B, T, V]
     loss, caches["ce"] = ops.cross_entropy_forward(logits.reshape(B * T, -1),
-                                                   np.asarray(targets).reshape(B * T), reduction)
+                                                   targets.reshape(B * T), reduction)
     caches["shape"] = (B, T)
     return loss, caches
 
