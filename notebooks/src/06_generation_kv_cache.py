@@ -191,6 +191,38 @@ same = next((i for i, (a, b) in enumerate(zip(hf_out, greedy)) if a != b), len(g
 print(f"identical for the first {same} of {len(greedy)} tokens")
 
 # %% [markdown]
+# ## A trained model: the one that ships with refbitnet
+#
+# `refbitnet.load()` with no path loads a small BitNet b1.58 (4 layers, D = 256, a 4096-token BPE
+# vocabulary) trained on Shakespeare by `examples/train.py`, stored in the release layout. Being a
+# release-layout directory, transformers reads it too. Trained weights make confident predictions,
+# and the two implementations produce the same text.
+
+# %%
+from pathlib import Path
+
+shipped = refbitnet.load()                                          # refbitnet/shipped
+print(shipped)
+prompt_ids = shipped.tokenizer.encode("ROMEO.\nBut soft, what light", add_bos=True)
+ours_text = shipped.generate(prompt_ids, max_new_tokens=32)
+hf_shipped = transformers.BitNetForCausalLM.from_pretrained(str(Path(refbitnet.__file__).parent / "shipped"),
+                                                            dtype=torch.float32, attn_implementation="eager")
+with torch.no_grad():
+    for p in list(hf_shipped.parameters()) + list(hf_shipped.buffers()):
+        if p.dtype == torch.bfloat16:
+            p.data = p.data.float()
+    hf_shipped.eval()
+    hf_text = hf_shipped.generate(torch.as_tensor(prompt_ids)[None], max_new_tokens=32, do_sample=False,
+                                  pad_token_id=1, eos_token_id=list(shipped.tokenizer.eos_ids))[0, len(prompt_ids):].tolist()
+    hf_shipped_logits = hf_shipped(torch.as_tensor(prompt_ids)[None]).logits[0].numpy()
+shipped_rel = float(np.abs(shipped.forward(prompt_ids) - hf_shipped_logits).max() / np.abs(hf_shipped_logits).max())
+print(f"logits of the prompt: max |refbitnet - transformers| / max |logit| = {shipped_rel:.1e}")
+print("refbitnet, greedy   :", repr(shipped.tokenizer.decode(ours_text)))
+print("transformers, greedy:", repr(shipped.tokenizer.decode(hf_text)))
+print("refbitnet, sampled  :", repr(shipped.tokenizer.decode(
+    shipped.generate(prompt_ids, max_new_tokens=32, temperature=0.8, top_p=0.95, seed=3))))
+
+# %% [markdown]
 # ## Checks against the library
 
 # %%
@@ -205,5 +237,6 @@ assert Sampler(0.7, 20, 1.0, 0).filtered_logits(last).max() == apply_temperature
 for ours in (fake, full):                                       # transformers agrees to the stated bound
     assert np.abs(ours - hf_logits).max() / scale < 5e-2
 assert float((fake.argmax(1) == hf_logits.argmax(1)).mean()) > 0.9
+assert shipped_rel < 5e-2 and ours_text == hf_text                # the trained model: same greedy text
 workdir.cleanup()
 print("all checks passed")
