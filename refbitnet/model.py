@@ -547,10 +547,19 @@ class _NumpyLinears:
 
 @dataclass
 class _KernelMatrix:
-    """Ternary rows in kernel layout with one float32 scale per row (fused projections)."""
-    packed: np.ndarray            # uint8 [N, K/4]
-    row_scale: np.ndarray         # float32 [N]
+    """Ternary rows in kernel layout with one float32 scale per row (fused projections).
+
+    linear: refbitnet.runtime.PackedLinear over packed uint8 [N, K/4] and row_scale float32 [N]."""
+    linear: object                # runtime.PackedLinear
     parts: tuple                  # ((name, rows), ...) in row order
+
+    @property
+    def packed(self):
+        return self.linear.packed
+
+    @property
+    def row_scale(self):
+        return self.linear.row_scale
 
 
 class _NumbaLinears:
@@ -574,9 +583,9 @@ class _NumbaLinears:
             })
 
     def _apply(self, m: _KernelMatrix, x):
-        from .quant import absmax_int8
-        xq, s = absmax_int8(x)                                                       # [S, K] int8, [S]
-        y = self.kernels.ternary_matmul(xq, s, m.packed, m.row_scale)                # [S, N]
+        # absmax_int8 + kernels.ternary_matmul in two compiled calls, into a buffer reused at S = 1
+        # (refbitnet.runtime); the slices below are read before this matrix is used again (next layer)
+        y = m.linear(x.astype(np.float32, copy=False))                              # [S, N]
         out, r0 = [], 0
         for _, rows in m.parts:
             out.append(y[:, r0:r0 + rows])
@@ -615,8 +624,9 @@ def _fuse(parts) -> _KernelMatrix:
     """Concatenate projections' rows into one kernel-layout matrix with a per-row scale."""
     packed = [hf_to_kernel_layout(read_private(w.packed)) for _, w in parts]          # [N_i, K/4] each
     scales = [np.full(p.shape[0], w.weight_scale, dtype=np.float32) for p, (_, w) in zip(packed, parts)]
-    return _KernelMatrix(np.concatenate(packed) if len(packed) > 1 else packed[0], np.concatenate(scales),
-                         tuple((n, p.shape[0]) for (n, _), p in zip(parts, packed)))
+    from .runtime import PackedLinear
+    linear = PackedLinear(np.concatenate(packed) if len(packed) > 1 else packed[0], np.concatenate(scales))
+    return _KernelMatrix(linear, tuple((n, p.shape[0]) for (n, _), p in zip(parts, packed)))
 
 
 def hf_to_kernel_layout(packed: np.ndarray) -> np.ndarray:

@@ -1,0 +1,111 @@
+"""The hot path of backend="numba": one BitLinear as two compiled calls into preallocated buffers.
+
+The readable model (``refbitnet.model``) quantizes activations with ``quant.absmax_int8`` (about eight
+NumPy passes and temporaries) and then calls the checked ``kernels.ternary_matmul``, which builds the
+int16 activation planes of ``kernels.v3_word_planes`` in a second pass. During decoding (S = 1) those
+small NumPy calls cost more than the 2-bit GEMV they feed. Here:
+
+    quantize_planes(x f32 [S, K]) -> s f32 [S], planes int16 [S, 8, K/8], xsum int32 [S]   one Numba pass
+    v3_word_planes.matmul_scaled(words, planes, xsum, s, row_scale) -> y f32 [S, N]          the kernel
+
+with the same arithmetic as ``absmax_int8`` (s = 127 * fl(1 / max(max|x|, 1e-5)), xq = clip(round-half-
+even(x * s), -128, 127)) and as ``ternary_matmul`` (the epilogue fl(fl(acc / s) * row_scale)), so every
+integer and float result is bit-identical to the readable path. The weights' shapes are checked once,
+when a ``PackedLinear`` is built; per call only the activation's shape and dtype are checked (cheap), and
+a NaN/inf activation is found inside the quantization pass and reported by ``absmax_int8``'s own error.
+Decode-sized buffers (S = 1) are allocated once per matrix and reused; a call's result is valid until
+the next call on the same matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from . import kernels  # noqa: F401  (sets the LLVM options before anything below compiles)
+from .errors import RefBitNetError, RefBitNetTypeError
+from .kernels.v3_word_planes import MAX_K, PLANE_FACTOR, matmul_scaled
+from .quant import ACT_ABSMAX_MIN, absmax_int8
+
+
+@njit(cache=True)
+def quantize_planes(x, s, planes, xsum):
+    """absmax_int8 fused with the plane build: x f32 [S, K] -> s f32 [S], planes int16 [S, 8, K/8], xsum int32 [S].
+
+    planes[r, t, w] = xq[r, 8w + t] * 4**(3 - t % 4) and xsum[r] = sum_k xq[r, k], where
+    xq = clip(round(x * s), -128, 127). Returns -1, or the first row holding a NaN/inf (nothing is then valid).
+    """
+    S, K = x.shape
+    floor = np.float32(ACT_ABSMAX_MIN)
+    for r in range(S):
+        absmax = np.float32(0.0)
+        for k in range(K):
+            v = x[r, k]
+            if not np.isfinite(v):
+                return r
+            a = abs(v)
+            if a > absmax:
+                absmax = a
+        inv = np.float32(np.float32(1.0) / max(absmax, floor))
+        scale = np.float32(np.float32(127.0) * inv)                 # torch's 127 / t (quant.absmax_int8)
+        s[r] = scale
+        total = 0
+        for w in range(K // 8):
+            for t in range(8):
+                q = np.round(np.float32(x[r, 8 * w + t] * scale))    # round half to even, float32 product
+                q = min(max(q, np.float32(-128.0)), np.float32(127.0))
+                qi = np.int16(q)
+                planes[r, t, w] = np.int16(qi * PLANE_FACTOR[t])
+                total += qi
+        xsum[r] = total
+    return -1
+
+
+class PackedLinear:
+    """Ternary rows in kernel layout (``layouts.pack_kernel``) with one float32 scale per row.
+
+    packed uint8 [N, K/4], row_scale float32 [N]; ``__call__(x f32 [S, K]) -> y f32 [S, N]``.
+    Shapes, dtypes and the int32 bound on K are checked here, once; field values were checked by the loader.
+    """
+
+    def __init__(self, packed: np.ndarray, row_scale: np.ndarray):
+        if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 2:
+            raise RefBitNetTypeError(f"packed: expected a uint8 [N, K/4] array, found {getattr(packed, 'dtype', packed)!r}")
+        n, k = packed.shape[0], packed.shape[1] * 4
+        if k == 0 or n == 0 or k % 8 or k > MAX_K:
+            raise RefBitNetError(f"packed: expected K = 4 * {packed.shape[1]} to be a positive multiple of 8 "
+                                 f"and at most {MAX_K}, found shape {packed.shape}")
+        row_scale = np.ascontiguousarray(row_scale, dtype=np.float32)
+        if row_scale.shape != (n,):
+            raise RefBitNetError(f"row_scale: expected shape [{n}], found {row_scale.shape}")
+        self.packed = np.ascontiguousarray(packed)                   # uint8 [N, K/4]
+        self.words = self.packed.view(np.uint16)                     # uint16 [N, K/8]
+        self.row_scale = row_scale                                   # float32 [N]
+        self.shape = (n, k)
+        self._decode = None                                          # (s, planes, xsum, y) for S = 1
+
+    def _buffers(self, s_len):
+        n, k = self.shape
+        if s_len == 1 and self._decode is not None:
+            return self._decode
+        bufs = (np.empty(s_len, np.float32), np.empty((s_len, 8, k // 8), np.int16),
+                np.empty(s_len, np.int32), np.empty((s_len, n), np.float32))
+        if s_len == 1:
+            self._decode = bufs
+        return bufs
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x float32 [S, K] -> y float32 [S, N] = BitLinear(x) (numerics "int"). With S = 1 the result lives
+        in this matrix's reused buffer: copy it to keep it past the next call."""
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != self.shape[1]:
+            raise RefBitNetError(f"x: expected float32 [S, {self.shape[1]}], found "
+                                 f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+        if x.shape[0] == 0:
+            raise RefBitNetError("x: expected at least one token, found shape [0, K]")
+        x = np.ascontiguousarray(x)
+        s, planes, xsum, y = self._buffers(x.shape[0])
+        if quantize_planes(x, s, planes, xsum) >= 0:
+            absmax_int8(x)                  # raises the quantizer's own error naming the NaN/inf
+            raise RefBitNetError("x: expected finite values")           # (not reached)
+        matmul_scaled(self.words, planes, xsum, s, self.row_scale, y)
+        return y
