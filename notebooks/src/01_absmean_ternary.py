@@ -111,6 +111,37 @@ print(f"  {8 / 5:.2f} bits (5 codes per byte, 3**5 = 243 <= 256: llama.cpp TQ1_0
 # Four codes per byte is simple and fast to decode; five per byte comes close to the bound
 # (1.6 vs 1.585). Notebook 04 shows these layouts byte by byte.
 #
+# ## The codes of a trained model
+#
+# The model that ships with refbitnet (`refbitnet.load()`, a 4-layer BitNet b1.58 trained on
+# Shakespeare, notebook 06) stores only the codes and the scales; its latent weights are gone.
+# Every projection uses the three values about evenly, so each weight carries close to the full
+# log2(3) bits. (This small model was trained for 500 steps from a normal initialization, and its
+# shares stay near those of a normal matrix, 31 % zeros; inspect a downloaded 2B4T the same way with
+# `refbitnet.load(path)`.)
+
+# %%
+import refbitnet
+
+shipped = refbitnet.load()
+names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+shares = np.array([[np.mean(getattr(layer, n).codes() == c) for c in (-1, 0, 1)]
+                   for layer in shipped.layers for n in names])            # [L*7, 3]
+entropy = -(shares * np.log2(shares)).sum(axis=1)                          # bits per weight, per matrix
+fig, ax = plt.subplots(figsize=(11, 3))
+labels = [f"{i}.{n[:-5]}" for i in range(len(shipped.layers)) for n in names]
+ax.bar(range(len(labels)), shares[:, 0], label="-1")
+ax.bar(range(len(labels)), shares[:, 1], bottom=shares[:, 0], label="0")
+ax.bar(range(len(labels)), shares[:, 2], bottom=shares[:, :2].sum(1), label="+1")
+ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+ax.set_ylabel("share of codes")
+ax.set_title("codes of every projection of the shipped model (layer.projection)")
+ax.legend(loc="lower right", fontsize=8)
+plt.tight_layout()
+plt.show()
+print(f"zeros: {shares[:, 1].min():.3f} .. {shares[:, 1].max():.3f} of each matrix; "
+      f"entropy {entropy.min():.4f} .. {entropy.max():.4f} bits per weight (bound {math.log2(3):.4f})")
+#
 # ## The common misreading: a threshold at mean|W|
 #
 # Several write-ups describe the quantizer as "0 if |W| < mean|W|, else sign(W)". That is a
@@ -159,4 +190,6 @@ assert abs(fraction[0] - predicted_zero) < 3e-3
 # dequantize is codes * gamma; the misread rule really is different
 assert np.array_equal(W_hat, codes.astype(np.float32) * gamma)
 assert 0.2 < differ < 0.35 and same_as_2gamma > 0.9999
+# the trained model's codes are ternary and use every value
+assert np.allclose(shares.sum(axis=1), 1) and (shares > 0.2).all() and (entropy <= math.log2(3)).all()
 print("all checks passed")
