@@ -323,8 +323,9 @@ class Model:
             raise RefBitNetError(f"max_tokens: a KV cache of {max_tokens} positions needs {gib:.3g} GiB, more than "
                                  f"can be allocated; pass a smaller max_tokens to new_cache()") from None
 
-    def forward(self, ids, cache: KVCache | None = None, trace: dict | None = None) -> np.ndarray:
-        """Logits float32 [S, V] for token ids [S].
+    def forward(self, ids, cache: KVCache | None = None, trace: dict | None = None,
+                last_only: bool = False) -> np.ndarray:
+        """Logits float32 [S, V] for token ids [S] ([1, V] for the last position only if last_only).
 
         Without a cache: a full causal forward over ids at positions 0..S-1 that leaves no state behind.
         With a cache: ids continue after the cache.length positions it holds (prefill: the whole
@@ -334,6 +335,8 @@ class Model:
         attn_sub_norm, o_proj, resid_attn, post_attention_layernorm, gate, up, ffn_act (relu2(gate) * up),
         ffn_sub_norm, down_proj, out (the layer's output hidden state); then "norm" and "logits".
         So ``trace["layers.{i}.out"]`` is every layer's hidden state.
+        last_only: apply the LM head to the last position only (prefill before sampling: the head reads
+        the whole V x D table per token, so a 128-token prompt would otherwise spend most of its time there).
         """
         cfg = self.config
         ids = self.check_ids(ids)                                                    # [S]
@@ -358,7 +361,7 @@ class Model:
             cache.length = start + s_len
         x = rms_norm(h, self.norm, cfg.rms_norm_eps)                                   # [S, D]
         _record(trace, "norm", x)
-        logits = self._lm_head(x)                                                      # [S, V]
+        logits = self._lm_head(x[-1:] if last_only else x)                             # [S or 1, V]
         _record(trace, "logits", logits)
         return logits
 

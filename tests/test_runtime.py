@@ -1,0 +1,94 @@
+"""refbitnet.runtime (the numba backend's BitLinear hot path) against the checked public pieces it fuses.
+
+quantize_planes must equal quant.absmax_int8 followed by v3_word_planes.planes_for bit for bit (s, the int16
+planes, the int32 sum of codes), including round-half-to-even ties, all-zero rows (the 1e-5 floor) and
+values that clip at -128; PackedLinear must equal kernels.ternary_matmul on the same codes bit for bit, for
+S = 1 (reused buffers) and S > 1. forward(last_only=True) must be the last row of the full logits exactly.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("refbitnet.kernels")
+
+from refbitnet import kernels, runtime  # noqa: E402
+from refbitnet.checkpoint import model_from_tensors  # noqa: E402
+from refbitnet.errors import RefBitNetError  # noqa: E402
+from refbitnet.kernels.v3_word_planes import planes_for  # noqa: E402
+from refbitnet.layouts import pack_kernel  # noqa: E402
+from refbitnet.quant import absmax_int8  # noqa: E402
+
+from _tiny_bitnet import TINY_CONFIGS, numpy_config, numpy_release_tensors  # noqa: E402
+
+
+def _activations(seed, s_len, k, kind):
+    rng = np.random.default_rng(seed)
+    if kind == "ties":             # halves: x * s lands on .5 for many entries when max|x| = 127
+        x = rng.integers(-254, 255, (s_len, k)).astype(np.float32) / 2
+        x[:, 0] = 127.0
+    elif kind == "zeros":
+        x = np.zeros((s_len, k), np.float32)
+    elif kind == "tiny":           # below the 1e-5 absmax floor
+        x = (rng.standard_normal((s_len, k)) * 1e-7).astype(np.float32)
+    else:                          # wide dynamic range, one extreme negative value per row (-> -128 or -127)
+        x = (rng.standard_normal((s_len, k)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+        x[:, -1] = -np.abs(x).max(axis=1) * 1.004
+    return x
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 4), words=st.integers(1, 40),
+       kind=st.sampled_from(["normal", "ties", "zeros", "tiny"]))
+def test_quantize_planes_equals_absmax_int8_then_planes(seed, s_len, words, kind):
+    x = _activations(seed, s_len, 8 * words, kind)
+    xq, s = absmax_int8(x)
+    planes, xsum = planes_for(xq)
+    s2, planes2 = np.empty(s_len, np.float32), np.empty(planes.shape, np.int16)
+    xsum2 = np.empty(s_len, np.int32)
+    assert runtime.quantize_planes(x, s2, planes2, xsum2) == -1
+    assert np.array_equal(s, s2) and np.array_equal(planes, planes2) and np.array_equal(xsum, xsum2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 5), n4=st.integers(1, 24), words=st.integers(1, 40))
+def test_packed_linear_equals_ternary_matmul(seed, s_len, n4, words):
+    rng = np.random.default_rng(seed)
+    n, k = 4 * n4, 8 * words
+    codes = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    row_scale = rng.uniform(0.01, 2.0, n).astype(np.float32)
+    linear = runtime.PackedLinear(pack_kernel(codes), row_scale)
+    for step in range(2):          # the second S = 1 call reuses the first one's buffers
+        x = _activations(seed + step, s_len, k, "normal")
+        xq, s = absmax_int8(x)
+        assert np.array_equal(linear(x), kernels.ternary_matmul(xq, s, pack_kernel(codes), row_scale))
+
+
+def test_packed_linear_rejects_bad_input():
+    linear = runtime.PackedLinear(pack_kernel(np.zeros((4, 16), np.int8)), np.ones(4, np.float32))
+    x = np.ones((1, 16), np.float32)
+    x[0, 5] = np.inf
+    with pytest.raises(RefBitNetError, match="finite"):
+        linear(x)
+    with pytest.raises(RefBitNetError, match="float32"):
+        linear(np.ones((1, 8), np.float32))
+    with pytest.raises(RefBitNetError, match="float32"):
+        linear(np.ones((1, 16), np.float64))
+    with pytest.raises(RefBitNetError, match="multiple of 8"):
+        runtime.PackedLinear(np.zeros((4, 3), np.uint8), np.ones(4, np.float32))
+    with pytest.raises(RefBitNetError, match="row_scale"):
+        runtime.PackedLinear(np.zeros((4, 4), np.uint8), np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_forward_last_only_is_the_last_row(backend):
+    sizes = TINY_CONFIGS["gqa"]
+    model = model_from_tensors(numpy_config(sizes), numpy_release_tensors(sizes, 0), source="tiny", backend=backend)
+    ids = np.random.default_rng(7).integers(0, model.config.vocab_size, 9)
+    full = model.forward(ids)
+    last = model.forward(ids, last_only=True)
+    assert last.shape == (1, full.shape[1]) and np.array_equal(last, full[-1:])
+    cache = model.new_cache(16)
+    assert np.array_equal(model.forward(ids, cache=cache, last_only=True), full[-1:])
+    assert cache.length == 9
