@@ -52,6 +52,8 @@ def parse_args(argv=None):
     ap.add_argument("--init", default=None, help="start from this train_state.npz's weights (SFT)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/train_state.npz")
     ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop this process after N steps (state saved; continue later with --resume)")
     ap.add_argument("--eval-batches", type=int, default=0, help="0 = the whole validation split")
     return ap.parse_args(argv)
 
@@ -121,17 +123,16 @@ def main(argv=None):
         trainer.load(state_path)
         print(f"resumed at step {trainer.step}")
     elif args.init:
-        init = Trainer(config, TrainConfig(seq_len=args.seq_len, total_steps=10**9), batch_fn)
-        init.load(args.init)
-        trainer.params = init.params
-        trainer.optimizer.__init__(trainer.params)
+        trainer.load(args.init, weights_only=True)
+        trainer.optimizer = type(trainer.optimizer)(trainer.params)
     if trainer.step == 0 and os.path.exists(log_path):
         os.remove(log_path)
 
     tokens_per_step = args.batch * args.accum * args.seq_len
     bar = tqdm(total=args.steps, initial=trainer.step, dynamic_ncols=True, mininterval=2.0)
     with open(log_path, "a") as log:
-        while trainer.step < args.steps:
+        stop_at = args.steps if args.stop_after is None else min(args.steps, trainer.step + args.stop_after)
+        while trainer.step < stop_at:
             t0 = time.time()
             rec = trainer.train_step()
             rec["seconds"] = round(time.time() - t0, 4)
@@ -139,9 +140,12 @@ def main(argv=None):
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
             bar.update(1)
-            if trainer.step % args.save_every == 0 or trainer.step == args.steps:
+            if trainer.step % args.save_every == 0 or trainer.step == stop_at:
                 trainer.save(state_path)
     bar.close()
+    if trainer.step < args.steps:
+        print(f"stopped at step {trainer.step} of {args.steps}; continue with --resume")
+        return
     with open(log_path) as f:   # the whole run's training time, also across resumes
         recs = [json.loads(line) for line in f]
     train_seconds = sum(r.get("seconds", 0.0) for r in recs)

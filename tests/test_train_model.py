@@ -154,6 +154,11 @@ def test_resume_from_another_shape_is_a_clear_error(tmp_path):
     deeper = TINY.replace(num_hidden_layers=3)
     with pytest.raises(CheckpointError, match="missing parameter model.layers.2"):
         Trainer(deeper, train, batch_fn).load(tmp_path / "tiny.npz")
+    with pytest.raises(CheckpointError, match="other training settings .*total_steps: checkpoint 4, now 5"):
+        Trainer(TINY, train.__class__(seq_len=8, batch_size=2, total_steps=5), batch_fn).load(tmp_path / "tiny.npz")
+    fresh = Trainer(TINY, TrainConfig(seq_len=8, total_steps=9, seed=3), batch_fn)
+    fresh.load(tmp_path / "tiny.npz", weights_only=True)              # weights only: settings may differ
+    assert fresh.step == 0
     with pytest.raises(CheckpointError, match="not found"):
         Trainer(TINY, train, batch_fn).load(tmp_path / "nope.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a checkpoint")

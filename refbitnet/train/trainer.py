@@ -138,8 +138,11 @@ class Trainer:
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
 
-    def load(self, path) -> None:
-        """Resume from save(path); the checkpoint must hold a model of exactly this shape."""
+    def load(self, path, weights_only: bool = False) -> None:
+        """Resume from save(path): the checkpoint must hold a model of exactly this shape, saved by a run
+        with the same TrainConfig (else the resumed run would not be the run that was saved).
+
+        weights_only=True takes only the latent weights (e.g. to start SFT from a pre-trained model)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: training checkpoint not found")
@@ -159,6 +162,16 @@ class Trainer:
         extra = [k[6:] for k in state if k.startswith("param.") and k[6:] not in self.params]
         if extra:
             raise CheckpointError(f"{path}: unexpected parameters {extra[:3]} (checkpoint of another model shape)")
+        if weights_only:
+            for name, p in self.params.items():
+                self.params[name] = state[f"param.{name}"].astype(p.dtype).copy()
+            return
+        saved_train = meta.get("train", {})
+        differ = [f"{k}: checkpoint {saved_train.get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(self.train).items()
+                  if saved_train.get(k) != v]
+        if differ:
+            raise CheckpointError(f"{path}: saved by a run with other training settings ({'; '.join(differ)}); "
+                                  f"resume with the same settings, or load weights_only")
         step = int(meta["step"])
         if not 0 <= step <= self.train.total_steps:
             raise CheckpointError(f"{path}: checkpoint step {step} is outside this run's 0..{self.train.total_steps}")
