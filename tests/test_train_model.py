@@ -245,3 +245,21 @@ def test_export_loads_through_refbitnet_load(tmp_path):
     baseline = Trainer(config, TrainConfig(seq_len=16, total_steps=2, quantize=False), trainer.batch_fn)
     with pytest.raises(RefBitNetError, match="quantize=False"):
         baseline.export(tmp_path / "float")
+
+
+def test_float32_training_dtype_gradients():
+    """The dtype training runs in: float32 hand-written gradients vs float64 autograd on the same values
+    (float linear layers: with quantizers, a float32 rounding difference can move an activation to the
+    next int8 step, which is a different function, not an error). Bound 1e-4 relative to each tensor's
+    largest entry: float32 has 6e-8 relative rounding, accumulated over sums of up to V*T terms."""
+    rng = np.random.default_rng(11)
+    params = M.init_parameters(TINY, seed=4, dtype=np.float32, std=0.3)
+    ids, targets = random_batch_fn(TINY.vocab_size, 2, 12)(rng)
+    loss, caches = M.forward(TINY, params, ids, targets, quantize=False)
+    grads = M.backward(TINY, params, caches)
+    assert all(g.dtype == np.float32 for g in grads.values())
+    tp = torch_params({k: v.astype(np.float64) for k, v in params.items()})
+    twin.loss_fn(TINY, tp, torch.tensor(ids), torch.tensor(targets), False).backward()
+    worst = max(np.abs(grads[k] - tp[k].grad.numpy()).max() / np.abs(tp[k].grad.numpy()).max() for k in params)
+    print(f"\nfloat32 gradients vs float64 autograd: worst rel maxdiff {worst:.1e}")
+    assert worst <= 1e-4
