@@ -1,5 +1,6 @@
 """Generate text with refbitnet, streaming it as it is produced.
 
+    python examples/generate.py                 # the shipped model continues "To be, or not to be"
     python examples/generate.py --model bitnet-b1.58-2B-4T --prompt "The capital of France is"
     python examples/generate.py --model bitnet-b1.58-2B-4T --chat            # interactive, multi-turn
     python examples/generate.py --model DIR --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1
@@ -18,11 +19,15 @@ import sys
 import time
 
 
+DEFAULT_PROMPT = "To be, or not to be"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
-    p.add_argument("--prompt", default=None, help="text to continue (with --chat: the first user turn)")
+    p.add_argument("--prompt", default=None,
+                   help=f"text to continue (with --chat: the first user turn); default {DEFAULT_PROMPT!r}")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat reading stdin")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -36,7 +41,7 @@ def parse_args(argv=None):
                    help="numba: the fast kernels (default); numpy: the readable reference path")
     args = p.parse_args(argv)
     if not args.chat and args.prompt is None:
-        p.error("give --prompt TEXT, or --chat for an interactive conversation")
+        args.prompt = DEFAULT_PROMPT   # the shipped model learned Shakespeare: give it a line to continue
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     if args.backend == "numba" and args.numerics != "int":
