@@ -2,6 +2,9 @@
 
 - TORCHDYNAMO_DISABLE=1: transformers wraps its BitNet quantizers in torch.compile, which costs
   18 s+ of compiling per process and changes nothing we compare. Set before torch is imported.
+- OPENBLAS_NUM_THREADS=1: the tests multiply tiny matrices; on a 2-core machine a multi-threaded
+  BLAS spends more time waking and spinning its threads than computing (measured up to 70x slower
+  under load). The Numba kernels have their own threads and are unaffected.
 - Hypothesis: no per-example deadline (Numba compiles on first call, and the 2-core CI machine is
   shared); under CI=true the examples are derandomized so a run is reproducible.
 """
@@ -10,6 +13,7 @@ import os
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
