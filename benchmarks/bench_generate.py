@@ -51,8 +51,9 @@ def child(args):
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt)
     cache = model.new_cache(args.context)
+    load_before = os.getloadavg()[0]
     t = time.perf_counter()
-    logits = model.forward(prompt, cache=cache)                              # [S, V]
+    logits = model.forward(prompt, cache=cache, last_only=True)              # [1, V]: what sampling needs
     token = int(np.argmax(logits[-1]))
     first_token = time.perf_counter() - t
     steps = []
@@ -61,11 +62,20 @@ def child(args):
         logits = model.forward(np.array([token]), cache=cache)               # [1, V]
         token = int(np.argmax(logits[-1]))
         steps.append(time.perf_counter() - t)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cache.k.fill(0)                                    # touch every page of the 4096-position cache: the
+    cache.v.fill(0)                                    # RSS a full context would have (float32 keys/values)
     result = dict(threads=args.threads, load_s=t_loaded - t_start, ready_s=t_ready - t_start,
                   first_token_s=first_token, prefill_tokens_per_s=args.prompt / first_token,
                   decode_tokens_per_s=args.decode / sum(steps), decode_median_ms=1e3 * float(np.median(steps)),
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  decode_best_ms=1e3 * float(np.min(steps)),
+                  peak_rss_mb=peak_rss,
+                  peak_rss_full_context_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  loadavg=[load_before, os.getloadavg()[0]],
                   kv_bytes_per_position=int(cache.k[:, 0].nbytes + cache.v[:, 0].nbytes))
+    del cache
+    result["bandwidth_gbs"] = read_bandwidth([args.threads])[args.threads]   # right after decoding, same process
+    kernels.set_num_threads(args.threads)
     print("RESULT " + json.dumps(result))
 
 
@@ -94,6 +104,20 @@ def child_transformers(args):
                                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 
 
+def _sum_kernel():
+    from numba import njit, prange
+
+    from refbitnet import kernels  # noqa: F401  (same LLVM options as the kernels)
+
+    @njit(parallel=True)
+    def total(a):
+        s = 0
+        for i in prange(a.shape[0]):
+            s += a[i]
+        return s
+    return total
+
+
 # ------------------------------------------------------------------------------------------ parent side
 def run_child(extra, env):
     cmd = [sys.executable, os.path.abspath(__file__)] + extra
@@ -107,16 +131,10 @@ def run_child(extra, env):
 def read_bandwidth(threads):
     """Best-of-3 Numba prange sum over 1 GiB (bytes read / s) at each thread count."""
     import numpy as np
-    from numba import njit, prange
 
-    from refbitnet import kernels  # noqa: F401  (same LLVM options as the kernels)
+    from refbitnet import kernels  # (same LLVM options as the kernels)
 
-    @njit(parallel=True)
-    def total(a):
-        s = 0
-        for i in prange(a.shape[0]):
-            s += a[i]
-        return s
+    total = _sum_kernel()
 
     a = np.ones(2**27, np.uint64)
     total(a[:16])
@@ -195,19 +213,26 @@ def main():
     print(f"bytes per decoded token: {per_token / 1e9:.3f} GB (packed projections {packed / 1e9:.3f}, "
           f"LM head {head / 1e9:.3f}, KV cache {kv / 1e9:.3f} at position {args.prompt + args.decode // 2})")
     print(f"\n{'run':13} {'thr':>3} {'load s':>7} {'ready s':>8} {'1st tok s':>9} {'prefill t/s':>11} "
-          f"{'decode t/s':>10} {'roofline':>8} {'% roof':>6} {'x decode':>8} {'peak RSS':>9}")
+          f"{'decode t/s':>10} {'GB/s':>5} {'roofline':>8} {'% roof':>6} {'x decode':>8} {'peak RSS':>9} "
+          f"{'full ctx':>9} {'loadavg':>9}")
     rows = []
     for label, r in runs:
         n = r["threads"]
-        roof = bandwidth.get(n, max(bandwidth.values())) * 1e9 / per_token
+        bw = r.get("bandwidth_gbs") or bandwidth.get(n, max(bandwidth.values()))
+        roof = bw * 1e9 / per_token
         row = dict(run=label, roofline_tokens_per_s=roof, **r)
         rows.append(row)
+        la = r.get("loadavg", [float("nan")] * 2)
         print(f"{label:13} {n:>3} {r['load_s']:>7.2f} {r.get('ready_s', float('nan')):>8.2f} "
               f"{r['first_token_s']:>9.2f} {r['prefill_tokens_per_s']:>11.1f} {r['decode_tokens_per_s']:>10.2f} "
-              f"{roof:>8.1f} {100 * r['decode_tokens_per_s'] / roof:>5.0f}% "
-              f"{r['prefill_tokens_per_s'] / r['decode_tokens_per_s']:>7.1f}x {r['peak_rss_mb']:>7.0f}MB")
-    print(f"(prompt {args.prompt} tokens in one forward; decode {args.decode} greedy steps; KV cache capacity "
-          f"{args.context}; 'x decode' = prefill tokens/s over decode tokens/s)")
+              f"{bw:>5.1f} {roof:>8.1f} {100 * r['decode_tokens_per_s'] / roof:>5.0f}% "
+              f"{r['prefill_tokens_per_s'] / r['decode_tokens_per_s']:>7.1f}x {r['peak_rss_mb']:>7.0f}MB "
+              f"{r.get('peak_rss_full_context_mb', float('nan')):>7.0f}MB {la[0]:>4.1f}/{la[1]:<4.1f}")
+    print(f"(prompt {args.prompt} tokens in one forward, LM head on its last position only; decode {args.decode} "
+          f"greedy steps; KV cache capacity {args.context}: 'peak RSS' with {args.prompt + args.decode} positions "
+          f"filled, 'full ctx' after touching all {args.context} (float32 keys/values); GB/s and roofline from a "
+          f"bandwidth probe in the same process right after decoding; loadavg before prefill/after decode; "
+          f"'x decode' = prefill tokens/s over decode tokens/s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, bytes_per_token=per_token, runs=rows,
