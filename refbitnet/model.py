@@ -645,11 +645,13 @@ class _NumbaLinears:
 
 def _fuse(parts) -> _KernelMatrix:
     """Concatenate projections' rows into one kernel-layout matrix with a per-row scale."""
-    packed = [hf_to_kernel_layout(read_private(w.packed)) for _, w in parts]          # [N_i, K/4] each
-    scales = [np.full(p.shape[0], w.weight_scale, dtype=np.float32) for p, (_, w) in zip(packed, parts)]
-    from .runtime import PackedLinear
-    linear = PackedLinear(np.concatenate(packed) if len(packed) > 1 else packed[0], np.concatenate(scales))
-    return _KernelMatrix(linear, tuple((n, p.shape[0]) for (n, _), p in zip(parts, packed)))
+    from .runtime import PackedLinear, kernel_layout_rows
+    rows = [4 * w.packed.shape[0] for _, w in parts]                                  # N_i
+    # = np.concatenate([hf_to_kernel_layout(w.packed) ...]) in one compiled pass: [sum N_i, K/4]
+    packed = kernel_layout_rows([read_private(w.packed) for _, w in parts])
+    scales = [np.full(n, w.weight_scale, dtype=np.float32) for n, (_, w) in zip(rows, parts)]
+    linear = PackedLinear(packed, np.concatenate(scales))
+    return _KernelMatrix(linear, tuple((name, n) for (name, _), n in zip(parts, rows)))
 
 
 def hf_to_kernel_layout(packed: np.ndarray) -> np.ndarray:

@@ -109,3 +109,39 @@ class PackedLinear:
             raise RefBitNetError("x: expected finite values")           # (not reached)
         matmul_scaled(self.words, planes, xsum, s, self.row_scale, y)
         return y
+
+
+@njit(cache=True)
+def repack_hf_to_kernel(packed, out):
+    """HF release layout uint8 [R, K] (R = N/4) -> kernel layout uint8 [N, K/4], into out; one pass.
+
+    Field i of packed[r, c] is code + 1 of row i*R + r, column c (SPEC §4); the kernel layout holds the
+    codes of columns 4j .. 4j+3 of one row in byte j, lowest bits first. Equals model.hf_to_kernel_layout
+    (the readable NumPy version); values are moved, not checked (the loader checked them).
+    """
+    R, K = packed.shape
+    for r in range(R):
+        for j in range(K // 4):
+            b0 = packed[r, 4 * j]
+            b1 = packed[r, 4 * j + 1]
+            b2 = packed[r, 4 * j + 2]
+            b3 = packed[r, 4 * j + 3]
+            for i in range(4):
+                sh = 2 * i
+                out[i * R + r, j] = np.uint8(((b0 >> sh) & 3) | (((b1 >> sh) & 3) << 2)
+                                             | (((b2 >> sh) & 3) << 4) | (((b3 >> sh) & 3) << 6))
+
+
+def kernel_layout_rows(parts) -> np.ndarray:
+    """HF-layout packed projections uint8 [N_i/4, K] (same K, K % 4 == 0) -> their rows concatenated in
+    kernel layout, uint8 [sum N_i, K/4], written in place (no per-part copies)."""
+    k = parts[0].shape[1]
+    if k % 4 or any(p.ndim != 2 or p.shape[1] != k or p.dtype != np.uint8 for p in parts):
+        raise RefBitNetError(f"packed: expected uint8 [N/4, K] parts with one K divisible by 4, found "
+                             f"{[(p.dtype.name, p.shape) for p in parts]}")
+    out = np.empty((sum(4 * p.shape[0] for p in parts), k // 4), np.uint8)
+    r0 = 0
+    for p in parts:
+        repack_hf_to_kernel(np.ascontiguousarray(p), out[r0:r0 + 4 * p.shape[0]])
+        r0 += 4 * p.shape[0]
+    return out

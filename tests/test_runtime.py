@@ -92,3 +92,15 @@ def test_forward_last_only_is_the_last_row(backend):
     cache = model.new_cache(16)
     assert np.array_equal(model.forward(ids, cache=cache, last_only=True), full[-1:])
     assert cache.length == 9
+
+
+def test_kernel_layout_rows_equals_readable_repack():
+    from refbitnet.layouts import pack_hf
+    from refbitnet.model import hf_to_kernel_layout
+    rng = np.random.default_rng(8)
+    for k, ns in ((4, (4,)), (12, (8, 4)), (48, (160, 40, 40)), (120, (24, 24))):
+        parts = [pack_hf(rng.integers(-1, 2, size=(n, k)).astype(np.int8)) for n in ns]
+        assert np.array_equal(runtime.kernel_layout_rows(parts),
+                              np.concatenate([hf_to_kernel_layout(p) for p in parts]))
+    with pytest.raises(RefBitNetError, match="divisible by 4"):
+        runtime.kernel_layout_rows([np.zeros((1, 6), np.uint8)])
