@@ -24,6 +24,7 @@ from numba import njit
 
 from . import kernels  # noqa: F401  (sets the LLVM options before anything below compiles)
 from .errors import RefBitNetError, RefBitNetTypeError
+from .kernels import v4_maddubs
 from .kernels.v3_word_planes import MAX_K, PLANE_FACTOR, matmul_scaled
 from .quant import ACT_ABSMAX_MIN, absmax_int8
 
@@ -61,6 +62,36 @@ def quantize_planes(x, s, planes, xsum):
     return -1
 
 
+@njit(cache=True)
+def quantize_byte_planes(x, s, planes, xsum):
+    """absmax_int8 laid out for kernels.v4_maddubs: x f32 [S, K] -> s f32 [S], planes int8 [S, 4, K/4]
+    (planes[r, i, j] = xq[r, 4j + i]), xsum int32 [S]. Returns -1, or the first row holding a NaN/inf."""
+    S, K = x.shape
+    floor = np.float32(ACT_ABSMAX_MIN)
+    for r in range(S):
+        absmax = np.float32(0.0)
+        for k in range(K):
+            v = x[r, k]
+            if not np.isfinite(v):
+                return r
+            a = abs(v)
+            if a > absmax:
+                absmax = a
+        inv = np.float32(np.float32(1.0) / max(absmax, floor))
+        scale = np.float32(np.float32(127.0) * inv)
+        s[r] = scale
+        total = 0
+        for j in range(K // 4):
+            for i in range(4):
+                q = np.round(np.float32(x[r, 4 * j + i] * scale))
+                q = min(max(q, np.float32(-128.0)), np.float32(127.0))
+                qi = np.int8(q)
+                planes[r, i, j] = qi
+                total += qi
+        xsum[r] = total
+    return -1
+
+
 class PackedLinear:
     """Ternary rows in kernel layout (``layouts.pack_kernel``) with one float32 scale per row.
 
@@ -82,14 +113,17 @@ class PackedLinear:
         self.words = self.packed.view(np.uint16)                     # uint16 [N, K/8]
         self.row_scale = row_scale                                   # float32 [N]
         self.shape = (n, k)
+        # v4 (vpmaddubsw, AVX2) reads 32-byte chunks of each row: K % 128 == 0; else v3 (word planes)
+        self.use_v4 = k % (4 * v4_maddubs.CHUNK) == 0 and v4_maddubs.available()
         self._decode = None                                          # (s, planes, xsum, y) for S = 1
 
     def _buffers(self, s_len):
         n, k = self.shape
         if s_len == 1 and self._decode is not None:
             return self._decode
-        bufs = (np.empty(s_len, np.float32), np.empty((s_len, 8, k // 8), np.int16),
-                np.empty(s_len, np.int32), np.empty((s_len, n), np.float32))
+        planes = (np.empty((s_len, 4, k // 4), np.int8) if self.use_v4 else
+                  np.empty((s_len, 8, k // 8), np.int16))
+        bufs = (np.empty(s_len, np.float32), planes, np.empty(s_len, np.int32), np.empty((s_len, n), np.float32))
         if s_len == 1:
             self._decode = bufs
         return bufs
@@ -104,10 +138,14 @@ class PackedLinear:
             raise RefBitNetError("x: expected at least one token, found shape [0, K]")
         x = np.ascontiguousarray(x)
         s, planes, xsum, y = self._buffers(x.shape[0])
-        if quantize_planes(x, s, planes, xsum) >= 0:
+        quantize = quantize_byte_planes if self.use_v4 else quantize_planes
+        if quantize(x, s, planes, xsum) >= 0:
             absmax_int8(x)                  # raises the quantizer's own error naming the NaN/inf
             raise RefBitNetError("x: expected finite values")           # (not reached)
-        matmul_scaled(self.words, planes, xsum, s, self.row_scale, y)
+        if self.use_v4:
+            v4_maddubs.matmul_scaled_v4(self.packed, planes, xsum, s, self.row_scale, y)
+        else:
+            matmul_scaled(self.words, planes, xsum, s, self.row_scale, y)
         return y
 
 

@@ -104,3 +104,26 @@ def test_kernel_layout_rows_equals_readable_repack():
                               np.concatenate([hf_to_kernel_layout(p) for p in parts]))
     with pytest.raises(RefBitNetError, match="divisible by 4"):
         runtime.kernel_layout_rows([np.zeros((1, 6), np.uint8)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 4), n=st.integers(1, 70), blocks=st.integers(1, 60),
+       extreme=st.sampled_from([None, 1, -1]))
+def test_v4_maddubs_equals_ternary_matmul(seed, s_len, n, blocks, extreme):
+    """v4 (vpmaddubsw through an LLVM intrinsic; K % 128 == 0) bit-identical to the checked v3 kernel,
+    including all-(+1)/all-(-1) rows against activations quantized to 127/-128 (int16 partials at their bound)."""
+    from refbitnet.kernels import v4_maddubs
+    if not v4_maddubs.available():
+        pytest.skip("no AVX2")
+    rng = np.random.default_rng(seed)
+    k = 128 * blocks
+    codes = rng.integers(-1, 2, (n, k)).astype(np.int8) if extreme is None else np.full((n, k), extreme, np.int8)
+    x = _activations(seed, s_len, k, "normal")
+    if extreme is not None:
+        x = np.full((s_len, k), -1.0 if seed % 2 else 1.0, np.float32)
+        x[:, 0] = 1.0 if seed % 2 else -1.0          # one opposite value: the rest quantize to -127 or 127
+    row_scale = rng.uniform(0.01, 2.0, n).astype(np.float32)
+    linear = runtime.PackedLinear(pack_kernel(codes), row_scale)
+    assert linear.use_v4
+    xq, s = absmax_int8(x)
+    assert np.array_equal(linear(x), kernels.ternary_matmul(xq, s, pack_kernel(codes), row_scale))
