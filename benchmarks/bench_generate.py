@@ -12,11 +12,13 @@ Each measurement runs in a fresh process (so load times and peak RSS are that pr
 
 Each process reports: ready_s (imports + refbitnet.load + a first one-token forward, i.e. everything before
 the prompt can run, Numba compilation or cache loading included), first-token latency (prefill of the
-prompt in one forward + argmax), prefill tokens/s, decode tokens/s over --decode greedy steps with the
-KV cache (sized for --context positions), and peak RSS (ru_maxrss). The parent measures, in the same run,
-the read bandwidth (Numba prange sum over 1 GiB, best of 3 at each thread count) and the roofline it
-implies: bytes read per decoded token (all packed projections + the bf16 LM head table + the KV cache at
-the mean decode position) / bandwidth. --transformers adds transformers' BitNetForCausalLM on the same
+prompt in one forward with the LM head on its last position only, forward(last_only=True), + argmax),
+prefill tokens/s, decode tokens/s over --decode greedy steps with the KV cache (sized for --context
+positions), peak RSS (ru_maxrss) with prompt + decode positions filled and again after touching the whole
+cache (the RSS of a full context), the load average, and then, in the same process right after decoding,
+the read bandwidth (Numba prange sum over 1 GiB, best of 3) and the roofline it implies: bytes read per
+decoded token (all packed projections + the bf16 LM head table + the KV cache at the mean decode
+position) / bandwidth. The parent also probes the bandwidth once more at the end. --transformers adds transformers' BitNetForCausalLM on the same
 checkpoint (2 threads; a few tokens only, it is slow).
 
 The machine is shared: the load average is printed; compare runs made under similar load only.

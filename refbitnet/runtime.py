@@ -5,16 +5,18 @@ NumPy passes and temporaries) and then calls the checked ``kernels.ternary_matmu
 int16 activation planes of ``kernels.v3_word_planes`` in a second pass. During decoding (S = 1) those
 small NumPy calls cost more than the 2-bit GEMV they feed. Here:
 
-    quantize_planes(x f32 [S, K]) -> s f32 [S], planes int16 [S, 8, K/8], xsum int32 [S]   one Numba pass
-    v3_word_planes.matmul_scaled(words, planes, xsum, s, row_scale) -> y f32 [S, N]          the kernel
+    quantize_byte_planes(x f32 [S, K]) -> s f32 [S], planes int8 [S, 4, K/4], xsum int32 [S]   one pass
+    v4_maddubs.matmul_scaled_v4(packed, planes, xsum, s, row_scale) -> y f32 [S, N]            the kernel
 
-with the same arithmetic as ``absmax_int8`` (s = 127 * fl(1 / max(max|x|, 1e-5)), xq = clip(round-half-
-even(x * s), -128, 127)) and as ``ternary_matmul`` (the epilogue fl(fl(acc / s) * row_scale)), so every
+(AVX2 and K % 128 == 0; otherwise quantize_planes -> int16 planes [S, 8, K/8] and v3_word_planes'
+matmul_scaled), with the same arithmetic as ``absmax_int8`` (s = 127 * fl(1 / max(max|x|, 1e-5)),
+xq = clip(round-half-even(x * s), -128, 127)) and as ``ternary_matmul`` (the epilogue fl(fl(acc / s) * row_scale)), so every
 integer and float result is bit-identical to the readable path. The weights' shapes are checked once,
 when a ``PackedLinear`` is built; per call only the activation's shape and dtype are checked (cheap), and
 a NaN/inf activation is found inside the quantization pass and reported by ``absmax_int8``'s own error.
 Decode-sized buffers (S = 1) are allocated once per matrix and reused; a call's result is valid until
-the next call on the same matrix.
+the next call on the same matrix (one model per thread: the buffers are not shared safely).
+Also here: ``kernel_layout_rows``, the load-time HF -> kernel layout repack in one compiled pass.
 """
 
 from __future__ import annotations
