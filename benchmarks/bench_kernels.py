@@ -34,6 +34,7 @@ from refbitnet.bitlinear import bitlinear_epilogue, ternary_matmul_exact  # noqa
 from refbitnet.kernels import reference  # noqa: E402
 from refbitnet.kernels.v1_unpacked_int8 import ternary_matmul_acc_v1  # noqa: E402
 from refbitnet.kernels.v2_packed_scalar import ternary_matmul_acc_v2  # noqa: E402
+from refbitnet.kernels import v4_maddubs  # noqa: E402
 from refbitnet.layouts import pack_kernel  # noqa: E402
 from refbitnet.quant import absmax_int8  # noqa: E402
 
@@ -156,6 +157,8 @@ def main():
     if args.quick:
         args.rounds = 2
     rng = np.random.default_rng(0)
+    use_v4 = v4_maddubs.available() and all(K % (4 * v4_maddubs.CHUNK) == 0 for _, _, K in SHAPES)
+    v4_gemv, v4_gemm = {}, {}
     torch = None
     if not args.quick:
         try:
@@ -178,6 +181,16 @@ def main():
         xqg, sg = absmax_int8(xg)
         ws = np.float32(0.0123)
         cases[name] = dict(N=N, K=K, codes=codes, packed=packed, pool=pool, x=x, xq=xq, s=s, xqg=xqg, sg=sg, ws=ws)
+        if use_v4:   # v4 operands: int8 byte planes [S, 4, K/4] (planes[s, i, j] = xq[s, 4j + i]), xsum, row scales
+            for tag, q in (("", xq), ("g", xqg)):
+                cases[name]["v4planes" + tag] = np.ascontiguousarray(q.reshape(q.shape[0], K // 4, 4).transpose(0, 2, 1))
+                cases[name]["v4xsum" + tag] = q.astype(np.int64).sum(1).astype(np.int32)
+                cases[name]["v4out" + tag] = np.empty((q.shape[0], N), np.float32)
+            cases[name]["rows"] = np.full(N, ws, np.float32)
+            c4 = cases[name]
+            v4_maddubs.matmul_scaled_v4(packed, c4["v4planes"], c4["v4xsum"], s, c4["rows"], c4["v4out"])
+            assert np.array_equal(c4["v4out"].view(np.uint32),
+                                  reference.ternary_matmul_reference(xq, s, packed, ws).view(np.uint32))
         assert np.array_equal(kernels.ternary_matmul(xq, s, packed, ws).view(np.uint32),
                               reference.ternary_matmul_reference(xq, s, packed, ws).view(np.uint32))
         if torch is not None:
@@ -210,6 +223,15 @@ def main():
                 gemv[name, nt] = min(gemv.get((name, nt), 1e9), t)
                 t = best_time(lambda: kernels.ternary_matmul(c["xqg"], c["sg"], c["packed"], c["ws"]))
                 gemm[name, nt] = min(gemm.get((name, nt), 1e9), t)
+                if use_v4:
+                    t = time.perf_counter()
+                    for p in pool:
+                        v4_maddubs.matmul_scaled_v4(p, c["v4planes"], c["v4xsum"], c["s"], c["rows"], c["v4out"])
+                    t = (time.perf_counter() - t) / len(pool)
+                    v4_gemv[name, nt] = min(v4_gemv.get((name, nt), 1e9), t)
+                    t = best_time(lambda: v4_maddubs.matmul_scaled_v4(c["packed"], c["v4planesg"], c["v4xsumg"],
+                                                                      c["sg"], c["rows"], c["v4outg"]))
+                    v4_gemm[name, nt] = min(v4_gemm.get((name, nt), 1e9), t)
                 if torch is not None and r < 3:
                     torch.set_num_threads(nt)
                     t = best_time(lambda: F.linear(c["x_torch"], c["w_torch"]), 3)
@@ -277,6 +299,17 @@ def main():
             ratio = args.gemm_tokens * t1 / t
             rows.append(dict(shape=name, threads=nt, gemm_tokens=args.gemm_tokens, gemm_ms=t * 1e3, gemm_vs_gemv=ratio))
             print(f"{name:8} {nt:>3} {t * 1e3:>9.2f} {args.gemm_tokens / t:>9.0f} {ratio:>6.2f}x")
+    if use_v4:
+        print("\nv4_maddubs (vpmaddubsw via an LLVM intrinsic; refbitnet.runtime uses it when K % 128 == 0), "
+              "same rounds, kernel call only (planes built outside)")
+        print(f"{'shape':8} {'thr':>3} {'GEMV ms':>8} {'GB/s':>6} {'%sum':>5} {'x v3':>5} {'GEMM ms':>8} {'x GEMV':>7}")
+        for name, N, K in SHAPES:
+            for nt in THREADS:
+                t1, tg = v4_gemv[name, nt], v4_gemm[name, nt]
+                gbs = N * K / 4 / t1 / 1e9
+                rows.append(dict(shape=name, threads=nt, v4_gemv_ms=t1 * 1e3, v4_gemm_ms=tg * 1e3))
+                print(f"{name:8} {nt:>3} {t1 * 1e3:>8.3f} {gbs:>6.1f} {100 * gbs / bw.sum[nt]:>4.0f}% "
+                      f"{gemv[name, nt] / t1:>4.1f}x {tg * 1e3:>8.2f} {args.gemm_tokens * t1 / tg:>6.2f}x")
     print("\nVersions on gate/up 6912x2560, S = 1, 1 thread, one weight copy (partly cache-resident), best of 6")
     for label, (t, nbytes) in ladder.items():
         print(f"  {label:40} {t * 1e3:8.3f} ms  {nbytes / t / 1e9:6.2f} GB/s of its own weight bytes")
