@@ -375,8 +375,12 @@ class Model:
 
         h = embed(self.embed_tokens, ids)                                             # [S, D]
         _record(trace, "embed", h)
-        for i in range(cfg.num_hidden_layers):
-            h = self._layer(i, h, cos, sin, cache, start, trace)                       # [S, D]
+        if self.backend == "numba" and cache is not None and s_len == 1 and trace is None:
+            from .runtime import decode_step       # the same layers with compiled glue (bit-identical)
+            h = decode_step(self, h, cos, sin, cache, start)                          # [1, D]
+        else:
+            for i in range(cfg.num_hidden_layers):
+                h = self._layer(i, h, cos, sin, cache, start, trace)                   # [S, D]
         if cache is not None:
             cache.length = start + s_len
         x = rms_norm(h, self.norm, cfg.rms_norm_eps)                                   # [S, D]

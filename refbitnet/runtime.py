@@ -185,3 +185,143 @@ def kernel_layout_rows(parts) -> np.ndarray:
         repack_hf_to_kernel(np.ascontiguousarray(p), out[r0:r0 + 4 * p.shape[0]])
         r0 += 4 * p.shape[0]
     return out
+
+
+# ----------------------------------------------------------------------------- decode-step glue (S = 1)
+# The elementwise ops between the projections of one decoded token, compiled. Each reproduces the NumPy
+# expression of refbitnet.model bit for bit: the same float32 operations in the same order, and, for the
+# mean in rms_norm, numpy's own pairwise summation (8 interleaved partial sums in blocks of up to 128,
+# halves above that), so the integer codes the next quantizer makes are the same.
+
+@njit(cache=True)
+def _block_sum_sq(x, lo, n):
+    """numpy's float32 pairwise sum of x[lo:lo+n]**2 for a block of n <= 128 (each square rounded first)."""
+    if n < 8:
+        res = np.float32(-0.0)
+        for i in range(lo, lo + n):
+            res = np.float32(res + np.float32(x[i] * x[i]))
+        return res
+    r = np.empty(8, np.float32)
+    for j in range(8):
+        r[j] = np.float32(x[lo + j] * x[lo + j])
+    i = 8
+    while i < n - (n % 8):
+        for j in range(8):
+            r[j] = np.float32(r[j] + np.float32(x[lo + i + j] * x[lo + i + j]))
+        i += 8
+    res = np.float32(np.float32(np.float32(r[0] + r[1]) + np.float32(r[2] + r[3]))
+                     + np.float32(np.float32(r[4] + r[5]) + np.float32(r[6] + r[7])))
+    while i < n:
+        res = np.float32(res + np.float32(x[lo + i] * x[lo + i]))
+        i += 1
+    return res
+
+
+@njit(cache=True)
+def _pairwise_sum_sq(x, n):
+    """numpy's float32 pairwise sum of x[:n]**2: blocks of <= 128 as above; a longer range is split at
+    half (rounded down to a multiple of 8) and the halves' sums added. Written with an explicit stack
+    (a recursive function in Numba's on-disk cache crashed on reload)."""
+    seg_lo = np.empty(64, np.int64)
+    seg_n = np.empty(64, np.int64)
+    seg_combine = np.empty(64, np.bool_)
+    values = np.empty(64, np.float32)
+    sp, nv = 1, 0
+    seg_lo[0], seg_n[0], seg_combine[0] = 0, n, False
+    while sp > 0:
+        sp -= 1
+        lo, m, combine = seg_lo[sp], seg_n[sp], seg_combine[sp]
+        if combine:                                           # both halves done: left + right
+            values[nv - 2] = np.float32(values[nv - 2] + values[nv - 1])
+            nv -= 1
+        elif m <= 128:
+            values[nv] = _block_sum_sq(x, lo, m)
+            nv += 1
+        else:
+            half = m // 2
+            half -= half % 8
+            seg_lo[sp], seg_n[sp], seg_combine[sp] = lo, m, True
+            seg_lo[sp + 1], seg_n[sp + 1], seg_combine[sp + 1] = lo + half, m - half, False
+            seg_lo[sp + 2], seg_n[sp + 2], seg_combine[sp + 2] = lo, half, False      # left half first
+            sp += 3
+    return values[0]
+
+
+@njit(cache=True)
+def rms_norm_row(x, weight, eps, out):
+    """model.rms_norm for one row: out = weight * (x * (1 / sqrt(mean(x*x) + eps))), float32 [N]."""
+    n = x.shape[0]
+    variance = np.float32(np.float32(np.float32(0.0) + _pairwise_sum_sq(x, n)) / np.float32(n))
+    inv_rms = np.float32(np.float32(1.0) / np.float32(np.sqrt(np.float32(variance + eps))))
+    for i in range(n):
+        out[i] = np.float32(weight[i] * np.float32(x[i] * inv_rms))
+
+
+@njit(cache=True)
+def add_rms_norm_row(h, delta, weight, eps, h_out, x_out):
+    """h_out = h + delta (the residual), x_out = rms_norm(h_out, weight), float32 [D]."""
+    for i in range(h.shape[0]):
+        h_out[i] = np.float32(h[i] + delta[i])
+    rms_norm_row(h_out, weight, eps, x_out)
+
+
+@njit(cache=True)
+def relu2_mul_rms_norm_row(gate, up, weight, eps, m, out):
+    """m = relu(gate)**2 * up (model.relu2(gate) * up), out = rms_norm(m, weight), float32 [F]."""
+    for i in range(gate.shape[0]):
+        r = gate[i] if gate[i] > np.float32(0.0) else np.float32(0.0)
+        if gate[i] != gate[i]:                      # np.maximum keeps a NaN (the quantizer then reports it)
+            r = gate[i]
+        m[i] = np.float32(np.float32(r * r) * up[i])
+    rms_norm_row(m, weight, eps, out)
+
+
+@njit(cache=True)
+def rope_heads(x, cos, sin, out):
+    """model.rope for one position: x [heads, HD], cos/sin [HD] -> out [heads, HD] (x*cos + rotate_half(x)*sin)."""
+    heads, hd = x.shape
+    half = hd // 2
+    for h in range(heads):
+        for j in range(hd):
+            rot = -x[h, j + half] if j < half else x[h, j - half]
+            out[h, j] = np.float32(np.float32(x[h, j] * cos[j]) + np.float32(rot * sin[j]))
+
+
+def decode_step(model, h, cos, sin, cache, start):
+    """All decoder layers of model (backend="numba") for one token at position start, with the KV cache:
+    h float32 [1, D] -> [1, D]. The same sequence of ops as model.Model._layer, with the elementwise glue
+    compiled and fused (residual add + next rms_norm, relu2 * up + ffn_sub_norm, RoPE written straight
+    into the cache); attention is model.attention itself. Returns bit-identical results."""
+    from .model import attention
+    cfg, layers, lin = model.config, model.layers, model._linears
+    n_heads, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = np.float32(cfg.rms_norm_eps)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    ws = getattr(model, "_decode_workspace", None)
+    if ws is None:
+        ws = model._decode_workspace = dict(
+            h=np.empty((1, d), np.float32), x=np.empty((1, d), np.float32), h_attn=np.empty((1, d), np.float32),
+            a_norm=np.empty((1, d), np.float32), x2=np.empty((1, d), np.float32),
+            m=np.empty((1, f), np.float32), m_norm=np.empty((1, f), np.float32),
+            q=np.empty((1, n_heads, hd), np.float32))
+    h_cur, x, h_attn, x2 = ws["h"], ws["x"], ws["h_attn"], ws["x2"]
+    h_cur[:] = h
+    cos0, sin0 = cos[0], sin[0]                                                     # [HD]
+    rms_norm_row(h_cur[0], layers[0].input_layernorm, eps, x[0])                   # [1, D]
+    for i in range(cfg.num_hidden_layers):
+        w = layers[i]
+        q, k, v = model._project(i, "q_proj/k_proj/v_proj", lin.qkv, x)            # [1, H*HD], [1, KVH*HD] x2
+        rope_heads(q.reshape(n_heads, hd), cos0, sin0, ws["q"][0])                 # [H, HD]
+        rope_heads(k.reshape(n_kv, hd), cos0, sin0, cache.k[i, start])             # [KVH, HD] into the cache
+        cache.v[i, start] = v.reshape(n_kv, hd)
+        a = attention(ws["q"], cache.k[i, :start + 1], cache.v[i, :start + 1], start)   # [1, H, HD]
+        rms_norm_row(a.reshape(-1), w.attn_sub_norm, eps, ws["a_norm"][0])        # [1, D]
+        o = model._project(i, "o_proj", lin.o, ws["a_norm"])                       # [1, D]
+        add_rms_norm_row(h_cur[0], o[0], w.post_attention_layernorm, eps, h_attn[0], x2[0])
+        gate, up = model._project(i, "gate_proj/up_proj", lin.gate_up, x2)         # [1, F] x2
+        relu2_mul_rms_norm_row(gate[0], up[0], w.ffn_sub_norm, eps, ws["m"][0], ws["m_norm"][0])
+        down = model._project(i, "down_proj", lin.down, ws["m_norm"])              # [1, D]
+        if i + 1 < cfg.num_hidden_layers:                                          # residual + next input norm
+            add_rms_norm_row(h_attn[0], down[0], layers[i + 1].input_layernorm, eps, h_cur[0], x[0])
+        else:
+            return h_attn + down                                                    # [1, D], a new array

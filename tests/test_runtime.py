@@ -127,3 +127,33 @@ def test_v4_maddubs_equals_ternary_matmul(seed, s_len, n, blocks, extreme):
     assert linear.use_v4
     xq, s = absmax_int8(x)
     assert np.array_equal(linear(x), kernels.ternary_matmul(xq, s, pack_kernel(codes), row_scale))
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_decode_step_equals_the_readable_layers(name):
+    """backend="numba" decoding one token with a cache runs runtime.decode_step (compiled glue); with a
+    trace it runs Model._layer. Logits and cached keys/values must be the same bits."""
+    sizes = TINY_CONFIGS[name]
+    model = model_from_tensors(numpy_config(sizes), numpy_release_tensors(sizes, 3), source="tiny", backend="numba")
+    ids = np.random.default_rng(9).integers(0, model.config.vocab_size, 12)
+    fast, slow = model.new_cache(16), model.new_cache(16)
+    model.forward(ids[:4], cache=fast)
+    model.forward(ids[:4], cache=slow)
+    for t in ids[4:]:
+        a = model.forward([t], cache=fast)                 # decode_step
+        b = model.forward([t], cache=slow, trace={})       # Model._layer
+        assert np.array_equal(a, b)
+    assert np.array_equal(fast.k[:, :12], slow.k[:, :12]) and np.array_equal(fast.v[:, :12], slow.v[:, :12])
+
+
+def test_decode_step_names_the_layer_of_a_non_finite_activation():
+    sizes = TINY_CONFIGS["gqa"]
+    tensors = numpy_release_tensors(sizes, 0)
+    name = "model.layers.1.mlp.ffn_sub_norm.weight"
+    # the largest finite bf16 (3.4e38): the normalized activations times it overflow to inf
+    tensors[name] = np.full_like(tensors[name], 3.3e38) if tensors[name].dtype != np.uint16 else \
+        np.full_like(tensors[name], 0x7F7F)
+    model = model_from_tensors(numpy_config(sizes), tensors, source="tiny", backend="numba")
+    cache = model.new_cache(8)
+    with pytest.raises(RefBitNetError, match="layers.1.down_proj"):
+        model.forward([3], cache=cache)
