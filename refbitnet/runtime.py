@@ -144,7 +144,9 @@ class PackedLinear:
         if quantize(x, s, planes, xsum) >= 0:
             absmax_int8(x)                  # raises the quantizer's own error naming the NaN/inf
             raise RefBitNetError("x: expected finite values")           # (not reached)
-        if self.use_v4:
+        if self.use_v4 and x.shape[0] > 1:     # prefill: token pairs share each weight chunk's unpacking
+            v4_maddubs.matmul_scaled_v4_pairs(self.packed, planes, xsum, s, self.row_scale, y)
+        elif self.use_v4:
             v4_maddubs.matmul_scaled_v4(self.packed, planes, xsum, s, self.row_scale, y)
         else:
             matmul_scaled(self.words, planes, xsum, s, self.row_scale, y)

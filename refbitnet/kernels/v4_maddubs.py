@@ -12,7 +12,9 @@ For a 32-byte chunk W of a row (128 weights) and field i:
     acc16 += p_0 + p_1 + p_2 + p_3           # |.| <= 2048 per chunk
 After at most CHUNKS_PER_BLOCK = 15 chunks (|acc16| <= 30720 < 2**15) acc16 is widened with vpmaddwd by
 ones and summed: sum_k c x exactly, so acc = sum_k c x - sum_k x = sum_k w x (int32, exact).
-About 15 instructions per 128 weights (0.12 per weight, v3: 0.22). AVX2 only: ``available()`` says
+About 15 instructions per 128 weights (0.12 per weight, v3: 0.22). For a block of tokens (prefill)
+``matmul_scaled_v4_pairs`` runs two tokens per pass over a row, so the field extraction (load, 3 shifts,
+4 ands) is shared: 1.47x faster than matmul_scaled_v4 on gate/up with 128 tokens. AVX2 only: ``available()`` says
 whether this CPU has it; the runtime falls back to v3 otherwise.
 """
 
@@ -100,6 +102,93 @@ def matmul_scaled_v4(packed, planes, xsum, s_act, row_scale, out):
     S = planes.shape[0]
     for task in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for s in range(S):
+            for n in range(task * ROWS_PER_TASK, min(N, (task + 1) * ROWS_PER_TASK)):
+                acc = dot_row(packed[n], planes[s]) - xsum[s]
+                y = np.float32(np.float32(acc) / s_act[s])
+                out[s, n] = np.float32(y * row_scale[n])
+
+
+@intrinsic
+def block_dot2(typingctx, row, planes_a, planes_b, chunk0, nchunks):
+    """block_dot for two tokens at once: each field of the weight chunk is extracted once and multiplied
+    with both tokens' planes -> (sum c x_a, sum c x_b), int32 each."""
+    if not (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(planes_a, types.Array)
+            and planes_a.dtype == types.int8 and planes_a.ndim == 2 and planes_b == planes_a):
+        return None
+    ret = types.UniTuple(types.int32, 2)
+    sig = ret(row, planes_a, planes_b, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        row_a = context.make_array(signature.args[0])(context, builder, args[0])
+        pa = context.make_array(signature.args[1])(context, builder, args[1])
+        pb = context.make_array(signature.args[2])(context, builder, args[2])
+        chunk0, nchunks = args[3], args[4]
+        i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+        v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+        module = builder.module
+        maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                 "llvm.x86.avx2.pmadd.ub.sw")
+        maddwd = cgutils.get_or_insert_function(module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                "llvm.x86.avx2.pmadd.wd")
+        row_ptr = builder.bitcast(row_a.data, i8.as_pointer())
+        ptrs = [(builder.bitcast(p.data, i8.as_pointer()), builder.extract_value(p.strides, 0)) for p in (pa, pb)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, None)) for _ in range(2)]
+        mask = ir.Constant(v32i8, [3] * 32)
+        with cgutils.for_range(builder, nchunks) as loop:
+            offset = builder.mul(builder.add(chunk0, loop.index), ir.Constant(chunk0.type, CHUNK))
+            w = builder.load(builder.bitcast(builder.gep(row_ptr, [offset]), v32i8.as_pointer()), align=1)
+            w16 = builder.bitcast(w, v16i16)
+            fields = []
+            for i in range(4):
+                f = w if i == 0 else builder.bitcast(builder.lshr(w16, ir.Constant(v16i16, [2 * i] * 16)), v32i8)
+                fields.append(builder.and_(f, mask))
+            for (ptr, stride), acc_ptr in zip(ptrs, accs):
+                total = None
+                for i in range(4):
+                    poff = builder.add(builder.mul(stride, ir.Constant(stride.type, i)), offset)
+                    x = builder.load(builder.bitcast(builder.gep(ptr, [poff]), v32i8.as_pointer()), align=1)
+                    p = builder.call(maddubs, [fields[i], x])
+                    total = p if total is None else builder.add(total, p)
+                builder.store(builder.add(builder.load(acc_ptr), total), acc_ptr)
+        results = []
+        for acc_ptr in accs:
+            wide = builder.call(maddwd, [builder.load(acc_ptr), ir.Constant(v16i16, [1] * 16)])
+            r = builder.extract_element(wide, ir.Constant(i32, 0))
+            for lane in range(1, 8):
+                r = builder.add(r, builder.extract_element(wide, ir.Constant(i32, lane)))
+            results.append(r)
+        return context.make_tuple(builder, signature.return_type, results)
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def dot_row2(row, pa, pb):
+    """dot_row for two tokens' planes pa, pb -> (sum c x_a, sum c x_b)."""
+    n_chunks = row.shape[0] // CHUNK
+    acc_a = np.int32(0)
+    acc_b = np.int32(0)
+    for c0 in range(0, n_chunks, CHUNKS_PER_BLOCK):
+        a, b = block_dot2(row, pa, pb, c0, min(CHUNKS_PER_BLOCK, n_chunks - c0))
+        acc_a += a
+        acc_b += b
+    return acc_a, acc_b
+
+
+@njit(cache=True, parallel=True)
+def matmul_scaled_v4_pairs(packed, planes, xsum, s_act, row_scale, out):
+    """matmul_scaled_v4 for S >= 2 (prefill): tokens in pairs share each weight chunk's field extraction."""
+    N = packed.shape[0]
+    S = planes.shape[0]
+    for task in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        for s in range(0, S - 1, 2):
+            for n in range(task * ROWS_PER_TASK, min(N, (task + 1) * ROWS_PER_TASK)):
+                a, b = dot_row2(packed[n], planes[s], planes[s + 1])
+                ya = np.float32(np.float32(a - xsum[s]) / s_act[s])
+                yb = np.float32(np.float32(b - xsum[s + 1]) / s_act[s + 1])
+                out[s, n] = np.float32(ya * row_scale[n])
+                out[s + 1, n] = np.float32(yb * row_scale[n])
+        if S % 2 == 1:
+            s = S - 1
             for n in range(task * ROWS_PER_TASK, min(N, (task + 1) * ROWS_PER_TASK)):
                 acc = dot_row(packed[n], planes[s]) - xsum[s]
                 y = np.float32(np.float32(acc) / s_act[s])
