@@ -157,7 +157,7 @@ def pack_kernel(codes: np.ndarray) -> np.ndarray:
         codes[0] = [1, 0, -1, -1,   0, 0, 1, 1]    c = [2, 1, 0, 0,   1, 1, 2, 2]
         packed[0] = [2 | 1<<2 | 0<<4 | 0<<6,  1 | 1<<2 | 2<<4 | 2<<6] = [0x06, 0xA5]
 
-    Why the Numba kernels read this layout (see /work/shared/KERNELS.md): each output row's codes are
+    Why the Numba kernels read this layout (see refbitnet/kernels/v3_word_planes.py): each output row's codes are
     contiguous, so a kernel streams one row with unit stride, and reading the row as little-endian
     uint16 words gives 8 consecutive codes per word (word w holds k = 8w .. 8w+7, field t at bits
     2t). The kernel masks each field in place instead of shifting it down, and compensates by

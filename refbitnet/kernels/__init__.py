@@ -37,7 +37,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")   # read by libgomp when Numba first starts its threads
 
-# Must run before the first kernel is compiled (KERNELS.md point 5): without it LLVM picks 128-bit
+# Must run before the first kernel is compiled: without it LLVM picks 128-bit
 # vectors for the int16 multiply-adds and the GEMV is about 2x slower. It is process-wide. Numba's
 # on-disk cache does not record it; since this package always sets it before compiling, every cached
 # kernel of ours was built with it (clear __pycache__/*.nbi|*.nbc if you ever change it).
