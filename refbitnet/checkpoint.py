@@ -425,9 +425,10 @@ def save_model(model: Model, directory) -> None:
                 a = bits
         tensors[name] = a
     tokenizer_file = getattr(model.tokenizer, "path", None) if model.tokenizer is not None else None
-    if tokenizer_file is not None and not os.path.isfile(tokenizer_file):
-        tokenizer_file = None           # a tokenizer built in memory: nothing to copy
-    _write_model_dir(directory, model.config, tensors, tokenizer_file)
+    in_memory = tokenizer_file is None or not os.path.isfile(tokenizer_file)
+    _write_model_dir(directory, model.config, tensors, None if in_memory else tokenizer_file)
+    if model.tokenizer is not None and in_memory:     # e.g. rebuilt from GGUF keys: no file to copy
+        model.tokenizer.save(Path(directory) / TOKENIZER_FILE)
 
 
 def _write_model_dir(directory, config, tensors, tokenizer_file=None):

@@ -444,11 +444,13 @@ def gguf_config(gf: GGUFFile) -> Config:
     if vocab is None:
         raise GGUFError(f"{gf.path}: cannot tell the vocabulary size (no {arch}.vocab_size, no token_embd.weight)")
     special = {}
-    for k in ("bos", "eos"):
+    for k in ("bos", "eos", "eot"):
         value = gf.get(f"tokenizer.ggml.{k}_token_id")
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise GGUFError(f"{gf.path}: tokenizer.ggml.{k}_token_id: expected an integer, found {value!r}")
         special[k] = value
+    if special["eos"] is not None and special["eot"] not in (None, special["eos"]):
+        special["eos"] = [special["eos"], special["eot"]]        # both end generation (see write_gguf)
     cfg = dict(
         hidden_size=d, intermediate_size=key("feed_forward_length"), num_hidden_layers=key("block_count"),
         num_attention_heads=n_head, num_key_value_heads=key("attention.head_count_kv", n_head),
@@ -819,6 +821,12 @@ def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layou
         w.add_rope_scaling_factor(1.0)
     w.add_file_type(FILE_TYPES[layout])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # Special ids: the tokenizer's named tokens if it has them, else the config's. GGUF has one eos id
+    # (what the runtimes stop on); a second config eos id goes to eot, which llama.cpp also stops on,
+    # and gguf_config reads the pair back as the eos_token_id list.
+    eos_ids = config.eos_ids
+    special = {"bos": config.bos_token_id, "eos": eos_ids[0] if eos_ids else None,
+               "eot": eos_ids[1] if len(eos_ids) > 1 else None}
     if tokenizer_file is not None:
         meta = tokenizer_metadata(tokenizer_file, config.vocab_size)
         w.add_tokenizer_model(meta["tokenizer.ggml.model"])
@@ -826,16 +834,14 @@ def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layou
         w.add_token_list(meta["tokenizer.ggml.tokens"])
         w.add_token_types(meta["tokenizer.ggml.token_type"])
         w.add_token_merges(meta["tokenizer.ggml.merges"])
-        for key in ("bos", "eos", "eot"):
-            if f"tokenizer.ggml.{key}_token_id" in meta:
-                getattr(w, f"add_{key}_token_id")(meta[f"tokenizer.ggml.{key}_token_id"])
+        for key in special:
+            special[key] = meta.get(f"tokenizer.ggml.{key}_token_id", special[key])
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
         w.add_chat_template(CHAT_TEMPLATE)
-    else:
-        for key, value in (("bos", config.bos_token_id), ("eos", (config.eos_ids or [None])[0])):
-            if value is not None:
-                getattr(w, f"add_{key}_token_id")(value)
+    for key, value in special.items():
+        if value is not None:
+            getattr(w, f"add_{key}_token_id")(value)
 
     def need(hf):
         if hf not in tensors:

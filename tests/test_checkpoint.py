@@ -175,6 +175,24 @@ def test_tokenizer_json_is_loaded_and_saved(packed_dir, tmp_path):
         open(os.path.join(packed_dir, "tokenizer.json"), "rb").read()
 
 
+def test_in_memory_tokenizer_is_written_on_save(tmp_path):
+    # A tokenizer with no file behind it (e.g. rebuilt from a GGUF file's keys) is saved, not dropped.
+    tokenizers = pytest.importorskip("tokenizers")
+    from refbitnet.tokenizer import Tokenizer
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    vocab = {tok: i for i, tok in enumerate(["[UNK]", "hello", "world"] + specials)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.add_special_tokens(specials)
+    model = model_from_tensors(numpy_config(SIZES), numpy_release_tensors(SIZES, 5), source="memory",
+                               tokenizer=Tokenizer(backend))
+    refbitnet.save(model, tmp_path / "saved")
+    loaded = refbitnet.load(tmp_path / "saved")
+    assert loaded.tokenizer is not None
+    assert loaded.tokenizer.encode("hello world") == [1, 2]
+    assert loaded.tokenizer.eos_ids == model.tokenizer.eos_ids == (5, 4)
+
+
 def test_load_without_path_explains_what_to_pass(monkeypatch, tmp_path):
     import refbitnet as rb
     if os.path.exists(os.path.join(os.path.dirname(rb.__file__), "shipped", "config.json")):

@@ -201,6 +201,34 @@ def test_tokenizer_metadata(tmp_path, tensors):
     assert (rebuilt.bos_id, rebuilt.eos_ids) == (original.bos_id, original.eos_ids)
 
 
+def test_eos_id_list_survives_export(tmp_path, tensors):
+    # GGUF holds one eos id: the first goes to tokenizer.ggml.eos_token_id (what the runtimes read), the
+    # second to tokenizer.ggml.eot_token_id, and reading the file rebuilds the list.
+    config = TINY.replace(eos_token_id=[1, 2])
+    path = tmp_path / "two-eos.gguf"
+    gguf_io.write_gguf(path, config, tensors, layout="tq2_0")        # GGUFReader cannot read I2_S
+    f = gguf.GGUFReader(path).fields
+    assert f["tokenizer.ggml.eos_token_id"].contents() == 1
+    assert f["tokenizer.ggml.eot_token_id"].contents() == 2
+    back, _ = gguf_io.gguf_to_tensors(path)
+    assert back == config and back.eos_ids == [1, 2]
+
+
+def test_gguf_model_with_tokenizer_saves_it(tmp_path, tensors):
+    # The tokenizer rebuilt from GGUF keys has no file behind it; refbitnet.save must still write it.
+    import refbitnet
+    path = tmp_path / "with-tokenizer.gguf"
+    gguf_io.write_gguf(path, TINY, tensors, layout="i2_s",
+                       tokenizer_file=make_tokenizer_json(tmp_path, TINY.vocab_size - 10))
+    model = gguf_io.load_gguf(path)
+    refbitnet.save(model, tmp_path / "saved")
+    loaded = refbitnet.load(tmp_path / "saved")
+    assert loaded.tokenizer is not None
+    for text in TEXTS:
+        assert loaded.tokenizer.encode(text) == model.tokenizer.encode(text), text
+    assert loaded.config.eos_ids == model.config.eos_ids == [1, 2]   # <|end_of_text|>, <|eot_id|>
+
+
 TEXTS = ["The quick brown fox jumps over the lazy dog.",
          "  leading spaces,\ttabs\n\nand newlines\r\n",
          "I've been told he's there; we'll see. 'RE you sure? 3 33 333 3333 3.14159",
