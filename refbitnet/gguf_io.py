@@ -956,6 +956,10 @@ def main(argv=None) -> int:
     except RefBitNetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:               # OUT is a directory, in a missing directory, not writable, disk full
+        where = e.filename if e.filename is not None else (args.out if args.command == "export" else args.file)
+        print(f"error: {os.fspath(where)}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -623,6 +623,11 @@ def test_command_line(tmp_path, checkpoint_dir, capsys):
     assert "architecture: 'bitnet'" in printed and "hidden_size=256" in printed
     assert gguf_io.main(["info", str(tmp_path / "missing.gguf")]) == 1
     assert "file not found" in capsys.readouterr().err
+    # an output path that cannot be written: "error: <path>: ..." and exit status 1, no traceback
+    for bad_out, reason in ((tmp_path, "Is a directory"), (tmp_path / "no-such-dir" / "x.gguf", "No such file")):
+        assert gguf_io.main(["export", str(checkpoint_dir), str(bad_out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad_out}") and reason in err, err
 
 
 @pytest.mark.parametrize("scale", [-1.0, float("nan"), float("inf"), 0.0])
