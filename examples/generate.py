@@ -62,11 +62,13 @@ def peak_memory_mib():
     return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024   # bytes on macOS, KiB on Linux
 
 
-def stream_reply(model, prompt_ids, args):
-    """Generate after prompt_ids, printing text as it arrives; returns (new ids, text)."""
+def stream_reply(model, prompt_ids, args, echo=""):
+    """Generate after prompt_ids, printing echo (once the arguments are checked) and then the text as it
+    arrives; returns (new ids, text)."""
     from refbitnet.generate import generate
     tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)       # raises before any work
+    print(echo, end="", flush=True)
     text_stream = model.tokenizer.text_stream()
     pieces, new_ids = [], []
     start = time.perf_counter()
@@ -129,6 +131,12 @@ def main(argv=None):
         set_threads(args.threads)
     import refbitnet                                   # NumPy is imported from here on
     from refbitnet.errors import CheckpointError, RefBitNetError
+    from refbitnet.sampling import check_sampling_args
+    try:                                               # what generate() checks, before the model loads
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.seed)
+    except RefBitNetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         model = refbitnet.load(args.model, numerics=args.numerics, backend=args.backend)
     except CheckpointError as exc:
@@ -154,10 +162,9 @@ def main(argv=None):
         if args.chat:
             chat(model, args)
         else:
-            print(args.prompt, end="", flush=True)
-            stream_reply(model, model.tokenizer.encode(args.prompt, add_bos=True), args)
+            stream_reply(model, model.tokenizer.encode(args.prompt, add_bos=True), args, echo=args.prompt)
     except RefBitNetError as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
+        print(f"\nerror: {exc}", file=sys.stderr)     # the newline ends a reply cut off mid-stream
         return 2
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)

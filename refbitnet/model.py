@@ -420,7 +420,14 @@ class Model:
             prompt_ids = [int(t) for t in self.check_ids(prompt)]
         stop_ids = list(self.tokenizer.eos_ids) if self.tokenizer is not None else list(self.config.eos_ids)
         stop_strings = []
-        for item in ([] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)):
+        if stop is None or isinstance(stop, (str, int, np.integer)):
+            stop_items = [] if stop is None else [stop]
+        elif isinstance(stop, (bytes, bytearray)) or not hasattr(stop, "__iter__"):
+            raise RefBitNetTypeError(f"stop: expected a string, a token id or a sequence of them, "
+                                     f"found {type(stop).__name__} {stop!r:.60}")
+        else:
+            stop_items = list(stop)
+        for item in stop_items:
             if isinstance(item, str):
                 stop_strings.append(item)
             elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):

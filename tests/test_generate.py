@@ -298,6 +298,19 @@ def test_real_model_generate_stop_strings(tiny_model):
     assert stopped == free[:j + 1]
 
 
+def test_real_model_generate_stop_argument_types(tiny_model):
+    prompt = tiny_model.tokenizer.encode("the dog", add_bos=True)
+    free = tiny_model.generate(prompt, max_new_tokens=8, stop=[])
+    j = next(j for j in range(len(free)) if free[j] not in free[:j])        # first occurrence of an id
+    assert tiny_model.generate(prompt, max_new_tokens=8, stop=np.int64(free[j])) == free[:j]
+    assert tiny_model.generate(prompt, max_new_tokens=8, stop=np.array([free[j]])) == free[:j]
+    for bad in (bytes([free[j]]), bytearray(b"x"), 2.5, object()):         # bytes are not token ids
+        with pytest.raises(RefBitNetTypeError, match="stop: expected"):
+            tiny_model.generate(prompt, max_new_tokens=8, stop=bad)
+    with pytest.raises(RefBitNetTypeError, match="stop: expected"):
+        tiny_model.generate(prompt, max_new_tokens=8, stop=[True])
+
+
 def test_real_model_context_limit_before_any_work(tiny_model):
     with pytest.raises(RefBitNetError, match="exceeds the model's context of 48"):
         generate(tiny_model, list(range(40)), max_new_tokens=9)
@@ -346,6 +359,20 @@ def test_example_chat_reads_turns_from_stdin(tiny_model_dir, capsys, monkeypatch
                                 "--backend", "numpy"])
     out, err = capsys.readouterr()
     assert code == 0 and err.count("peak memory") == 2
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--top-p", "2"], "top_p must be in"),
+    (["--temperature", "-1"], "temperature must be"),
+    (["--top-k", "-1"], "top_k must be"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be"),
+    (["--max-new-tokens", "1000"], "exceeds the model's context"),
+])
+def test_example_rejects_bad_arguments_before_printing_the_prompt(tiny_model_dir, capsys, flags, match):
+    code = load_example().main(["--model", str(tiny_model_dir), "--prompt", "the cat", "--backend", "numpy"]
+                               + flags)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and match in err, (out, err)
 
 
 def test_example_with_no_arguments_generates_from_the_shipped_model():
