@@ -32,7 +32,7 @@ import numpy as np
 from .errors import RefBitNetError, RefBitNetTypeError, TokenizerError
 from .sampling import Sampler
 
-PREFILL_BLOCK = 512   # tokens per prefill forward: at most 512 x V float32 logits (263 MB for 2B4T)
+PREFILL_BLOCK = 512   # tokens per prefill forward: bounds one block's activations ([512, F] float32 per op)
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -63,7 +63,8 @@ def _generate(model, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler,
     # the last new token is never fed back, so the cache needs one slot less than this
     cache = model.new_cache(len(prompt) + max_new_tokens)
     for start in range(0, len(prompt), PREFILL_BLOCK):     # prefill: usually a single block
-        logits = model.forward(prompt[start:start + PREFILL_BLOCK], cache=cache)  # [S_block, V]
+        # only the last position's logits are sampled: the LM head runs on it alone
+        logits = model.forward(prompt[start:start + PREFILL_BLOCK], cache=cache, last_only=True)  # [1, V]
     new_ids: list[int] = []
     while True:
         token_id = sampler(logits[-1])                     # [V] -> id

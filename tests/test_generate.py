@@ -39,7 +39,7 @@ class TableLogits:
             return np.where(v == self.script[min(n, len(self.script) - 1)], 10.0, 0.0)
         return ((v * 7 + sequence[-1] * 5 + len(sequence) * 3) % 13) / 4.0  # exact in float32
 
-    def forward(self, ids, cache):
+    def forward(self, ids, cache, last_only=False):
         ids = [int(i) for i in ids]
         self.forward_calls.append((ids, len(cache.ids)))
         assert len(cache.ids) + len(ids) <= cache.capacity, "cache overflow"
@@ -47,7 +47,7 @@ class TableLogits:
             self.prompt_length = len(ids)
         rows = [self.next_logits(cache.ids + ids[:i + 1]) for i in range(len(ids))]
         cache.ids.extend(ids)
-        return np.array(rows, dtype=np.float32)          # [S, V]
+        return np.array(rows[-1:] if last_only else rows, dtype=np.float32)   # [1 or S, V]
 
 
 def argmax_chain(model, prompt, n):
