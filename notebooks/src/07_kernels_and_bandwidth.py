@@ -13,7 +13,7 @@
 # | NumPy path of the model | `bitlinear.ternary_matmul_exact` (float32 BLAS on int8 codes) | 1 |
 # | v1 | `kernels.v1_unpacked_int8` (Numba, one int8 per weight) | 1 |
 # | v2 | `kernels.v2_packed_scalar` (Numba, 2-bit codes decoded one by one) | 0.25 |
-# | v3 | `kernels.v3_word_planes` (Numba, 16-bit words, int16 multiply-adds; the one the model uses) | 0.25 |
+# | v3 | `kernels.v3_word_planes` (Numba, 16-bit words, int16 multiply-adds; behind `kernels.ternary_matmul`; the model's Numba path uses the same idea on byte planes, `v4_maddubs`) | 0.25 |
 #
 # Timings depend on the machine and on whatever else runs on it; every figure is the best of a few
 # repetitions, and the assertions at the end check exactness, not speed.
