@@ -7,6 +7,7 @@ small NumPy calls cost more than the 2-bit GEMV they feed. Here:
 
     quantize_byte_planes(x f32 [S, K]) -> s f32 [S], planes int8 [S, 4, K/4], xsum int32 [S]   one pass
     v4_maddubs.matmul_scaled_v4(packed, planes, xsum, s, row_scale) -> y f32 [S, N]            the kernel
+(for S > 1, quantize_token_blocks and v4_maddubs.matmul_scaled_v4_blocked: 4 tokens per weight pass)
 
 (AVX2 and K % 128 == 0; otherwise quantize_planes -> int16 planes [S, 8, K/8] and v3_word_planes'
 matmul_scaled), with the same arithmetic as ``absmax_int8`` (s = 127 * fl(1 / max(max|x|, 1e-5)),
@@ -94,6 +95,42 @@ def quantize_byte_planes(x, s, planes, xsum):
     return -1
 
 
+@njit(cache=True)
+def quantize_token_blocks(x, s, blocks, xsum):
+    """absmax_int8 laid out for v4_maddubs.matmul_scaled_v4_blocked: x f32 [S, K] -> s f32 [S], blocks int8
+    [ceil(S/4), K/128, 4, 4, 32] (blocks[b, c, t, i, j] = xq[4b + t, 4(32c + j) + i]; tokens past S are
+    zero), xsum int32 [S]. Returns -1, or the first row holding a NaN/inf. Same numbers as quantize_byte_planes."""
+    S, K = x.shape
+    T = blocks.shape[2]
+    floor = np.float32(ACT_ABSMAX_MIN)
+    for r in range(S):
+        absmax = np.float32(0.0)
+        for k in range(K):
+            v = x[r, k]
+            if not np.isfinite(v):
+                return r
+            a = abs(v)
+            if a > absmax:
+                absmax = a
+        inv = np.float32(np.float32(1.0) / max(absmax, floor))
+        scale = np.float32(np.float32(127.0) * inv)
+        s[r] = scale
+        total = 0
+        b, t = r // T, r % T
+        for c in range(K // 128):
+            for j in range(32):
+                for i in range(4):
+                    q = np.round(np.float32(x[r, 4 * (32 * c + j) + i] * scale))
+                    q = min(max(q, np.float32(-128.0)), np.float32(127.0))
+                    qi = np.int8(q)
+                    blocks[b, c, t, i, j] = qi
+                    total += qi
+        xsum[r] = total
+    for r in range(S, blocks.shape[0] * T):                 # padding tokens of the last block
+        blocks[r // T, :, r % T, :, :] = 0
+    return -1
+
+
 class PackedLinear:
     """Ternary rows in kernel layout (``layouts.pack_kernel``) with one float32 scale per row.
 
@@ -123,8 +160,13 @@ class PackedLinear:
         n, k = self.shape
         if s_len == 1 and self._decode is not None:
             return self._decode
-        planes = (np.empty((s_len, 4, k // 4), np.int8) if self.use_v4 else
-                  np.empty((s_len, 8, k // 8), np.int16))
+        if self.use_v4 and s_len > 1:            # prefill: 4-token blocks (v4_maddubs.matmul_scaled_v4_blocked)
+            t = v4_maddubs.TOKENS_PER_PASS
+            planes = np.empty(((s_len + t - 1) // t, k // (4 * v4_maddubs.CHUNK), t, 4, v4_maddubs.CHUNK), np.int8)
+        elif self.use_v4:
+            planes = np.empty((s_len, 4, k // 4), np.int8)
+        else:
+            planes = np.empty((s_len, 8, k // 8), np.int16)
         bufs = (np.empty(s_len, np.float32), planes, np.empty(s_len, np.int32), np.empty((s_len, n), np.float32))
         if s_len == 1:
             self._decode = bufs
@@ -140,12 +182,13 @@ class PackedLinear:
             raise RefBitNetError("x: expected at least one token, found shape [0, K]")
         x = np.ascontiguousarray(x)
         s, planes, xsum, y = self._buffers(x.shape[0])
-        quantize = quantize_byte_planes if self.use_v4 else quantize_planes
+        blocked = self.use_v4 and x.shape[0] > 1     # prefill: 4 tokens share each weight chunk's unpacking
+        quantize = (quantize_token_blocks if blocked else quantize_byte_planes) if self.use_v4 else quantize_planes
         if quantize(x, s, planes, xsum) >= 0:
             absmax_int8(x)                  # raises the quantizer's own error naming the NaN/inf
             raise RefBitNetError("x: expected finite values")           # (not reached)
-        if self.use_v4 and x.shape[0] > 1:     # prefill: token pairs share each weight chunk's unpacking
-            v4_maddubs.matmul_scaled_v4_pairs(self.packed, planes, xsum, s, self.row_scale, y)
+        if blocked:
+            v4_maddubs.matmul_scaled_v4_blocked(self.packed, planes, xsum, s, self.row_scale, y)
         elif self.use_v4:
             v4_maddubs.matmul_scaled_v4(self.packed, planes, xsum, s, self.row_scale, y)
         else:

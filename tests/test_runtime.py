@@ -157,3 +157,59 @@ def test_decode_step_names_the_layer_of_a_non_finite_activation():
     cache = model.new_cache(8)
     with pytest.raises(RefBitNetError, match="layers.1.down_proj"):
         model.forward([3], cache=cache)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 11), n=st.integers(1, 40), chunks=st.integers(1, 40),
+       weights=st.sampled_from(["random", "plus", "minus"]), acts=st.sampled_from(["random", "max", "min", "mixed"]))
+def test_v4_blocked_gemm_equals_v4_gemv(seed, s_len, n, chunks, weights, acts):
+    """The prefill kernel (4 tokens per weight pass, chunk-interleaved activation blocks, ragged last block)
+    equals the one-token v4 kernel token by token, bit for bit, with int8 extremes -128/127 against
+    all-(+1)/all-(-1) rows (each int16 partial sum then sits at its bound, 15 chunks x 2048)."""
+    from refbitnet.kernels import v4_maddubs
+    if not v4_maddubs.available():
+        pytest.skip("no AVX2")
+    rng = np.random.default_rng(seed)
+    k = 128 * chunks
+    codes = {"random": rng.integers(-1, 2, (n, k)), "plus": np.ones((n, k)), "minus": -np.ones((n, k))}[weights]
+    packed = pack_kernel(codes.astype(np.int8))
+    xq = {"random": rng.integers(-128, 128, (s_len, k)), "max": np.full((s_len, k), 127),
+          "min": np.full((s_len, k), -128), "mixed": rng.choice([-128, 127], (s_len, k))}[acts].astype(np.int8)
+    s_act = rng.uniform(0.5, 300.0, s_len).astype(np.float32)
+    row_scale = rng.uniform(0.01, 2.0, n).astype(np.float32)
+    xsum = xq.astype(np.int32).sum(axis=1).astype(np.int32)
+    t = v4_maddubs.TOKENS_PER_PASS
+    blocks = np.zeros(((s_len + t - 1) // t * t, k // 128, 4, 32), np.int8)
+    blocks[:s_len] = xq.reshape(s_len, k // 128, 32, 4).transpose(0, 1, 3, 2)        # [S, C, i, j] = xq[4(32c+j)+i]
+    blocks = np.ascontiguousarray(blocks.reshape(-1, t, k // 128, 4, 32).transpose(0, 2, 1, 3, 4))
+    out = np.empty((s_len, n), np.float32)
+    v4_maddubs.matmul_scaled_v4_blocked(packed, blocks, xsum, s_act, row_scale, out)
+    planes = np.ascontiguousarray(xq.reshape(s_len, k // 4, 4).transpose(0, 2, 1))
+    expect = np.empty((s_len, n), np.float32)
+    v4_maddubs.matmul_scaled_v4(packed, planes, xsum, s_act, row_scale, expect)
+    assert np.array_equal(out.view(np.uint32), expect.view(np.uint32))
+    acc = xq.astype(np.int64) @ codes.astype(np.int64).T                               # exact integers
+    ref = ((acc.astype(np.float32) / s_act[:, None]).astype(np.float32) * row_scale).astype(np.float32)
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 9), chunks=st.integers(1, 6),
+       kind=st.sampled_from(["normal", "ties", "zeros", "tiny"]))
+def test_quantize_token_blocks_equals_byte_planes(seed, s_len, chunks, kind):
+    """quantize_token_blocks: the same s, codes and sums as quantize_byte_planes, in the 4-token block layout,
+    padding tokens zero."""
+    k = 128 * chunks
+    x = _activations(seed, s_len, k, kind)
+    s1, planes, xsum1 = np.empty(s_len, np.float32), np.empty((s_len, 4, k // 4), np.int8), np.empty(s_len, np.int32)
+    assert runtime.quantize_byte_planes(x, s1, planes, xsum1) == -1
+    b = (s_len + 3) // 4
+    s2, blocks, xsum2 = np.empty(s_len, np.float32), np.full((b, chunks, 4, 4, 32), 99, np.int8), np.empty(s_len, np.int32)
+    assert runtime.quantize_token_blocks(x, s2, blocks, xsum2) == -1
+    flat = blocks.transpose(0, 2, 1, 3, 4).reshape(4 * b, chunks, 4, 32)        # [token, c, i, j]
+    expect = np.zeros_like(flat)
+    expect[:s_len] = planes.reshape(s_len, 4, chunks, 32).transpose(0, 2, 1, 3)
+    assert np.array_equal(s1, s2) and np.array_equal(xsum1, xsum2) and np.array_equal(flat, expect)
+    bad = x.copy()
+    bad[-1, 5] = np.nan
+    assert runtime.quantize_token_blocks(bad, s2, blocks, xsum2) == s_len - 1

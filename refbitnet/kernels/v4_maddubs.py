@@ -193,3 +193,101 @@ def matmul_scaled_v4_pairs(packed, planes, xsum, s_act, row_scale, out):
                 acc = dot_row(packed[n], planes[s]) - xsum[s]
                 y = np.float32(np.float32(acc) / s_act[s])
                 out[s, n] = np.float32(y * row_scale[n])
+
+
+# ----------------------------------------------------------------------------- prefill: 4 tokens per pass
+# The pair kernel above still spends, per token and chunk, 4 plane loads + 4 vpmaddubsw + 4 adds next to
+# the shared 8-instruction field extraction, and its plane loads come from 8 separate pointers that LLVM
+# keeps shuffling between registers. Here TOKENS_PER_PASS = 4 tokens are register-blocked (one int16
+# accumulator register each; 4 field registers, the mask: <= 16 ymm registers), and their activations
+# are stored chunk-interleaved, so that all 16 plane loads of one chunk sit at constant offsets from one
+# pointer:
+#     blocks int8 [B, C, 4, 4, 32], B = ceil(S/4), C = K/128:  blocks[b, c, t, i, j] = xq[4b + t, 4(32c + j) + i]
+# (tokens past S are zero planes and their outputs are not written).
+TOKENS_PER_PASS = 4
+BLOCKED_ROWS_PER_TASK = 16   # 16 rows of K = 2560 (10 KB) + one token block (10 KB) stay in the 32 KB L1
+
+
+@intrinsic
+def block_dot4(typingctx, row, blocks, b, chunk0, nchunks):
+    """(row uint8 [K/4], blocks int8 [B, C, 4, 4, 32], b, chunk0, nchunks <= 15) -> UniTuple(int32, 4): for
+    the 4 tokens of block b, sum c x over chunks chunk0 .. chunk0+nchunks-1. No bounds checks."""
+    if not (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(blocks, types.Array)
+            and blocks.dtype == types.int8 and blocks.ndim == 5):
+        return None
+    sig = types.UniTuple(types.int32, TOKENS_PER_PASS)(row, blocks, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        row_a = context.make_array(signature.args[0])(context, builder, args[0])
+        bl_a = context.make_array(signature.args[1])(context, builder, args[1])
+        b, chunk0, nchunks = args[2], args[3], args[4]
+        i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+        v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+        module = builder.module
+        maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                                 "llvm.x86.avx2.pmadd.ub.sw")
+        maddwd = cgutils.get_or_insert_function(module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                                "llvm.x86.avx2.pmadd.wd")
+        block_stride = builder.extract_value(bl_a.strides, 0)
+        chunk_stride = builder.extract_value(bl_a.strides, 1)           # = 4 * 4 * 32 bytes
+        row_ptr = builder.bitcast(row_a.data, i8.as_pointer())
+        base = builder.gep(builder.bitcast(bl_a.data, i8.as_pointer()), [builder.mul(b, block_stride)])
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, None)) for _ in range(TOKENS_PER_PASS)]
+        mask = ir.Constant(v32i8, [3] * 32)
+        with cgutils.for_range(builder, nchunks) as loop:
+            chunk = builder.add(chunk0, loop.index)
+            w_ptr = builder.gep(row_ptr, [builder.mul(chunk, ir.Constant(chunk.type, CHUNK))])
+            w = builder.load(builder.bitcast(w_ptr, v32i8.as_pointer()), align=1)
+            w16 = builder.bitcast(w, v16i16)
+            fields = []
+            for i in range(4):
+                f = w if i == 0 else builder.bitcast(builder.lshr(w16, ir.Constant(v16i16, [2 * i] * 16)), v32i8)
+                fields.append(builder.and_(f, mask))
+            x_ptr = builder.bitcast(builder.gep(base, [builder.mul(chunk, chunk_stride)]), v32i8.as_pointer())
+            for t, acc_ptr in enumerate(accs):
+                total = None
+                for i in range(4):
+                    x = builder.load(builder.gep(x_ptr, [ir.Constant(i32, 4 * t + i)]), align=1)
+                    p = builder.call(maddubs, [fields[i], x])
+                    total = p if total is None else builder.add(total, p)
+                builder.store(builder.add(builder.load(acc_ptr), total), acc_ptr)
+        results = []
+        for acc_ptr in accs:
+            wide = builder.call(maddwd, [builder.load(acc_ptr), ir.Constant(v16i16, [1] * 16)])
+            r = builder.extract_element(wide, ir.Constant(i32, 0))
+            for lane in range(1, 8):
+                r = builder.add(r, builder.extract_element(wide, ir.Constant(i32, lane)))
+            results.append(r)
+        return context.make_tuple(builder, signature.return_type, results)
+    return sig, codegen
+
+
+@njit(cache=True, parallel=True)
+def matmul_scaled_v4_blocked(packed, blocks, xsum, s_act, row_scale, out):
+    """matmul_scaled_v4 for a block of S tokens (prefill): packed uint8 [N, K/4], blocks int8
+    [ceil(S/4), K/128, 4, 4, 32] (see above), xsum int32 [S], s_act f32 [S], row_scale f32 [N] -> out f32
+    [S, N]. Each group of 4 tokens shares every weight chunk's load and field extraction. Same integers
+    and the same epilogue as matmul_scaled_v4, so the same output."""
+    N = packed.shape[0]
+    S = out.shape[0]
+    n_chunks = packed.shape[1] // CHUNK
+    for task in prange((N + BLOCKED_ROWS_PER_TASK - 1) // BLOCKED_ROWS_PER_TASK):
+        for b in range(blocks.shape[0]):
+            s0 = b * TOKENS_PER_PASS
+            n_tok = min(TOKENS_PER_PASS, S - s0)
+            for n in range(task * BLOCKED_ROWS_PER_TASK, min(N, (task + 1) * BLOCKED_ROWS_PER_TASK)):
+                row = packed[n]
+                a0 = np.int32(0)
+                a1 = np.int32(0)
+                a2 = np.int32(0)
+                a3 = np.int32(0)
+                for c0 in range(0, n_chunks, CHUNKS_PER_BLOCK):
+                    p0, p1, p2, p3 = block_dot4(row, blocks, b, c0, min(CHUNKS_PER_BLOCK, n_chunks - c0))
+                    a0 += p0
+                    a1 += p1
+                    a2 += p2
+                    a3 += p3
+                for t in range(n_tok):
+                    a = a0 if t == 0 else (a1 if t == 1 else (a2 if t == 2 else a3))
+                    y = np.float32(np.float32(a - xsum[s0 + t]) / s_act[s0 + t])
+                    out[s0 + t, n] = np.float32(y * row_scale[n])
