@@ -274,3 +274,30 @@ def test_openmp_threads_wait_passively_unless_told_otherwise():
     env["OMP_WAIT_POLICY"] = "active"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "active"
+
+
+@settings(max_examples=60)
+@given(st.integers(1, 3), st.integers(1, 70), st.integers(1, 12), st.integers(0, 2**32 - 1),
+       st.sampled_from(["normal", "wide", "special"]))
+def test_bf16_matmul_v2_bit_identical_to_reference(S, V, blocks, seed, kind):
+    """lm_head_v2 (bf16 widened in registers; K % 16 == 0) against the reference order and against v1, bit
+    for bit, with ragged row groups (V % 4 != 0), several tokens, and bf16 infinities, subnormals, -0.0
+    and products that overflow (NaN results compared as NaN, their payload is not specified)."""
+    from refbitnet.kernels.lm_head import bf16_matmul_v1
+    from refbitnet.kernels.lm_head_v2 import bf16_matmul_v2
+    K = 16 * blocks
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((S, K)).astype(np.float32)
+    w = rng.standard_normal((V, K)).astype(np.float32)
+    if kind == "wide":
+        x *= np.float32(10.0) ** rng.integers(-30, 30, (S, K)).astype(np.float32)
+        w *= np.float32(10.0) ** rng.integers(-38, 38, (V, K)).astype(np.float32)
+    elif kind == "special":
+        w.flat[rng.integers(0, w.size, 3)] = rng.choice(np.array([np.inf, -np.inf, -0.0, 1e-39, 3e38], np.float32), 3)
+    table = f32_to_bf16(w)
+    with np.errstate(over="ignore", invalid="ignore"):          # "wide"/"special" overflow on purpose
+        ref = reference.bf16_matmul_reference(x, table)
+    for got in (bf16_matmul_v2(x, table), bf16_matmul_v1(x, table), kernels.bf16_matmul(x, table)):
+        nan = np.isnan(ref)
+        assert np.array_equal(np.isnan(got), nan)
+        np.testing.assert_array_equal(bits(got)[~nan], bits(ref)[~nan])

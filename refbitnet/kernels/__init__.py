@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 
 from ..errors import RefBitNetError, RefBitNetTypeError  # noqa: E402
 from .lm_head import bf16_matmul_v1  # noqa: E402
+from .lm_head_v2 import bf16_matmul_v2  # noqa: E402
 from .v3_word_planes import MAX_K, ternary_matmul_acc_v3, ternary_matmul_v3  # noqa: E402
 
 __all__ = ["ternary_matmul", "ternary_matmul_acc", "bf16_matmul", "set_num_threads", "get_num_threads"]
@@ -162,11 +163,14 @@ def ternary_matmul(xq: np.ndarray, s: np.ndarray, packed: np.ndarray, weight_sca
 def bf16_matmul(x: np.ndarray, table: np.ndarray) -> np.ndarray:
     """x float32 [S, K], table uint16 [V, K] of bf16 bits -> float32 [S, V] = x @ bf16(table).T.
 
-    Summation order: 16 lanes, see refbitnet.kernels.lm_head; the table is only read.
+    Summation order: 16 lanes, see refbitnet.kernels.lm_head; the table is only read. K % 16 == 0 runs
+    lm_head_v2 (widening in registers, ~1.3x faster), other K lm_head's v1: the same bits either way.
     """
     x = _array(x, "x", np.float32, 2)
     table = _array(table, "table", np.uint16, 2)
     if table.shape[1] != x.shape[1]:
         raise RefBitNetError(f"table: expected shape [V, K] = [V, {x.shape[1]}] to match x of shape {x.shape}, "
                              f"found {table.shape}")
+    if x.shape[1] % 16 == 0:
+        return bf16_matmul_v2(x, table)
     return bf16_matmul_v1(x, table)

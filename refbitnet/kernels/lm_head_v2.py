@@ -1,0 +1,103 @@
+"""v2 of the bf16 LM head: the bf16 -> float32 widening stays in registers (an LLVM intrinsic).
+
+Why: ``lm_head.bf16_matmul_kernel`` widens 4 rows into a uint32 scratch buffer and reads it back through a
+float32 view, because Numba cannot bit-cast a scalar. For K = 2560 that scratch is 4 x 10 KB: more than the
+32 KB L1, so every widened float is written to L2 and read back, on top of the 2 bytes per weight streamed
+from memory. Here ``row_dots`` emits, per 16 weights of a row: one 32-byte load, zero-extend to 16 x i32,
+shift left by 16, bit-cast to 16 x float32, multiply by x and add into 16 lanes (no fused multiply-add:
+each product and each sum is rounded, as in the reference). Nothing is stored but the result.
+
+Summation order: exactly ``reference.bf16_matmul_reference`` (and v1): lane l takes k = l, l + 16, ...
+in increasing k starting from 0.0, then total = ((lane0 + lane1) + lane2) + ... + lane15. Requires
+K % 16 == 0 (2B4T: 2560); ``kernels.bf16_matmul`` uses v1 otherwise.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from .reference import LANES
+
+ROWS_PER_STEP = 4      # rows dotted together: each 16-float block of x is loaded once for four rows
+ROWS_PER_TASK = 64     # rows per parallel task
+
+
+def _make_row_dots(n_rows):
+    """Intrinsic (table uint16 [V, K], x float32 [K], v0) -> UniTuple(float32, n_rows): the 16-lane dots of
+    x with bf16 rows v0 .. v0+n_rows-1. No bounds checks: the caller keeps v0 + n_rows <= V, K % 16 == 0."""
+
+    @intrinsic
+    def row_dots(typingctx, table, x, v0):
+        if not (isinstance(table, types.Array) and table.dtype == types.uint16 and table.ndim == 2
+                and isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1):
+            return None
+        sig = types.UniTuple(types.float32, n_rows)(table, x, types.intp)
+
+        def codegen(context, builder, signature, args):
+            t_a = context.make_array(signature.args[0])(context, builder, args[0])
+            x_a = context.make_array(signature.args[1])(context, builder, args[1])
+            v0 = args[2]
+            i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+            v16i16, v16i32, v16f32 = ir.VectorType(i16, LANES), ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
+            row_stride = builder.extract_value(t_a.strides, 0)              # bytes per table row
+            n_blocks = builder.udiv(builder.extract_value(t_a.shape, 1), ir.Constant(v0.type, LANES))
+            t_ptr = builder.bitcast(t_a.data, i8.as_pointer())
+            rows = [builder.bitcast(builder.gep(t_ptr, [builder.mul(builder.add(v0, ir.Constant(v0.type, r)),
+                                                                    row_stride)]), v16i16.as_pointer())
+                    for r in range(n_rows)]
+            x_ptr = builder.bitcast(x_a.data, v16f32.as_pointer())
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f32, [0.0] * LANES)) for _ in range(n_rows)]
+            shift = ir.Constant(v16i32, [16] * LANES)
+            with cgutils.for_range(builder, n_blocks) as loop:
+                xv = builder.load(builder.gep(x_ptr, [loop.index]), align=4)
+                for r in range(n_rows):
+                    bits = builder.load(builder.gep(rows[r], [loop.index]), align=2)
+                    w = builder.bitcast(builder.shl(builder.zext(bits, v16i32), shift), v16f32)   # bf16 -> f32, exact
+                    builder.store(builder.fadd(builder.load(accs[r]), builder.fmul(xv, w)), accs[r])
+            totals = []
+            for acc in accs:
+                lanes = builder.load(acc)
+                total = builder.extract_element(lanes, ir.Constant(i32, 0))
+                for lane in range(1, LANES):
+                    total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(i32, lane)))
+                totals.append(total)
+            return context.make_tuple(builder, signature.return_type, totals)
+        return sig, codegen
+
+    return row_dots
+
+
+row_dots4 = _make_row_dots(ROWS_PER_STEP)
+row_dots1 = _make_row_dots(1)
+
+
+@njit(cache=True, parallel=True)
+def bf16_matmul_kernel_v2(x, table, out):
+    """x float32 [S, K], table uint16 [V, K] (K % 16 == 0, rows contiguous), out float32 [S, V]
+    <- x @ bf16(table).T in the 16-lane order."""
+    S = x.shape[0]
+    V = table.shape[0]
+    for task in prange((V + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        v_end = min(V, (task + 1) * ROWS_PER_TASK)
+        v0 = task * ROWS_PER_TASK
+        while v0 + ROWS_PER_STEP <= v_end:
+            for s in range(S):
+                d0, d1, d2, d3 = row_dots4(table, x[s], v0)
+                out[s, v0] = d0
+                out[s, v0 + 1] = d1
+                out[s, v0 + 2] = d2
+                out[s, v0 + 3] = d3
+            v0 += ROWS_PER_STEP
+        while v0 < v_end:
+            for s in range(S):
+                out[s, v0] = row_dots1(table, x[s], v0)[0]
+            v0 += 1
+
+
+def bf16_matmul_v2(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Unchecked: x float32 [S, K] C-contiguous, table uint16 [V, K] C-contiguous, K % 16 == 0 -> float32 [S, V]."""
+    out = np.empty((x.shape[0], table.shape[0]), np.float32)
+    bf16_matmul_kernel_v2(x, table, out)
+    return out
