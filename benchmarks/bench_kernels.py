@@ -35,6 +35,7 @@ from refbitnet.kernels import reference  # noqa: E402
 from refbitnet.kernels.v1_unpacked_int8 import ternary_matmul_acc_v1  # noqa: E402
 from refbitnet.kernels.v2_packed_scalar import ternary_matmul_acc_v2  # noqa: E402
 from refbitnet.kernels import v4_maddubs  # noqa: E402
+from refbitnet.kernels.lm_head import bf16_matmul_v1  # noqa: E402
 from refbitnet.layouts import pack_kernel  # noqa: E402
 from refbitnet.quant import absmax_int8  # noqa: E402
 
@@ -158,7 +159,7 @@ def main():
         args.rounds = 2
     rng = np.random.default_rng(0)
     use_v4 = v4_maddubs.available() and all(K % (4 * v4_maddubs.CHUNK) == 0 for _, _, K in SHAPES)
-    v4_gemv, v4_gemm = {}, {}
+    v4_gemv, v4_gemm, v4_gemm_blocked = {}, {}, {}
     torch = None
     if not args.quick:
         try:
@@ -187,6 +188,12 @@ def main():
                 cases[name]["v4xsum" + tag] = q.astype(np.int64).sum(1).astype(np.int32)
                 cases[name]["v4out" + tag] = np.empty((q.shape[0], N), np.float32)
             cases[name]["rows"] = np.full(N, ws, np.float32)
+            t4 = v4_maddubs.TOKENS_PER_PASS       # prefill layout: [ceil(S/4), K/128, 4 tokens, 4 planes, 32]
+            S = xqg.shape[0]
+            blocks = np.zeros((-(-S // t4) * t4, K // 128, 4, 32), np.int8)
+            blocks[:S] = xqg.reshape(S, K // 128, 32, 4).transpose(0, 1, 3, 2)
+            cases[name]["v4blocks"] = np.ascontiguousarray(blocks.reshape(-1, t4, K // 128, 4, 32).transpose(0, 2, 1, 3, 4))
+            cases[name]["v4outb"] = np.empty((S, N), np.float32)
             c4 = cases[name]
             v4_maddubs.matmul_scaled_v4(packed, c4["v4planes"], c4["v4xsum"], s, c4["rows"], c4["v4out"])
             assert np.array_equal(c4["v4out"].view(np.uint32),
@@ -208,6 +215,7 @@ def main():
     gemv = {}      # (shape, threads) -> seconds per call
     gemm = {}
     head_t = {}
+    head_v1_t = {}
     numpy_t = {}
     torch_t = {}
     for r in range(args.rounds):
@@ -229,15 +237,22 @@ def main():
                         v4_maddubs.matmul_scaled_v4(p, c["v4planes"], c["v4xsum"], c["s"], c["rows"], c["v4out"])
                     t = (time.perf_counter() - t) / len(pool)
                     v4_gemv[name, nt] = min(v4_gemv.get((name, nt), 1e9), t)
-                    t = best_time(lambda: v4_maddubs.matmul_scaled_v4(c["packed"], c["v4planesg"], c["v4xsumg"],
-                                                                      c["sg"], c["rows"], c["v4outg"]))
+                    t = best_time(lambda: v4_maddubs.matmul_scaled_v4_pairs(c["packed"], c["v4planesg"], c["v4xsumg"],
+                                                                            c["sg"], c["rows"], c["v4outg"]))
                     v4_gemm[name, nt] = min(v4_gemm.get((name, nt), 1e9), t)
+                    t = best_time(lambda: v4_maddubs.matmul_scaled_v4_blocked(c["packed"], c["v4blocks"], c["v4xsumg"],
+                                                                              c["sg"], c["rows"], c["v4outb"]))
+                    v4_gemm_blocked[name, nt] = min(v4_gemm_blocked.get((name, nt), 1e9), t)
+                    if r == 0:
+                        assert np.array_equal(c["v4outb"].view(np.uint32), c["v4outg"].view(np.uint32))
                 if torch is not None and r < 3:
                     torch.set_num_threads(nt)
                     t = best_time(lambda: F.linear(c["x_torch"], c["w_torch"]), 3)
                     torch_t[name, nt] = min(torch_t.get((name, nt), 1e9), t)
             t = best_time(lambda: kernels.bf16_matmul(head["x"], head["table"]))
             head_t[nt] = min(head_t.get(nt, 1e9), t)
+            t = best_time(lambda: bf16_matmul_v1(head["x"], head["table"]))         # the scratch-buffer version
+            head_v1_t[nt] = min(head_v1_t.get(nt, 1e9), t)
             if r == 0:
                 t = best_time(lambda: kernels.bf16_matmul(head["xg"], head["table"]))
                 gemm[HEAD[0], nt] = t
@@ -302,14 +317,26 @@ def main():
     if use_v4:
         print("\nv4_maddubs (vpmaddubsw via an LLVM intrinsic; refbitnet.runtime uses it when K % 128 == 0), "
               "same rounds, kernel call only (planes built outside)")
-        print(f"{'shape':8} {'thr':>3} {'GEMV ms':>8} {'GB/s':>6} {'%sum':>5} {'x v3':>5} {'GEMM ms':>8} {'x GEMV':>7}")
+        print(f"GEMM: 'pairs' = 2 tokens per weight pass (the runtime's prefill kernel before), 'blocked' = "
+              f"{v4_maddubs.TOKENS_PER_PASS} tokens per pass, chunk-interleaved activations (the runtime's now)")
+        print(f"{'shape':8} {'thr':>3} {'GEMV ms':>8} {'GB/s':>6} {'%sum':>5} {'x v3':>5} {'pairs ms':>8} {'x GEMV':>7}"
+              f" {'blocked':>8} {'x GEMV':>7}")
         for name, N, K in SHAPES:
             for nt in THREADS:
-                t1, tg = v4_gemv[name, nt], v4_gemm[name, nt]
+                t1, tg, tb = v4_gemv[name, nt], v4_gemm[name, nt], v4_gemm_blocked[name, nt]
                 gbs = N * K / 4 / t1 / 1e9
-                rows.append(dict(shape=name, threads=nt, v4_gemv_ms=t1 * 1e3, v4_gemm_ms=tg * 1e3))
+                rows.append(dict(shape=name, threads=nt, v4_gemv_ms=t1 * 1e3, v4_gemm_pairs_ms=tg * 1e3,
+                                 v4_gemm_blocked_ms=tb * 1e3))
                 print(f"{name:8} {nt:>3} {t1 * 1e3:>8.3f} {gbs:>6.1f} {100 * gbs / bw.sum[nt]:>4.0f}% "
-                      f"{gemv[name, nt] / t1:>4.1f}x {tg * 1e3:>8.2f} {args.gemm_tokens * t1 / tg:>6.2f}x")
+                      f"{gemv[name, nt] / t1:>4.1f}x {tg * 1e3:>8.2f} {args.gemm_tokens * t1 / tg:>6.2f}x"
+                      f" {tb * 1e3:>8.2f} {args.gemm_tokens * t1 / tb:>6.2f}x")
+    print("\nLM head GEMV, 656 MB bf16: v1 (widened through a uint32 scratch row) vs v2 (in registers; "
+          "kernels.bf16_matmul's path for K % 16 == 0), same rounds")
+    for nt in THREADS:
+        tb = HEAD[1] * HEAD[2] * 2
+        rows.append(dict(shape="lm_head", threads=nt, v1_ms=head_v1_t[nt] * 1e3, v2_ms=head_t[nt] * 1e3))
+        print(f"  {nt} thr: v1 {head_v1_t[nt] * 1e3:7.2f} ms {tb / head_v1_t[nt] / 1e9:5.1f} GB/s   "
+              f"v2 {head_t[nt] * 1e3:7.2f} ms {tb / head_t[nt] / 1e9:5.1f} GB/s ({100 * tb / head_t[nt] / 1e9 / bw.sum[nt]:.0f}% of sum)")
     print("\nVersions on gate/up 6912x2560, S = 1, 1 thread, one weight copy (partly cache-resident), best of 6")
     for label, (t, nbytes) in ladder.items():
         print(f"  {label:40} {t * 1e3:8.3f} ms  {nbytes / t / 1e9:6.2f} GB/s of its own weight bytes")
