@@ -18,7 +18,9 @@ computed by one thread in a fixed order.
 Versions (each validated in tests/test_kernels.py against ``reference``; speeds in
 benchmarks/bench_kernels.py): ``reference`` (NumPy) -> ``v1_unpacked_int8`` (1 byte per weight)
 -> ``v2_packed_scalar`` (2 bits per weight, decoded one by one) -> ``v3_word_planes`` (the fast path used
-here) ; ``lm_head`` for the bf16 head.
+here) ; ``lm_head`` (v1, widening through a scratch row) and ``lm_head_v2`` (widening in registers, used
+by bf16_matmul when K % 16 == 0) for the bf16 head. ``v4_maddubs`` (AVX2 vpmaddubsw through an LLVM
+intrinsic; GEMV, and a 4-token register-blocked GEMM for prefill) is what refbitnet.runtime runs.
 
 Numba does no bounds checks, so every wrapper below validates shapes, dtypes, contiguity and sizes and
 raises a refbitnet.errors exception before any kernel runs. Byte values are not validated per call (that
