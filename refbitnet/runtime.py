@@ -33,6 +33,26 @@ from .quant import ACT_ABSMAX_MIN, absmax_int8
 
 
 @njit(cache=True)
+def row_scale_int8(row):
+    """absmax_int8's scale of one row [K]: 127 * fl(1 / max(max|x|, 1e-5)) in float32 (torch's ``127 / t``),
+    or -1 if the row holds a NaN/inf."""
+    absmax = np.float32(0.0)
+    for v in row:
+        if not np.isfinite(v):
+            return np.float32(-1.0)
+        absmax = max(absmax, abs(v))
+    inv = np.float32(np.float32(1.0) / max(absmax, np.float32(ACT_ABSMAX_MIN)))
+    return np.float32(np.float32(127.0) * inv)
+
+
+@njit(cache=True)
+def code_int8(v, scale):
+    """clip(round_half_even(fl(v * scale)), -128, 127), as a float32 holding an integer."""
+    q = np.round(np.float32(v * scale))
+    return min(max(q, np.float32(-128.0)), np.float32(127.0))
+
+
+@njit(cache=True)
 def quantize_planes(x, s, planes, xsum):
     """absmax_int8 fused with the plane build: x f32 [S, K] -> s f32 [S], planes int16 [S, 8, K/8], xsum int32 [S].
 
@@ -40,24 +60,15 @@ def quantize_planes(x, s, planes, xsum):
     xq = clip(round(x * s), -128, 127). Returns -1, or the first row holding a NaN/inf (nothing is then valid).
     """
     S, K = x.shape
-    floor = np.float32(ACT_ABSMAX_MIN)
     for r in range(S):
-        absmax = np.float32(0.0)
-        for k in range(K):
-            v = x[r, k]
-            if not np.isfinite(v):
-                return r
-            a = abs(v)
-            if a > absmax:
-                absmax = a
-        inv = np.float32(np.float32(1.0) / max(absmax, floor))
-        scale = np.float32(np.float32(127.0) * inv)                 # torch's 127 / t (quant.absmax_int8)
+        scale = row_scale_int8(x[r])                                 # torch's 127 / t (quant.absmax_int8)
+        if scale < 0:
+            return r
         s[r] = scale
         total = 0
         for w in range(K // 8):
             for t in range(8):
-                q = np.round(np.float32(x[r, 8 * w + t] * scale))    # round half to even, float32 product
-                q = min(max(q, np.float32(-128.0)), np.float32(127.0))
+                q = code_int8(x[r, 8 * w + t], scale)            # round half to even, clip
                 qi = np.int16(q)
                 planes[r, t, w] = np.int16(qi * PLANE_FACTOR[t])
                 total += qi
@@ -70,24 +81,15 @@ def quantize_byte_planes(x, s, planes, xsum):
     """absmax_int8 laid out for kernels.v4_maddubs: x f32 [S, K] -> s f32 [S], planes int8 [S, 4, K/4]
     (planes[r, i, j] = xq[r, 4j + i]), xsum int32 [S]. Returns -1, or the first row holding a NaN/inf."""
     S, K = x.shape
-    floor = np.float32(ACT_ABSMAX_MIN)
     for r in range(S):
-        absmax = np.float32(0.0)
-        for k in range(K):
-            v = x[r, k]
-            if not np.isfinite(v):
-                return r
-            a = abs(v)
-            if a > absmax:
-                absmax = a
-        inv = np.float32(np.float32(1.0) / max(absmax, floor))
-        scale = np.float32(np.float32(127.0) * inv)
+        scale = row_scale_int8(x[r])                                 # torch's 127 / t (quant.absmax_int8)
+        if scale < 0:
+            return r
         s[r] = scale
         total = 0
         for j in range(K // 4):
             for i in range(4):
-                q = np.round(np.float32(x[r, 4 * j + i] * scale))
-                q = min(max(q, np.float32(-128.0)), np.float32(127.0))
+                q = code_int8(x[r, 4 * j + i], scale)            # round half to even, clip
                 qi = np.int8(q)
                 planes[r, i, j] = qi
                 total += qi
@@ -102,26 +104,17 @@ def quantize_token_blocks(x, s, blocks, xsum):
     zero), xsum int32 [S]. Returns -1, or the first row holding a NaN/inf. Same numbers as quantize_byte_planes."""
     S, K = x.shape
     T = blocks.shape[2]
-    floor = np.float32(ACT_ABSMAX_MIN)
     for r in range(S):
-        absmax = np.float32(0.0)
-        for k in range(K):
-            v = x[r, k]
-            if not np.isfinite(v):
-                return r
-            a = abs(v)
-            if a > absmax:
-                absmax = a
-        inv = np.float32(np.float32(1.0) / max(absmax, floor))
-        scale = np.float32(np.float32(127.0) * inv)
+        scale = row_scale_int8(x[r])                                 # torch's 127 / t (quant.absmax_int8)
+        if scale < 0:
+            return r
         s[r] = scale
         total = 0
         b, t = r // T, r % T
         for c in range(K // 128):
             for j in range(32):
                 for i in range(4):
-                    q = np.round(np.float32(x[r, 4 * (32 * c + j) + i] * scale))
-                    q = min(max(q, np.float32(-128.0)), np.float32(127.0))
+                    q = code_int8(x[r, 4 * (32 * c + j) + i], scale)            # round half to even, clip
                     qi = np.int8(q)
                     blocks[b, c, t, i, j] = qi
                     total += qi
