@@ -42,6 +42,27 @@ def available() -> bool:
         return False
 
 
+def _avx2_madd_intrinsics(module):
+    """Declare (vpmaddubsw: u8 x i8 pairs -> i16 [16], vpmaddwd: i16 x i16 pairs -> i32 [8]) in module."""
+    i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+    v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+    maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                             "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                            "llvm.x86.avx2.pmadd.wd")
+    return maddubs, maddwd
+
+
+def _sum_i16_lanes(builder, maddwd, acc16):
+    """int32 sum of the 16 int16 lanes of acc16: widened pairwise by vpmaddwd (x 1), then 8 lanes added."""
+    i32, v16i16 = ir.IntType(32), ir.VectorType(ir.IntType(16), 16)
+    wide = builder.call(maddwd, [acc16, ir.Constant(v16i16, [1] * 16)])                       # [8] i32
+    total = builder.extract_element(wide, ir.Constant(i32, 0))
+    for lane in range(1, 8):
+        total = builder.add(total, builder.extract_element(wide, ir.Constant(i32, lane)))
+    return total
+
+
 @intrinsic
 def block_dot(typingctx, row, planes, chunk0, nchunks):
     """sum over chunks chunk0 .. chunk0+nchunks-1 (nchunks <= 15) of sum c x: row uint8 [K/4] (one row),
@@ -56,12 +77,9 @@ def block_dot(typingctx, row, planes, chunk0, nchunks):
         pl_a = context.make_array(signature.args[1])(context, builder, args[1])
         chunk0, nchunks = args[2], args[3]
         i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+        v32i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16)
         module = builder.module
-        maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(v16i16, [v32i8, v32i8]),
-                                                 "llvm.x86.avx2.pmadd.ub.sw")
-        maddwd = cgutils.get_or_insert_function(module, ir.FunctionType(v8i32, [v16i16, v16i16]),
-                                                "llvm.x86.avx2.pmadd.wd")
+        maddubs, maddwd = _avx2_madd_intrinsics(module)
         plane_stride = builder.extract_value(pl_a.strides, 0)            # bytes between planes (= K/4)
         row_ptr = builder.bitcast(row_a.data, i8.as_pointer())
         pl_ptr = builder.bitcast(pl_a.data, i8.as_pointer())
@@ -80,11 +98,7 @@ def block_dot(typingctx, row, planes, chunk0, nchunks):
                 p = builder.call(maddubs, [f, x])
                 total = p if total is None else builder.add(total, p)
             builder.store(builder.add(builder.load(acc_ptr), total), acc_ptr)
-        wide = builder.call(maddwd, [builder.load(acc_ptr), ir.Constant(v16i16, [1] * 16)])   # [8] i32
-        result = builder.extract_element(wide, ir.Constant(i32, 0))
-        for lane in range(1, 8):
-            result = builder.add(result, builder.extract_element(wide, ir.Constant(i32, lane)))
-        return result
+        return _sum_i16_lanes(builder, maddwd, builder.load(acc_ptr))
     return sig, codegen
 
 
@@ -128,12 +142,9 @@ def block_dot2(typingctx, row, planes_a, planes_b, chunk0, nchunks):
         pb = context.make_array(signature.args[2])(context, builder, args[2])
         chunk0, nchunks = args[3], args[4]
         i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+        v32i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16)
         module = builder.module
-        maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(v16i16, [v32i8, v32i8]),
-                                                 "llvm.x86.avx2.pmadd.ub.sw")
-        maddwd = cgutils.get_or_insert_function(module, ir.FunctionType(v8i32, [v16i16, v16i16]),
-                                                "llvm.x86.avx2.pmadd.wd")
+        maddubs, maddwd = _avx2_madd_intrinsics(module)
         row_ptr = builder.bitcast(row_a.data, i8.as_pointer())
         ptrs = [(builder.bitcast(p.data, i8.as_pointer()), builder.extract_value(p.strides, 0)) for p in (pa, pb)]
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, None)) for _ in range(2)]
@@ -154,13 +165,7 @@ def block_dot2(typingctx, row, planes_a, planes_b, chunk0, nchunks):
                     p = builder.call(maddubs, [fields[i], x])
                     total = p if total is None else builder.add(total, p)
                 builder.store(builder.add(builder.load(acc_ptr), total), acc_ptr)
-        results = []
-        for acc_ptr in accs:
-            wide = builder.call(maddwd, [builder.load(acc_ptr), ir.Constant(v16i16, [1] * 16)])
-            r = builder.extract_element(wide, ir.Constant(i32, 0))
-            for lane in range(1, 8):
-                r = builder.add(r, builder.extract_element(wide, ir.Constant(i32, lane)))
-            results.append(r)
+        results = [_sum_i16_lanes(builder, maddwd, builder.load(acc_ptr)) for acc_ptr in accs]
         return context.make_tuple(builder, signature.return_type, results)
     return sig, codegen
 
@@ -226,12 +231,9 @@ def block_dot4(typingctx, row, blocks, b, chunk0, nchunks):
         bl_a = context.make_array(signature.args[1])(context, builder, args[1])
         b, chunk0, nchunks = args[2], args[3], args[4]
         i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+        v32i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16)
         module = builder.module
-        maddubs = cgutils.get_or_insert_function(module, ir.FunctionType(v16i16, [v32i8, v32i8]),
-                                                 "llvm.x86.avx2.pmadd.ub.sw")
-        maddwd = cgutils.get_or_insert_function(module, ir.FunctionType(v8i32, [v16i16, v16i16]),
-                                                "llvm.x86.avx2.pmadd.wd")
+        maddubs, maddwd = _avx2_madd_intrinsics(module)
         block_stride = builder.extract_value(bl_a.strides, 0)
         chunk_stride = builder.extract_value(bl_a.strides, 1)           # = 4 * 4 * 32 bytes
         row_ptr = builder.bitcast(row_a.data, i8.as_pointer())
@@ -255,13 +257,7 @@ def block_dot4(typingctx, row, blocks, b, chunk0, nchunks):
                     p = builder.call(maddubs, [fields[i], x])
                     total = p if total is None else builder.add(total, p)
                 builder.store(builder.add(builder.load(acc_ptr), total), acc_ptr)
-        results = []
-        for acc_ptr in accs:
-            wide = builder.call(maddwd, [builder.load(acc_ptr), ir.Constant(v16i16, [1] * 16)])
-            r = builder.extract_element(wide, ir.Constant(i32, 0))
-            for lane in range(1, 8):
-                r = builder.add(r, builder.extract_element(wide, ir.Constant(i32, lane)))
-            results.append(r)
+        results = [_sum_i16_lanes(builder, maddwd, builder.load(acc_ptr)) for acc_ptr in accs]
         return context.make_tuple(builder, signature.return_type, results)
     return sig, codegen
 
