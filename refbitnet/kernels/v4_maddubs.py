@@ -76,7 +76,7 @@ def block_dot(typingctx, row, planes, chunk0, nchunks):
         row_a = context.make_array(signature.args[0])(context, builder, args[0])
         pl_a = context.make_array(signature.args[1])(context, builder, args[1])
         chunk0, nchunks = args[2], args[3]
-        i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+        i8, i16 = ir.IntType(8), ir.IntType(16)
         v32i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16)
         module = builder.module
         maddubs, maddwd = _avx2_madd_intrinsics(module)
@@ -141,7 +141,7 @@ def block_dot2(typingctx, row, planes_a, planes_b, chunk0, nchunks):
         pa = context.make_array(signature.args[1])(context, builder, args[1])
         pb = context.make_array(signature.args[2])(context, builder, args[2])
         chunk0, nchunks = args[3], args[4]
-        i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+        i8, i16 = ir.IntType(8), ir.IntType(16)
         v32i8, v16i16 = ir.VectorType(i8, 32), ir.VectorType(i16, 16)
         module = builder.module
         maddubs, maddwd = _avx2_madd_intrinsics(module)
