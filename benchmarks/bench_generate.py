@@ -1,7 +1,8 @@
 """End-to-end speed and memory of refbitnet (backend="numba") on a 2B4T-shaped model (not a test).
 
     python benchmarks/bench_generate.py [--model DIR] [--threads 1 2] [--prompt 128] [--decode 128]
-                                        [--context 4096] [--transformers] [--json OUT]
+                                        [--context 4096] [--kv-cache float32|float16] [--transformers]
+                                        [--json OUT]
 
 --model defaults to /tmp/refbitnet-random-2b4t, written by benchmarks/make_random_2b4t.py if missing.
 Each measurement runs in a fresh process (so load times and peak RSS are that process's own):
@@ -14,8 +15,9 @@ Each process reports: ready_s (imports + refbitnet.load + a first one-token forw
 the prompt can run, Numba compilation or cache loading included), first-token latency (prefill of the
 prompt in one forward with the LM head on its last position only, forward(last_only=True), + argmax),
 prefill tokens/s, decode tokens/s over --decode greedy steps with the KV cache (sized for --context
-positions), peak RSS (ru_maxrss) with prompt + decode positions filled and again after touching the whole
-cache (the RSS of a full context), the load average, and then, in the same process right after decoding,
+positions, --kv-cache its element type: float32 = the exact default, float16 = half the memory), peak RSS
+(ru_maxrss, printed in MiB = 2**20 bytes and GB = 10**9 bytes) with prompt + decode positions filled and
+again after touching the whole cache (the RSS of a full context), the load average, and then, in the same process right after decoding,
 the read bandwidth (Numba prange sum over 1 GiB, best of 3) and the roofline it implies: bytes read per
 decoded token (all packed projections + the bf16 LM head table + the KV cache at the mean decode
 position) / bandwidth. The parent also probes the bandwidth once more at the end. --transformers adds transformers' BitNetForCausalLM on the same
@@ -52,7 +54,7 @@ def child(args):
     cfg = model.config
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt)
-    cache = model.new_cache(args.context)
+    cache = model.new_cache(args.context, kv_dtype=args.kv_cache)
     load_before = os.getloadavg()[0]
     t = time.perf_counter()
     logits = model.forward(prompt, cache=cache, last_only=True)              # [1, V]: what sampling needs
@@ -64,10 +66,10 @@ def child(args):
         logits = model.forward(np.array([token]), cache=cache)               # [1, V]
         token = int(np.argmax(logits[-1]))
         steps.append(time.perf_counter() - t)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024            # KiB -> MiB (Linux)
     cache.k.fill(0)                                    # touch every page of the 4096-position cache: the
-    cache.v.fill(0)                                    # RSS a full context would have (float32 keys/values)
-    result = dict(threads=args.threads, load_s=t_loaded - t_start, ready_s=t_ready - t_start,
+    cache.v.fill(0)                                    # RSS a full context would have (keys/values of its dtype)
+    result = dict(threads=args.threads, kv_cache=cache.dtype, load_s=t_loaded - t_start, ready_s=t_ready - t_start,
                   first_token_s=first_token, prefill_tokens_per_s=args.prompt / first_token,
                   decode_tokens_per_s=args.decode / sum(steps), decode_median_ms=1e3 * float(np.median(steps)),
                   decode_best_ms=1e3 * float(np.min(steps)),
@@ -121,6 +123,11 @@ def _sum_kernel():
 
 
 # ------------------------------------------------------------------------------------------ parent side
+def _mib_gb(mib):
+    """'1893 MiB 1.98 GB': ru_maxrss / 1024 is MiB on Linux; GB = 10**9 bytes."""
+    return f"{mib:>5.0f} MiB {mib * 2**20 / 1e9:>4.2f} GB"
+
+
 def run_child(extra, env):
     cmd = [sys.executable, os.path.abspath(__file__)] + extra
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -169,6 +176,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--context", type=int, default=4096, help="KV cache capacity (positions)")
+    ap.add_argument("--kv-cache", choices=("float32", "float16"), default="float32",
+                    help="KV cache element type (default float32, the exact reference)")
     ap.add_argument("--transformers", action="store_true", help="also time transformers' BitNetForCausalLM")
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -188,7 +197,7 @@ def main():
 
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = ["--model", args.model, "--prompt", str(args.prompt), "--decode", str(args.decode),
-              "--context", str(args.context), "--child"]
+              "--context", str(args.context), "--kv-cache", args.kv_cache, "--child"]
     runs = []
     with tempfile.TemporaryDirectory() as numba_cache:
         env["NUMBA_CACHE_DIR"] = numba_cache
@@ -215,8 +224,8 @@ def main():
     print(f"bytes per decoded token: {per_token / 1e9:.3f} GB (packed projections {packed / 1e9:.3f}, "
           f"LM head {head / 1e9:.3f}, KV cache {kv / 1e9:.3f} at position {args.prompt + args.decode // 2})")
     print(f"\n{'run':13} {'thr':>3} {'load s':>7} {'ready s':>8} {'1st tok s':>9} {'prefill t/s':>11} "
-          f"{'decode t/s':>10} {'GB/s':>5} {'roofline':>8} {'% roof':>6} {'x decode':>8} {'peak RSS':>9} "
-          f"{'full ctx':>9} {'loadavg':>9}")
+          f"{'decode t/s':>10} {'GB/s':>5} {'roofline':>8} {'% roof':>6} {'x decode':>8} {'peak RSS':>16} "
+          f"{'full ctx':>16} {'loadavg':>9}")
     rows = []
     for label, r in runs:
         n = r["threads"]
@@ -228,17 +237,18 @@ def main():
         print(f"{label:13} {n:>3} {r['load_s']:>7.2f} {r.get('ready_s', float('nan')):>8.2f} "
               f"{r['first_token_s']:>9.2f} {r['prefill_tokens_per_s']:>11.1f} {r['decode_tokens_per_s']:>10.2f} "
               f"{bw:>5.1f} {roof:>8.1f} {100 * r['decode_tokens_per_s'] / roof:>5.0f}% "
-              f"{r['prefill_tokens_per_s'] / r['decode_tokens_per_s']:>7.1f}x {r['peak_rss_mb']:>7.0f}MB "
-              f"{r.get('peak_rss_full_context_mb', float('nan')):>7.0f}MB {la[0]:>4.1f}/{la[1]:<4.1f}")
+              f"{r['prefill_tokens_per_s'] / r['decode_tokens_per_s']:>7.1f}x {_mib_gb(r['peak_rss_mb'])} "
+              f"{_mib_gb(r.get('peak_rss_full_context_mb', float('nan')))} {la[0]:>4.1f}/{la[1]:<4.1f}")
     print(f"(prompt {args.prompt} tokens in one forward, LM head on its last position only; decode {args.decode} "
           f"greedy steps; KV cache capacity {args.context}: 'peak RSS' with {args.prompt + args.decode} positions "
-          f"filled, 'full ctx' after touching all {args.context} (float32 keys/values); GB/s and roofline from a "
+          f"filled, 'full ctx' after touching all {args.context} ({args.kv_cache} keys/values); RSS in MiB (2**20 bytes) and GB
+(10**9 bytes); GB/s and roofline from a "
           f"bandwidth probe in the same process right after decoding; loadavg before prefill/after decode; "
           f"'x decode' = prefill tokens/s over decode tokens/s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(bandwidth=bandwidth, bytes_per_token=per_token, runs=rows,
-                           loadavg=os.getloadavg()), f, indent=1)
+            json.dump(dict(bandwidth=bandwidth, bytes_per_token=per_token, kv_cache=args.kv_cache,
+                           rss_unit="MiB (ru_maxrss KiB / 1024)", runs=rows, loadavg=os.getloadavg()), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python examples/generate.py --model bitnet-b1.58-2B-4T --prompt "The capital of France is"
     python examples/generate.py --model bitnet-b1.58-2B-4T --chat            # interactive, multi-turn
     python examples/generate.py --model DIR --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1
+    python examples/generate.py --model bitnet-b1.58-2B-4T --kv-cache float16    # half the KV cache memory
 
 --model is a Hugging Face model directory (config.json, model.safetensors or shards, tokenizer.json),
 e.g. microsoft/bitnet-b1.58-2B-4T downloaded with `huggingface-cli download`. Without --model the
@@ -39,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--numerics", choices=("int", "fake-quant"), default="int")
     p.add_argument("--backend", choices=("numpy", "numba"), default="numba",
                    help="numba: the fast kernels (default); numpy: the readable reference path")
+    p.add_argument("--kv-cache", choices=("float32", "float16"), default="float32",
+                   help="KV cache element type: float32 (exact, default) or float16 (half the memory, "
+                        "as llama.cpp; keys/values rounded when stored)")
     args = p.parse_args(argv)
     if not args.chat and args.prompt is None:
         args.prompt = DEFAULT_PROMPT   # the shipped model learned Shakespeare: give it a line to continue
@@ -67,7 +71,8 @@ def stream_reply(model, prompt_ids, args, echo=""):
     arrives; returns (new ids, text)."""
     from refbitnet.generate import generate
     tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)       # raises before any work
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      kv_dtype=args.kv_cache)                                     # raises before any work
     print(echo, end="", flush=True)
     text_stream = model.tokenizer.text_stream()
     pieces, new_ids = [], []

@@ -4,7 +4,7 @@
     for token_id in ids: ...            # an iterator: each new id as soon as it is chosen
 
 What the loop needs from ``model``: ``model.config.max_position_embeddings`` and ``vocab_size``,
-``model.new_cache(max_tokens) -> cache`` and ``model.forward(ids [S], cache=cache) -> logits [S, V]``
+``model.new_cache(max_tokens[, kv_dtype]) -> cache`` and ``model.forward(ids [S], cache=cache) -> logits [S, V]``
 (appending to the cache); ``model.tokenizer`` only for the default stop ids and for stop strings.
 
 Stopping, whichever comes first:
@@ -37,8 +37,11 @@ PREFILL_BLOCK = 512   # tokens per prefill forward: bounds one block's activatio
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
-             stop_strings: Sequence[str] | None = None) -> Iterator[int]:
-    """Validate everything, then return an iterator over the new token ids (see module docstring)."""
+             stop_strings: Sequence[str] | None = None, kv_dtype: str | None = None) -> Iterator[int]:
+    """Validate everything, then return an iterator over the new token ids (see module docstring).
+
+    kv_dtype: the KV cache's element type, "float32" or "float16" (``model.new_cache``); None: the
+    model's default (float32, exact)."""
     prompt = check_prompt_ids(prompt_ids, model.config.vocab_size)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
         raise RefBitNetTypeError(f"max_new_tokens must be an int, found {type(max_new_tokens).__name__}")
@@ -55,13 +58,17 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     tokenizer = getattr(model, "tokenizer", None)
     stop_ids = _check_stop_ids(stop_ids, tokenizer, model.config.vocab_size)
     stop_strings = _check_stop_strings(stop_strings, tokenizer)
-    return _generate(model, prompt, int(max_new_tokens), sampler, stop_ids, stop_strings, tokenizer)
+    cache_args = {}
+    if kv_dtype is not None:
+        from .model import check_kv_dtype
+        cache_args["kv_dtype"] = check_kv_dtype(kv_dtype).name
+    return _generate(model, prompt, int(max_new_tokens), sampler, stop_ids, stop_strings, tokenizer, cache_args)
 
 
 def _generate(model, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler,
-              stop_ids: frozenset[int], stop_strings: tuple[str, ...], tokenizer) -> Iterator[int]:
+              stop_ids: frozenset[int], stop_strings: tuple[str, ...], tokenizer, cache_args) -> Iterator[int]:
     # the last new token is never fed back, so the cache needs one slot less than this
-    cache = model.new_cache(len(prompt) + max_new_tokens)
+    cache = model.new_cache(len(prompt) + max_new_tokens, **cache_args)
     for start in range(0, len(prompt), PREFILL_BLOCK):     # prefill: usually a single block
         # only the last position's logits are sampled: the LM head runs on it alone
         logits = model.forward(prompt[start:start + PREFILL_BLOCK], cache=cache, last_only=True)  # [1, V]

@@ -255,17 +255,27 @@ def zeros_small_pages(shape, dtype) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
+KV_DTYPES = ("float32", "float16")   # KVCache element types; float32 is the exact reference
+
+
 class KVCache:
     """Keys and values of every layer for up to ``capacity`` positions: the one stateful object.
 
-    k, v: float32 [L, capacity, KVH, HD], preallocated zeros (the OS maps the pages lazily, so a large
-    capacity costs memory only as it fills; see zeros_small_pages). ``length`` positions are valid.
+    k, v: [L, capacity, KVH, HD] of ``dtype``, preallocated zeros (the OS maps the pages lazily, so a
+    large capacity costs memory only as it fills; see zeros_small_pages). ``length`` positions are valid.
+
+    dtype "float32" (default) keeps keys and values exactly as computed. "float16" (what llama.cpp and
+    bitnet.cpp use by default) halves the cache: keys (after RoPE) and values are rounded to float16 when
+    stored (NumPy's cast, round to nearest even) and widened back to float32 when read, so attention
+    itself still computes in float32. A value beyond float16's range (|x| > 65504) is refused, not
+    stored as inf.
     """
 
-    def __init__(self, config: Config, capacity: int):
+    def __init__(self, config: Config, capacity: int, dtype: str = "float32"):
+        dtype = check_kv_dtype(dtype)
         shape = (config.num_hidden_layers, capacity, config.num_key_value_heads, config.head_dim)
-        self.k = zeros_small_pages(shape, np.float32)                          # [L, capacity, KVH, HD]
-        self.v = zeros_small_pages(shape, np.float32)                          # [L, capacity, KVH, HD]
+        self.k = zeros_small_pages(shape, dtype)                               # [L, capacity, KVH, HD]
+        self.v = zeros_small_pages(shape, dtype)                               # [L, capacity, KVH, HD]
         self.length = 0
         self.owner = None      # token of the Model whose keys/values it holds (claimed when first used)
 
@@ -273,13 +283,51 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def dtype(self) -> str:
+        """"float32" or "float16": how keys and values are stored."""
+        return self.k.dtype.name
+
+    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write float32 keys and values k, v [S, KVH, HD] of positions start .. start+S-1 of layer."""
+        end = start + k.shape[0]
+        with np.errstate(over="ignore"):                  # float16: rounded to nearest even; overflow below
+            self.k[layer, start:end] = k
+            self.v[layer, start:end] = v
+        if self.k.dtype != np.float32:                    # overflow to inf would poison every later step
+            for name, new, stored in (("keys", k, self.k), ("values", v, self.v)):
+                if not np.isfinite(stored[layer, start:end]).all():
+                    big = float(np.abs(new).max())
+                    raise RefBitNetError(f"layers.{layer}: {name} up to |x| = {big:.4g} do not fit a "
+                                         f"{self.dtype} KV cache (max {float(np.finfo(self.k.dtype).max):g}); "
+                                         f"use new_cache(kv_dtype='float32')")
+
+    def read(self, layer: int, end: int):
+        """Keys and values of positions 0 .. end-1 of layer as float32 [T, KVH, HD] (T = end): views of
+        a float32 cache, widened copies of a float16 one (exact: every float16 is a float32)."""
+        k, v = self.k[layer, :end], self.v[layer, :end]
+        if k.dtype == np.float32:
+            return k, v
+        return k.astype(np.float32), v.astype(np.float32)
+
     def reset(self) -> None:
         """Forget every position (the memory is reused, by this or another model of the same shape)."""
         self.length = 0
         self.owner = None
 
     def __repr__(self):
-        return f"KVCache(length={self.length}, capacity={self.capacity})"
+        return f"KVCache(length={self.length}, capacity={self.capacity}, dtype={self.dtype!r})"
+
+
+def check_kv_dtype(dtype) -> np.dtype:
+    """The KV cache element type from a name in KV_DTYPES (or np.float16/np.float32) -> np.dtype."""
+    if isinstance(dtype, str) or dtype in (np.float16, np.float32):
+        name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+        if name in KV_DTYPES:
+            return np.dtype(name)
+        raise RefBitNetError(f"kv_dtype: expected one of {KV_DTYPES}, found {dtype!r}")
+    raise RefBitNetTypeError(f"kv_dtype: expected one of {KV_DTYPES} (a string), found "
+                             f"{type(dtype).__name__} {dtype!r:.40}")
 
 
 # ============================================================================ the model
@@ -325,8 +373,11 @@ class Model:
         self._weights = weights if backend == "numpy" else None
 
     # -- public API -------------------------------------------------------------------------------
-    def new_cache(self, max_tokens: int | None = None) -> KVCache:
-        """An empty KV cache for up to max_tokens positions (default: the model's context length)."""
+    def new_cache(self, max_tokens: int | None = None, kv_dtype: str = "float32") -> KVCache:
+        """An empty KV cache for up to max_tokens positions (default: the model's context length).
+
+        kv_dtype: "float32" (default, exact) or "float16" (half the memory; keys and values rounded to
+        float16 when stored, see KVCache)."""
         limit = self.config.max_position_embeddings
         if max_tokens is None:
             max_tokens = limit
@@ -335,11 +386,13 @@ class Model:
         if not 1 <= max_tokens <= limit:
             raise RefBitNetError(f"max_tokens: expected 1 <= max_tokens <= max_position_embeddings = {limit}, "
                                  f"found {max_tokens}")
+        dtype = check_kv_dtype(kv_dtype)
         try:
-            return KVCache(self.config, int(max_tokens))
+            return KVCache(self.config, int(max_tokens), dtype.name)
         except (MemoryError, ValueError):       # a context length from the file that cannot be allocated
             cfg = self.config
-            gib = 2 * 4 * cfg.num_hidden_layers * int(max_tokens) * cfg.num_key_value_heads * cfg.head_dim / 2**30
+            gib = 2 * dtype.itemsize * cfg.num_hidden_layers * int(max_tokens) * cfg.num_key_value_heads \
+                * cfg.head_dim / 2**30
             raise RefBitNetError(f"max_tokens: a KV cache of {max_tokens} positions needs {gib:.3g} GiB, more than "
                                  f"can be allocated; pass a smaller max_tokens to new_cache()") from None
 
@@ -404,12 +457,13 @@ class Model:
         return self._layer(i, h, cos, sin, None, 0, trace)
 
     def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed=None, stop=None, stream: bool = False):
+                 top_p: float = 1.0, seed=None, stop=None, stream: bool = False, kv_dtype: str = "float32"):
         """Continue prompt (text, or a sequence of token ids) by up to max_new_tokens tokens.
 
         stop: extra stop conditions, strings and/or token ids (the tokenizer's end-of-turn ids, or the
         config's eos ids without a tokenizer, always stop). Returns the list of new ids; with
-        stream=True an iterator yielding them one by one.
+        stream=True an iterator yielding them one by one. kv_dtype: the KV cache's element type,
+        "float32" (exact, default) or "float16" (half the memory; see KVCache).
         """
         from .generate import generate as _generate
         if isinstance(prompt, str):
@@ -435,7 +489,8 @@ class Model:
             else:
                 raise RefBitNetTypeError(f"stop: expected strings or token ids, found {item!r}")
         tokens = _generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed, stop_ids=stop_ids, stop_strings=stop_strings)
+                           top_p=top_p, seed=seed, stop_ids=stop_ids, stop_strings=stop_strings,
+                           kv_dtype=kv_dtype)
         return tokens if stream else list(tokens)
 
     def check_ids(self, ids) -> np.ndarray:
@@ -494,10 +549,9 @@ class Model:
         q = rope(q.reshape(s_len, cfg.num_attention_heads, cfg.head_dim), cos, sin)   # [S, H, HD]
         k = rope(k.reshape(s_len, cfg.num_key_value_heads, cfg.head_dim), cos, sin)   # [S, KVH, HD]
         v = v.reshape(s_len, cfg.num_key_value_heads, cfg.head_dim)                   # [S, KVH, HD]
-        if cache is not None:                                         # append, then attend to all T
-            cache.k[i, start:start + s_len] = k
-            cache.v[i, start:start + s_len] = v
-            k_all, v_all = cache.k[i, :start + s_len], cache.v[i, :start + s_len]     # [T, KVH, HD]
+        if cache is not None:                 # append (float16 cache: rounded), then attend to all T
+            cache.store(i, start, k, v)
+            k_all, v_all = cache.read(i, start + s_len)                               # float32 [T, KVH, HD]
         else:
             k_all, v_all = k, v
         a = attention(q, k_all, v_all, start).reshape(s_len, -1)                      # [S, H*HD]

@@ -328,8 +328,9 @@ def rope_heads(x, cos, sin, out):
 def decode_step(model, h, cos, sin, cache, start):
     """All decoder layers of model (backend="numba") for one token at position start, with the KV cache:
     h float32 [1, D] -> [1, D]. The same sequence of ops as model.Model._layer, with the elementwise glue
-    compiled and fused (residual add + next rms_norm, relu2 * up + ffn_sub_norm, RoPE written straight
-    into the cache); attention is model.attention itself. Returns bit-identical results."""
+    compiled and fused (residual add + next rms_norm, relu2 * up + ffn_sub_norm, RoPE); keys and values
+    enter the cache through KVCache.store (NumPy's float16 rounding for a float16 cache) and attention is
+    model.attention itself. Returns bit-identical results."""
     from .model import attention
     cfg, layers, lin = model.config, model.layers, model._linears
     n_heads, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -341,7 +342,7 @@ def decode_step(model, h, cos, sin, cache, start):
             h=np.empty((1, d), np.float32), x=np.empty((1, d), np.float32), h_attn=np.empty((1, d), np.float32),
             a_norm=np.empty((1, d), np.float32), x2=np.empty((1, d), np.float32),
             m=np.empty((1, f), np.float32), m_norm=np.empty((1, f), np.float32),
-            q=np.empty((1, n_heads, hd), np.float32))
+            q=np.empty((1, n_heads, hd), np.float32), k=np.empty((1, n_kv, hd), np.float32))
     h_cur, x, h_attn, x2 = ws["h"], ws["x"], ws["h_attn"], ws["x2"]
     h_cur[:] = h
     cos0, sin0 = cos[0], sin[0]                                                     # [HD]
@@ -350,9 +351,10 @@ def decode_step(model, h, cos, sin, cache, start):
         w = layers[i]
         q, k, v = model._project(i, "q_proj/k_proj/v_proj", lin.qkv, x)            # [1, H*HD], [1, KVH*HD] x2
         rope_heads(q.reshape(n_heads, hd), cos0, sin0, ws["q"][0])                 # [H, HD]
-        rope_heads(k.reshape(n_kv, hd), cos0, sin0, cache.k[i, start])             # [KVH, HD] into the cache
-        cache.v[i, start] = v.reshape(n_kv, hd)
-        a = attention(ws["q"], cache.k[i, :start + 1], cache.v[i, :start + 1], start)   # [1, H, HD]
+        rope_heads(k.reshape(n_kv, hd), cos0, sin0, ws["k"][0])                    # [KVH, HD]
+        cache.store(i, start, ws["k"], v.reshape(1, n_kv, hd))     # NumPy's cast, as Model._layer
+        k_all, v_all = cache.read(i, start + 1)                                     # float32 [T, KVH, HD]
+        a = attention(ws["q"], k_all, v_all, start)                                 # [1, H, HD]
         rms_norm_row(a.reshape(-1), w.attn_sub_norm, eps, ws["a_norm"][0])        # [1, D]
         o = model._project(i, "o_proj", lin.o, ws["a_norm"])                       # [1, D]
         add_rms_norm_row(h_cur[0], o[0], w.post_attention_layernorm, eps, h_attn[0], x2[0])
