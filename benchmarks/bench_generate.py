@@ -241,8 +241,8 @@ def main():
               f"{_mib_gb(r.get('peak_rss_full_context_mb', float('nan')))} {la[0]:>4.1f}/{la[1]:<4.1f}")
     print(f"(prompt {args.prompt} tokens in one forward, LM head on its last position only; decode {args.decode} "
           f"greedy steps; KV cache capacity {args.context}: 'peak RSS' with {args.prompt + args.decode} positions "
-          f"filled, 'full ctx' after touching all {args.context} ({args.kv_cache} keys/values); RSS in MiB (2**20 bytes) and GB
-(10**9 bytes); GB/s and roofline from a "
+          f"filled, 'full ctx' after touching all {args.context} ({args.kv_cache} keys/values); "
+          f"RSS in MiB (2**20 bytes) and GB (10**9 bytes); GB/s and roofline from a "
           f"bandwidth probe in the same process right after decoding; loadavg before prefill/after decode; "
           f"'x decode' = prefill tokens/s over decode tokens/s)")
     if args.json:
