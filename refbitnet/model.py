@@ -111,14 +111,18 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
     groups = n_heads // n_kv_heads
     scale = np.float32(head_dim ** -0.5)
     out = np.empty_like(q)                                                           # [S, H, HD]
+    q_grouped = q.reshape(s_len, n_kv_heads, groups, head_dim)                       # [S, KVH, G, HD]
+    out_grouped = out.reshape(s_len, n_kv_heads, groups, head_dim)                   # (views)
+    k_t = k.transpose(1, 2, 0)                                                       # [KVH, HD, T] view
+    v_t = v.transpose(1, 0, 2)                                                       # [KVH, T, HD] view
     for i in range(s_len):
         t = start + i + 1                                                            # keys 0 .. start+i
-        qg = q[i].reshape(n_kv_heads, groups, head_dim)                              # [KVH, G, HD]
-        scores = (qg @ k[:t].transpose(1, 2, 0)) * scale                             # [KVH, G, T]
-        scores = scores - scores.max(axis=-1, keepdims=True)
-        weights = np.exp(scores)
+        scores = q_grouped[i] @ k_t[:, :, :t]                                        # [KVH, G, T]
+        scores *= scale
+        scores -= scores.max(axis=-1, keepdims=True)
+        weights = np.exp(scores, out=scores)
         weights /= weights.sum(axis=-1, keepdims=True, dtype=np.float32)            # softmax over T
-        out[i] = (weights @ v[:t].transpose(1, 0, 2)).reshape(n_heads, head_dim)     # [KVH, G, HD] -> [H, HD]
+        np.matmul(weights, v_t[:, :t], out=out_grouped[i])                           # [KVH, G, HD]
     return out
 
 
@@ -278,6 +282,7 @@ class KVCache:
         self.v = zeros_small_pages(shape, dtype)                               # [L, capacity, KVH, HD]
         self.length = 0
         self.owner = None      # token of the Model whose keys/values it holds (claimed when first used)
+        self._widened = None   # float16 cache: one layer's keys and values widened to float32 (read)
 
     @property
     def capacity(self) -> int:
@@ -304,11 +309,17 @@ class KVCache:
 
     def read(self, layer: int, end: int):
         """Keys and values of positions 0 .. end-1 of layer as float32 [T, KVH, HD] (T = end): views of
-        a float32 cache, widened copies of a float16 one (exact: every float16 is a float32)."""
+        a float32 cache; for a float16 one, widened (exactly: every float16 is a float32) into two float32
+        buffers of one layer that this cache reuses, so they hold this layer's values until the next read."""
         k, v = self.k[layer, :end], self.v[layer, :end]
         if k.dtype == np.float32:
             return k, v
-        return k.astype(np.float32), v.astype(np.float32)
+        if self._widened is None:                     # [2, capacity, KVH, HD], pages mapped as they fill
+            self._widened = zeros_small_pages((2,) + self.k.shape[1:], np.float32)
+        k32, v32 = self._widened[0, :end], self._widened[1, :end]
+        np.copyto(k32, k)
+        np.copyto(v32, v)
+        return k32, v32
 
     def reset(self) -> None:
         """Forget every position (the memory is reused, by this or another model of the same shape)."""
@@ -428,9 +439,11 @@ class Model:
 
         h = embed(self.embed_tokens, ids)                                             # [S, D]
         _record(trace, "embed", h)
-        if self.backend == "numba" and cache is not None and s_len == 1 and trace is None:
-            from .runtime import decode_step       # the same layers with compiled glue (bit-identical)
-            h = decode_step(self, h, cos, sin, cache, start)                          # [1, D]
+        if self.backend == "numba" and trace is None:
+            from .runtime import forward_layers    # the same layers with compiled glue (bit-identical)
+            # without a cache: a float32 one for this call only, which holds k and v exactly as computed
+            layer_cache = cache if cache is not None else KVCache(cfg, s_len)
+            h = forward_layers(self, h, cos, sin, layer_cache, start)                 # [S, D]
         else:
             for i in range(cfg.num_hidden_layers):
                 h = self._layer(i, h, cos, sin, cache, start, trace)                   # [S, D]

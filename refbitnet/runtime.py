@@ -23,7 +23,7 @@ Also here: ``kernel_layout_rows``, the load-time HF -> kernel layout repack in o
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from . import kernels  # noqa: F401  (sets the LLVM options before anything below compiles)
 from .errors import RefBitNetError, RefBitNetTypeError
@@ -225,8 +225,8 @@ def kernel_layout_rows(parts) -> np.ndarray:
     return out
 
 
-# ----------------------------------------------------------------------------- decode-step glue (S = 1)
-# The elementwise ops between the projections of one decoded token, compiled. Each reproduces the NumPy
+# ----------------------------------------------------------------------------- the glue between projections
+# The elementwise ops between the projections of one token, compiled. Each reproduces the NumPy
 # expression of refbitnet.model bit for bit: the same float32 operations in the same order, and, for the
 # mean in rms_norm, numpy's own pairwise summation (8 interleaved partial sums in blocks of up to 128,
 # halves above that), so the integer codes the next quantizer makes are the same.
@@ -325,43 +325,109 @@ def rope_heads(x, cos, sin, out):
             out[h, j] = np.float32(np.float32(x[h, j] * cos[j]) + np.float32(rot * sin[j]))
 
 
-def decode_step(model, h, cos, sin, cache, start):
-    """All decoder layers of model (backend="numba") for one token at position start, with the KV cache:
-    h float32 [1, D] -> [1, D]. The same sequence of ops as model.Model._layer, with the elementwise glue
-    compiled and fused (residual add + next rms_norm, relu2 * up + ffn_sub_norm, RoPE); keys and values
-    enter the cache through KVCache.store (NumPy's float16 rounding for a float16 cache) and attention is
-    model.attention itself. Returns bit-identical results."""
+# The same ops for a block of S > 1 tokens (prefill): each row is computed exactly as above, on its own,
+# so the rows are independent and split between the threads (prange); bit-identical to the S = 1 versions.
+
+@njit(cache=True, parallel=True)
+def rms_norm_rows(x, weight, eps, out):
+    """rms_norm_row on each row: x [S, N] -> out [S, N]."""
+    for r in prange(x.shape[0]):
+        rms_norm_row(x[r], weight, eps, out[r])
+
+
+@njit(cache=True, parallel=True)
+def add_rms_norm_rows(h, delta, weight, eps, h_out, x_out):
+    """add_rms_norm_row on each row: h, delta [S, D] -> h_out = h + delta, x_out = rms_norm(h_out) [S, D]."""
+    for r in prange(h.shape[0]):
+        add_rms_norm_row(h[r], delta[r], weight, eps, h_out[r], x_out[r])
+
+
+@njit(cache=True, parallel=True)
+def relu2_mul_rms_norm_rows(gate, up, weight, eps, m, out):
+    """relu2_mul_rms_norm_row on each row: gate, up [S, F] -> m, out [S, F]."""
+    for r in prange(gate.shape[0]):
+        relu2_mul_rms_norm_row(gate[r], up[r], weight, eps, m[r], out[r])
+
+
+@njit(cache=True, parallel=True)
+def rope_rows(x, cos, sin, out):
+    """rope_heads at each position: x [S, heads, HD], cos/sin [S, HD] -> out [S, heads, HD]."""
+    for r in prange(x.shape[0]):
+        rope_heads(x[r], cos[r], sin[r], out[r])
+
+
+def _rms_norm(x, weight, eps, out):
+    if x.shape[0] == 1:                              # decode: no thread start-up for one row
+        rms_norm_row(x[0], weight, eps, out[0])
+    else:
+        rms_norm_rows(x, weight, eps, out)
+
+
+def _add_rms_norm(h, delta, weight, eps, h_out, x_out):
+    if h.shape[0] == 1:
+        add_rms_norm_row(h[0], delta[0], weight, eps, h_out[0], x_out[0])
+    else:
+        add_rms_norm_rows(h, delta, weight, eps, h_out, x_out)
+
+
+def _relu2_mul_rms_norm(gate, up, weight, eps, m, out):
+    if gate.shape[0] == 1:
+        relu2_mul_rms_norm_row(gate[0], up[0], weight, eps, m[0], out[0])
+    else:
+        relu2_mul_rms_norm_rows(gate, up, weight, eps, m, out)
+
+
+def _rope(x, cos, sin, out):
+    if x.shape[0] == 1:
+        rope_heads(x[0], cos[0], sin[0], out[0])
+    else:
+        rope_rows(x, cos, sin, out)
+
+
+def _workspace(model, s_len):
+    """Buffers for one forward of s_len tokens: made once and kept for S = 1 (decoding), fresh for a block."""
+    ws = getattr(model, "_decode_workspace", None) if s_len == 1 else None
+    if ws is None:
+        cfg = model.config
+        d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        ws = {name: np.empty((s_len, d), np.float32) for name in ("h", "x", "h_attn", "a_norm", "x2")}
+        ws.update(m=np.empty((s_len, f), np.float32), m_norm=np.empty((s_len, f), np.float32),
+                  q=np.empty((s_len, cfg.num_attention_heads, hd), np.float32),
+                  k=np.empty((s_len, cfg.num_key_value_heads, hd), np.float32))
+        if s_len == 1:
+            model._decode_workspace = ws
+    return ws
+
+
+def forward_layers(model, h, cos, sin, cache, start):
+    """All decoder layers of model (backend="numba") for S tokens at positions start .. start+S-1, with the
+    KV cache: h float32 [S, D] -> [S, D]. The same sequence of ops as model.Model._layer, with the elementwise
+    glue compiled and fused (residual add + next rms_norm, relu2 * up + ffn_sub_norm, RoPE; row-parallel
+    for S > 1); keys and values enter the cache through KVCache.store (NumPy's float16 rounding for a
+    float16 cache) and attention is model.attention itself. Returns bit-identical results."""
     from .model import attention
     cfg, layers, lin = model.config, model.layers, model._linears
-    n_heads, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    s_len, n_heads, n_kv, hd = h.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     eps = np.float32(cfg.rms_norm_eps)
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    ws = getattr(model, "_decode_workspace", None)
-    if ws is None:
-        ws = model._decode_workspace = dict(
-            h=np.empty((1, d), np.float32), x=np.empty((1, d), np.float32), h_attn=np.empty((1, d), np.float32),
-            a_norm=np.empty((1, d), np.float32), x2=np.empty((1, d), np.float32),
-            m=np.empty((1, f), np.float32), m_norm=np.empty((1, f), np.float32),
-            q=np.empty((1, n_heads, hd), np.float32), k=np.empty((1, n_kv, hd), np.float32))
-    h_cur, x, h_attn, x2 = ws["h"], ws["x"], ws["h_attn"], ws["x2"]
+    ws = _workspace(model, s_len)
+    h_cur, x, h_attn, x2, q_rot, k_rot = ws["h"], ws["x"], ws["h_attn"], ws["x2"], ws["q"], ws["k"]
     h_cur[:] = h
-    cos0, sin0 = cos[0], sin[0]                                                     # [HD]
-    rms_norm_row(h_cur[0], layers[0].input_layernorm, eps, x[0])                   # [1, D]
+    _rms_norm(h_cur, layers[0].input_layernorm, eps, x)                           # [S, D]
     for i in range(cfg.num_hidden_layers):
         w = layers[i]
-        q, k, v = model._project(i, "q_proj/k_proj/v_proj", lin.qkv, x)            # [1, H*HD], [1, KVH*HD] x2
-        rope_heads(q.reshape(n_heads, hd), cos0, sin0, ws["q"][0])                 # [H, HD]
-        rope_heads(k.reshape(n_kv, hd), cos0, sin0, ws["k"][0])                    # [KVH, HD]
-        cache.store(i, start, ws["k"], v.reshape(1, n_kv, hd))     # NumPy's cast, as Model._layer
-        k_all, v_all = cache.read(i, start + 1)                                     # float32 [T, KVH, HD]
-        a = attention(ws["q"], k_all, v_all, start)                                 # [1, H, HD]
-        rms_norm_row(a.reshape(-1), w.attn_sub_norm, eps, ws["a_norm"][0])        # [1, D]
-        o = model._project(i, "o_proj", lin.o, ws["a_norm"])                       # [1, D]
-        add_rms_norm_row(h_cur[0], o[0], w.post_attention_layernorm, eps, h_attn[0], x2[0])
-        gate, up = model._project(i, "gate_proj/up_proj", lin.gate_up, x2)         # [1, F] x2
-        relu2_mul_rms_norm_row(gate[0], up[0], w.ffn_sub_norm, eps, ws["m"][0], ws["m_norm"][0])
-        down = model._project(i, "down_proj", lin.down, ws["m_norm"])              # [1, D]
+        q, k, v = model._project(i, "q_proj/k_proj/v_proj", lin.qkv, x)            # [S, H*HD], [S, KVH*HD] x2
+        _rope(q.reshape(s_len, n_heads, hd), cos, sin, q_rot)                      # [S, H, HD]
+        _rope(k.reshape(s_len, n_kv, hd), cos, sin, k_rot)                         # [S, KVH, HD]
+        cache.store(i, start, k_rot, v.reshape(s_len, n_kv, hd))   # NumPy's cast, as Model._layer
+        k_all, v_all = cache.read(i, start + s_len)                                 # float32 [T, KVH, HD]
+        a = attention(q_rot, k_all, v_all, start)                                   # [S, H, HD]
+        _rms_norm(a.reshape(s_len, -1), w.attn_sub_norm, eps, ws["a_norm"])        # [S, D]
+        o = model._project(i, "o_proj", lin.o, ws["a_norm"])                       # [S, D]
+        _add_rms_norm(h_cur, o, w.post_attention_layernorm, eps, h_attn, x2)
+        gate, up = model._project(i, "gate_proj/up_proj", lin.gate_up, x2)         # [S, F] x2
+        _relu2_mul_rms_norm(gate, up, w.ffn_sub_norm, eps, ws["m"], ws["m_norm"])
+        down = model._project(i, "down_proj", lin.down, ws["m_norm"])              # [S, D]
         if i + 1 < cfg.num_hidden_layers:                                          # residual + next input norm
-            add_rms_norm_row(h_attn[0], down[0], layers[i + 1].input_layernorm, eps, h_cur[0], x[0])
+            _add_rms_norm(h_attn, down, layers[i + 1].input_layernorm, eps, h_cur, x)
         else:
-            return h_attn + down                                                    # [1, D], a new array
+            return h_attn + down                                                    # [S, D], a new array

@@ -130,20 +130,20 @@ def test_v4_maddubs_equals_ternary_matmul(seed, s_len, n, blocks, extreme):
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
-def test_decode_step_equals_the_readable_layers(name):
-    """backend="numba" decoding one token with a cache runs runtime.decode_step (compiled glue); with a
-    trace it runs Model._layer. Logits and cached keys/values must be the same bits."""
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_forward_layers_equals_the_readable_layers(name, kv_dtype):
+    """backend="numba" without a trace runs runtime.forward_layers (compiled glue, row-parallel for a block);
+    with a trace it runs Model._layer. Logits and cached keys/values must be the same bits, for prefill
+    blocks of several sizes, single decoded tokens, and a forward without a cache."""
     sizes = TINY_CONFIGS[name]
     model = model_from_tensors(numpy_config(sizes), numpy_release_tensors(sizes, 3), source="tiny", backend="numba")
-    ids = np.random.default_rng(9).integers(0, model.config.vocab_size, 12)
-    fast, slow = model.new_cache(16), model.new_cache(16)
-    model.forward(ids[:4], cache=fast)
-    model.forward(ids[:4], cache=slow)
-    for t in ids[4:]:
-        a = model.forward([t], cache=fast)                 # decode_step
-        b = model.forward([t], cache=slow, trace={})       # Model._layer
-        assert np.array_equal(a, b)
-    assert np.array_equal(fast.k[:, :12], slow.k[:, :12]) and np.array_equal(fast.v[:, :12], slow.v[:, :12])
+    ids = np.random.default_rng(9).integers(0, model.config.vocab_size, 40)
+    fast, slow = model.new_cache(40, kv_dtype=kv_dtype), model.new_cache(40, kv_dtype=kv_dtype)
+    for a, b in ((0, 4), (4, 5), (5, 22), (22, 23), (23, 24), (24, 26), (26, 40)):
+        assert np.array_equal(model.forward(ids[a:b], cache=fast),                 # forward_layers
+                              model.forward(ids[a:b], cache=slow, trace={}))       # Model._layer
+    assert np.array_equal(fast.k, slow.k) and np.array_equal(fast.v, slow.v)
+    assert np.array_equal(model.forward(ids[:17]), model.forward(ids[:17], trace={}))
 
 
 def test_decode_step_names_the_layer_of_a_non_finite_activation():
