@@ -17,7 +17,12 @@ when a ``PackedLinear`` is built; per call only the activation's shape and dtype
 a NaN/inf activation is found inside the quantization pass and reported by ``absmax_int8``'s own error.
 Decode-sized buffers (S = 1) are allocated once per matrix and reused; a call's result is valid until
 the next call on the same matrix (one model per thread: the buffers are not shared safely).
-Also here: ``kernel_layout_rows``, the load-time HF -> kernel layout repack in one compiled pass.
+Also here: ``kernel_layout_rows``, the load-time HF -> kernel layout repack in one compiled pass, and
+``forward_layers``, all decoder layers for a block of S tokens with the KV cache (what ``Model.forward``
+runs on this backend without a trace): ``Model._layer``'s ops with the elementwise glue between the
+projections compiled (rms_norm with NumPy's pairwise summation, residual adds, relu2 * up, RoPE; rows split
+between the threads for S > 1), each reproducing NumPy's float32 operations in NumPy's order, so the
+result is bit-identical; attention stays ``model.attention`` (its matmuls are NumPy's BLAS calls).
 """
 
 from __future__ import annotations
