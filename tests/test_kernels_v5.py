@@ -63,9 +63,10 @@ def run_v5(xq, packed, s, row_scale, tile_rows=v5.TILE_ROWS, panel_chunks=v5.PAN
 
 
 # ----------------------------------------------------------------------------------------------- integers
-@given(problem(), st.sampled_from([2, 4, 6, 8, 16, 32]), st.integers(1, 15))
+@given(problem(), st.sampled_from([1, 2, 3, 4, 6, 8, 16, 32]), st.integers(1, 45))
 def test_accumulators_equal_reference(prob, tile_rows, panel_chunks):
-    """Any row tile (even) and panel width (<= 15 chunks, the int16 bound): every accumulator exact."""
+    """Any row tile (odd ones too) and unpacked panel width (the int16 widening every 15 chunks is inside the
+    register loop): every accumulator exact."""
     xq, codes = prob
     packed = pack_kernel(codes)
     acc = reference.ternary_matmul_acc_reference(xq, packed)                   # [S, N] int32

@@ -3,42 +3,47 @@
 Why: prefill multiplies the same weights by S (e.g. 128) tokens, so it can be compute-bound instead of
 memory-bound. On the development machine (AMD Zen 3, ~3.2 GHz, AVX2, no VNNI) vpmaddubsw on ymm has a
 throughput of 2 per cycle, i.e. 64 int8 products per cycle per core. A 128-weight chunk (32 packed bytes)
-of one row times one token is 4 vpmaddubsw, so the floor is 2 cycles per (token, chunk). v4's 4-token
-blocked GEMM (``v4_maddubs.matmul_scaled_v4_blocked``) spends ~4.2-4.8 cycles there:
+of one row times one token is 4 vpmaddubsw, so the floor is 2 cycles per (token, chunk); each product also
+needs one vpaddw into an int16 accumulator, and with those on the same 4 vector pipes a probe of independent
+vpmaddubsw + vpaddw chains runs at 0.63 cycles per vpmaddubsw, i.e. ~2.5 cycles per (token, chunk).
+v4's 4-token blocked GEMM (``v4_maddubs.matmul_scaled_v4_blocked``) spends ~4 cycles there (0.95-1.0 cycles
+per vpmaddubsw):
   - per chunk it re-extracts the 4 code fields (1 load, 3 shifts, 4 ands) for only 4 tokens;
   - every 15 chunks (the int16 bound) each token's accumulator is reduced to a scalar (~16 instructions);
-  - each vpmaddubsw reads its activation operand from memory and only 4 tokens share a field register,
-    so loads (2 per cycle) and the 16 vpaddw fill the ports next to the 16 vpmaddubsw.
+  - each vpmaddubsw reads its activation operand from memory; 16 loads + 16 vpmaddubsw + 16 vpaddw + 8
+    extraction ops per 4 (token, chunk) pairs.
 The issue's target (a 128-token GEMM at >= 4x the tokens/s of the memory-bound GEMV, 2 threads) needs
-about 3.1 cycles per (token, chunk) per core.
+about 3.1 cycles per (token, chunk) per core (0.77 per vpmaddubsw).
 
 What v5 does:
-1. Panels. K is cut into panels of PANEL_CHUNKS = 15 chunks (1920 weights: the int16 bound below). For a
-   tile of TILE_ROWS rows, a panel's packed codes are unpacked ONCE into a uint8 scratch of codes
-   c = w + 1 in {0, 1, 2}: codes[r, 128 ch + 32 i + j] = field i of byte 32 ch + j of the row (what v4
-   extracts with shift + and), ``unpack_panel``. The scratch (TILE_ROWS x 1920 bytes) stays in L1 and is
-   reused by every token of the prefill, so unpacking costs 1/S of what v4 pays.
-2. Register tile of ROWS = 2 rows x TOKENS = 4 tokens (``panel_dot``): per chunk and field, 2 code
-   vectors and 4 activation vectors are loaded into registers (6 loads for 8 vpmaddubsw; v4: 20 for 16)
-   and multiplied pairwise into 8 int16 accumulators (8 + 6 = 14 of the 16 ymm registers). Per
-   (token, chunk): 4 vpmaddubsw, 4 vpaddw, 3 loads: the 2-cycle floor is the multiplier.
-   Activations are chunk-interleaved per 4-token block, exactly v4's blocked layout:
+1. Unpacked panels. For a tile of TILE_ROWS = 32 rows and a panel of PANEL_CHUNKS = 30 chunks (3840
+   weights), the packed codes are unpacked ONCE into a uint8 scratch of codes c = w + 1 in {0, 1, 2}:
+   codes[r, 128 ch + 32 i + j] = field i of byte 32 ch + j of the row (what v4 extracts with shift + and;
+   ``unpack_panel``). The scratch (32 x 3840 bytes = 120 KB, in L2) is reused by every token of the
+   prefill, so unpacking costs 1/S of what v4 pays per token.
+2. Register tile of ROWS = 2 rows x TOKENS = 4 tokens (``panel_dot``): per chunk and field, 2 code vectors
+   and 4 activation vectors are loaded into registers (6 loads for 8 vpmaddubsw) and multiplied pairwise
+   into 8 int16 accumulators (8 + 6 = 14 of the 16 ymm registers). Per (token, chunk): 4 vpmaddubsw, 4
+   vpaddw and 3 loads. Activations are chunk-interleaved per 4-token block, exactly v4's blocked layout:
        blocks int8 [B, C, 4, 4, 32], B = ceil(S/4), C = K/128: blocks[b, c, t, i, j] = xq[4b + t, 4(32c + j) + i]
-   (tokens past S are zeros; their outputs are not written), so a panel of a block is contiguous.
-3. No scalar reduction inside the panel: at its end the 8 int16 accumulators are widened exactly with
-   vpmaddwd(acc, 1) and summed horizontally all at once (a vphaddd tree + one cross-lane add) into 8
-   int32 sums that are added to an int32 accumulator of the tile in memory: ~20 instructions per 15
-   chunks for 8 (row, token) pairs, instead of ~16 per token.
-4. Loop order per task (one tile of TILE_ROWS rows): panel -> unpack -> token block -> row pair. The
-   panel's codes stay in L1; each token block's panel (4 x 1920 bytes) comes from L2 once per tile.
+   (tokens past S are zeros; their outputs are not written), so a panel of a token block is contiguous
+   (4 x 3840 bytes = 15 KB: it stays in L1 while the 16 row pairs of the tile pass over it).
+3. No scalar reduction every 15 chunks: there the 8 int16 accumulators are widened exactly with
+   vpmaddwd(acc, 1) into 8 int32 vectors (16 instructions per 15 chunks), and once per panel the 8 int32
+   vectors are summed horizontally all at once (a vphaddd tree + one cross-lane add, ~20 instructions) and
+   added to the tile's int32 accumulator acc[token, row] in memory.
+4. Loop order per task (one tile): panel -> unpack -> token block -> row pair; the packed rows of the
+   thread's next tile are prefetched. The epilogue converts 8 rows at a time (vcvtdq2ps, vdivps, vmulps).
+Measured (gate/up 6912 x 2560, 128 tokens, 1 thread, best of interleaved rounds): v4 blocked 0.95-0.97
+cycles per vpmaddubsw, this kernel 0.81-0.82; the register loop alone (everything in L1) 0.74.
 
 Exactness: integers only. Each vpmaddubsw pair sum is |c[2m] x[2m] + c[2m+1] x[2m+1]| <= 2*2*128 = 512
-(no saturation); 4 fields per chunk add <= 2048 to an int16 lane, 15 chunks <= 30720 < 32768, so the
-int16 accumulators never wrap within a panel. vpmaddwd by ones and the int32 sums are exact
-(|sum c x| <= 256 K < 2**31). acc = sum c x - sum x = sum w x, then the float32 epilogue
-fl(fl(float32(acc) / s_act) * row_scale), the same integers and operations as matmul_scaled_v4 and
-refbitnet.kernels.reference: bit-identical outputs, for any thread count (each output is computed by
-one thread in a fixed order).
+(no saturation); 4 fields per chunk add <= 2048 to an int16 lane, WIDEN_CHUNKS = 15 chunks <= 30720 < 32768,
+so the int16 accumulators never wrap before they are widened. vpmaddwd by ones and the int32 sums are
+exact (|sum c x| <= 256 K < 2**31 for K <= 131072). acc = sum c x - sum x = sum w x, then the float32
+epilogue fl(fl(float32(acc) / s_act) * row_scale): the same integers and operations as matmul_scaled_v4
+and refbitnet.kernels.reference, so bit-identical outputs, for any thread count (each output is computed
+by one thread in a fixed order).
 """
 
 import numpy as np
@@ -54,10 +59,11 @@ from .v4_maddubs import CHUNK, _avx2_madd_intrinsics, available
 
 FIELDS = 4                 # 2-bit codes per packed byte
 CHUNK_WEIGHTS = FIELDS * CHUNK   # 128 weights (one chunk: 32 packed bytes, 4 field vectors)
-PANEL_CHUNKS = 15          # int16 bound: 15 chunks * 4 fields * 512 = 30720 < 32768
+WIDEN_CHUNKS = 15          # int16 bound: 15 chunks * 4 fields * 512 = 30720 < 32768, then widen to int32
 ROWS = 2                   # register tile: rows ...
 TOKENS = 4                 # ... x tokens (8 int16 accumulators)
-TILE_ROWS = 16             # rows per task: 16 x 1920 bytes of unpacked codes (30 KB, L1/L2)
+TILE_ROWS = 32             # rows per task (measured best of 8/16/24/32 rows x 15/30/60-chunk panels)
+PANEL_CHUNKS = 30          # chunks per unpacked panel: 32 x 3840 bytes of codes (120 KB, in L2)
 ALIGN = 64                 # bytes: a 32-byte load never straddles two cache lines (a misaligned blocks
                            # buffer measured 5-7% slower)
 
@@ -66,7 +72,7 @@ ALIGN = 64                 # bytes: a 32-byte load never straddles two cache lin
 @intrinsic
 def unpack_panel(typingctx, packed, n0, rows, c0, nch, codes):
     """codes[r, 128 ch + 32 i + j] = (packed[n0 + r, 32 (c0 + ch) + j] >> 2i) & 3 for r < rows, ch < nch:
-    packed uint8 [N, K/4], codes uint8 [TILE_ROWS, PANEL_CHUNKS * 128]. No bounds checks."""
+    packed uint8 [N, K/4], codes uint8 [>= rows, >= 128 nch]. No bounds checks."""
     if not (isinstance(packed, types.Array) and packed.dtype == types.uint8 and isinstance(codes, types.Array)
             and codes.dtype == types.uint8):
         return None
@@ -118,9 +124,10 @@ def _hsum8(builder, vectors):
 
 @intrinsic
 def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
-    """acc[4b + t, r0 + r] += sum of c x over chunks c0 .. c0+nch-1 (nch <= PANEL_CHUNKS), for the rows r0,
-    r0 + 1 (r < ROWS) of the unpacked panel codes uint8 [tile rows, PANEL_CHUNKS * 128] and the tokens
-    4b + t (t < TOKENS) of blocks int8 [B, C, 4, 4, 32]; acc int32 [4B, tile rows]. No bounds checks."""
+    """acc[4b + t, r0 + r] += sum of c x over chunks c0 .. c0+nch-1, for the rows r0, r0 + 1 (r < ROWS) of the
+    unpacked codes uint8 [tile rows, >= 128 nch] (chunk c0 + ch at column 128 ch) and the tokens 4b + t
+    (t < TOKENS) of blocks int8 [B, C, 4, 4, 32]; acc int32 [4B, tile rows]. The int16 accumulators are
+    widened into int32 ones every WIDEN_CHUNKS chunks. No bounds checks."""
     if not (isinstance(codes, types.Array) and codes.dtype == types.uint8 and isinstance(blocks, types.Array)
             and blocks.dtype == types.int8 and blocks.ndim == 5 and isinstance(acc, types.Array)
             and acc.dtype == types.int32 and acc.ndim == 2):
@@ -133,7 +140,8 @@ def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
         ac = context.make_array(signature.args[6])(context, builder, args[6])
         r0, b, c0, nch = args[1], args[3], args[4], args[5]
         i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        v32i8, v16i16, v2i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 2)
+        v32i8, v16i16, v8i32, v2i32 = (ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8),
+                                       ir.VectorType(i32, 2))
         intp = r0.type
         maddubs, maddwd = _avx2_madd_intrinsics(builder.module)
         cd_stride = builder.extract_value(cd.strides, 0)
@@ -143,22 +151,34 @@ def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
         chunk_stride = builder.extract_value(bl.strides, 1)          # = 4 tokens * 4 fields * 32 bytes
         x_base = builder.gep(builder.bitcast(bl.data, i8.as_pointer()),
                              [builder.add(builder.mul(b, block_stride), builder.mul(c0, chunk_stride))])
-        # accs[ROWS * t + r]: int16 lanes of (token t, row r); 8 registers
+        # accs[ROWS * t + r]: int16 lanes of (token t, row r), 8 registers; wides: their int32 widening
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, None)) for _ in range(ROWS * TOKENS)]
-        with cgutils.for_range(builder, nch) as loop:
-            w_off = builder.mul(loop.index, ir.Constant(intp, CHUNK_WEIGHTS))
-            x_chunk = builder.bitcast(builder.gep(x_base, [builder.mul(loop.index, chunk_stride)]), v32i8.as_pointer())
-            for i in range(FIELDS):
-                off = builder.add(w_off, ir.Constant(intp, CHUNK * i))
-                w = [builder.load(builder.bitcast(builder.gep(row, [off]), v32i8.as_pointer()), align=1)
-                     for row in code_rows]                                # field i of the chunk, ROWS rows
-                for t in range(TOKENS):
-                    x = builder.load(builder.gep(x_chunk, [ir.Constant(i32, FIELDS * t + i)]), align=1)
-                    for r in range(ROWS):
-                        a = accs[ROWS * t + r]
-                        builder.store(builder.add(builder.load(a), builder.call(maddubs, [w[r], x])), a)
+        wides = [cgutils.alloca_once_value(builder, ir.Constant(v8i32, None)) for _ in range(ROWS * TOKENS)]
         ones = ir.Constant(v16i16, [1] * 16)
-        sums = _hsum8(builder, [builder.call(maddwd, [builder.load(a), ones]) for a in accs])   # [8] i32
+        panel = ir.Constant(intp, WIDEN_CHUNKS)
+        n_panels = builder.udiv(builder.add(nch, ir.Constant(intp, WIDEN_CHUNKS - 1)), panel)
+        with cgutils.for_range(builder, n_panels) as pl:
+            p0 = builder.mul(pl.index, panel)
+            left = builder.sub(nch, p0)
+            count = builder.select(builder.icmp_signed("<", left, panel), left, panel)
+            for a in accs:
+                builder.store(ir.Constant(v16i16, None), a)
+            with cgutils.for_range(builder, count) as loop:
+                ch = builder.add(p0, loop.index)
+                w_off = builder.mul(ch, ir.Constant(intp, CHUNK_WEIGHTS))
+                x_chunk = builder.bitcast(builder.gep(x_base, [builder.mul(ch, chunk_stride)]), v32i8.as_pointer())
+                for i in range(FIELDS):
+                    off = builder.add(w_off, ir.Constant(intp, CHUNK * i))
+                    w = [builder.load(builder.bitcast(builder.gep(row, [off]), v32i8.as_pointer()), align=1)
+                         for row in code_rows]                                # field i of the chunk, ROWS rows
+                    for t in range(TOKENS):
+                        x = builder.load(builder.gep(x_chunk, [ir.Constant(i32, FIELDS * t + i)]), align=1)
+                        for r in range(ROWS):
+                            a = accs[ROWS * t + r]
+                            builder.store(builder.add(builder.load(a), builder.call(maddubs, [w[r], x])), a)
+            for a, wd in zip(accs, wides):                                    # int16 -> int32, exact
+                builder.store(builder.add(builder.load(wd), builder.call(maddwd, [builder.load(a), ones])), wd)
+        sums = _hsum8(builder, [builder.load(wd) for wd in wides])           # [8] i32, lane ROWS * t + r
         acc_row_stride = builder.extract_value(ac.strides, 0)
         acc_ptr = builder.bitcast(ac.data, i8.as_pointer())
         for t in range(TOKENS):
@@ -167,6 +187,30 @@ def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
                                           acc_row_stride), builder.mul(r0, ir.Constant(intp, 4)))
             dst = builder.bitcast(builder.gep(acc_ptr, [off]), v2i32.as_pointer())
             builder.store(builder.add(builder.load(dst, align=4), pair), dst, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def prefetch_rows(typingctx, packed, n0, rows):
+    """Prefetch rows n0 .. n0+rows-1 of packed uint8 [N, K/4] into the caches (no fault if out of range)."""
+    if not (isinstance(packed, types.Array) and packed.dtype == types.uint8):
+        return None
+    sig = types.void(packed, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        pk = context.make_array(signature.args[0])(context, builder, args[0])
+        n0, rows = args[1], args[2]
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        intp = n0.type
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch")
+        stride = builder.extract_value(pk.strides, 0)
+        start = builder.gep(builder.bitcast(pk.data, i8.as_pointer()), [builder.mul(n0, stride)])
+        lines = builder.udiv(builder.add(builder.mul(rows, stride), ir.Constant(intp, 63)), ir.Constant(intp, 64))
+        with cgutils.for_range(builder, lines) as loop:
+            builder.call(prefetch, [builder.gep(start, [builder.mul(loop.index, ir.Constant(intp, 64))]),
+                                    ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return sig, codegen
 
@@ -214,20 +258,24 @@ def epilogue8(typingctx, acc, s, r, xs, sa, row_scale, n, out):
 def matmul_scaled_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows, panel_chunks):
     """packed uint8 [N, K/4] (kernel layout), blocks int8 [ceil(S/4), K/128, 4, 4, 32] (see above), xsum
     int32 [S], s_act f32 [S], row_scale f32 [N] -> out f32 [S, N] = fl(fl(float32(acc) / s_act[s]) *
-    row_scale[n]), acc = xq @ w.T exactly. tile_rows (even) rows per task, panels of panel_chunks <= 15
-    chunks. No checks: call ``prefill_matmul`` unless the operands are known good."""
+    row_scale[n]), acc = xq @ w.T exactly. tile_rows >= 1 rows per task, panels of panel_chunks >= 1 chunks
+    (TILE_ROWS, PANEL_CHUNKS are the measured best). No checks: call ``ternary_matmul_v5`` /
+    ``prefill_matmul`` unless the operands are known good."""
     N = packed.shape[0]
     S = out.shape[0]
     n_chunks = packed.shape[1] // CHUNK
     B = blocks.shape[0]
-    width = panel_chunks * CHUNK_WEIGHTS
+    width = min(panel_chunks, n_chunks) * CHUNK_WEIGHTS
+    pad_rows = tile_rows + tile_rows % ROWS                    # whole row pairs: an odd last row pairs with zeros
     for tile in prange((N + tile_rows - 1) // tile_rows):
         n0 = tile * tile_rows
         rows = min(tile_rows, N - n0)
-        buf = np.zeros(tile_rows * width + 64, np.uint8)                       # rows past N stay 0
-        a0 = (64 - buf.ctypes.data % 64) % 64                                   # 64-byte aligned codes
-        codes = buf[a0:a0 + tile_rows * width].reshape(tile_rows, width)        # [tile rows, panel weights]
-        acc = np.zeros((TOKENS * B, tile_rows), np.int32)                       # [tokens, tile rows]
+        buf = np.zeros(pad_rows * width + ALIGN, np.uint8)                    # rows past `rows` stay 0
+        a0 = (ALIGN - buf.ctypes.data % ALIGN) % ALIGN                          # 64-byte aligned codes
+        codes = buf[a0:a0 + pad_rows * width].reshape(pad_rows, width)          # [tile rows, panel weights]
+        acc = np.zeros((TOKENS * B, pad_rows), np.int32)                        # [tokens, tile rows]
+        if n0 + tile_rows < N:                                      # the next tile of this thread
+            prefetch_rows(packed, n0 + tile_rows, min(tile_rows, N - n0 - tile_rows))
         for c0 in range(0, n_chunks, panel_chunks):
             nch = min(panel_chunks, n_chunks - c0)
             unpack_panel(packed, n0, rows, c0, nch, codes)
