@@ -134,7 +134,7 @@ v4.matmul_scaled_v4_blocked(p, v5.pack_token_blocks(xq), xsum, s, rows, out)
 v5.ternary_matmul_v5(xq, s, p, 1.0)
 for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), ("lm_head", lm_head.bf16_matmul_kernel, "vmulps"),
                            ("v4 blocked (4 tokens x 1 row per chunk)", v4.matmul_scaled_v4_blocked, "vpmaddubsw"),
-                           ("v5 (4 tokens x 2 rows per chunk)", v5.matmul_scaled_v5, "vpmaddubsw")):
+                           ("v5 (4 tokens x 2 rows per chunk)", v5._tile, "vpmaddubsw")):
     asm = next(iter(disp.inspect_asm().values()))
     blocks = re.split(r"\n(?=\.LBB)", asm)                     # basic blocks
     loop = max(blocks, key=lambda b: len(re.findall(marker + r"\s[^\n]*ymm", b)))

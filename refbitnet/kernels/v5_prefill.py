@@ -48,7 +48,7 @@ by one thread in a fixed order).
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
@@ -254,42 +254,66 @@ def epilogue8(typingctx, acc, s, r, xs, sa, row_scale, n, out):
 
 
 # ---------------------------------------------------------------------------------------------- kernel
-@njit(cache=True, parallel=True)
-def matmul_scaled_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows, panel_chunks):
+def matmul_scaled_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows=TILE_ROWS, panel_chunks=PANEL_CHUNKS):
     """packed uint8 [N, K/4] (kernel layout), blocks int8 [ceil(S/4), K/128, 4, 4, 32] (see above), xsum
     int32 [S], s_act f32 [S], row_scale f32 [N] -> out f32 [S, N] = fl(fl(float32(acc) / s_act[s]) *
-    row_scale[n]), acc = xq @ w.T exactly. tile_rows >= 1 rows per task, panels of panel_chunks >= 1 chunks
-    (TILE_ROWS, PANEL_CHUNKS are the measured best). No checks: call ``ternary_matmul_v5`` /
-    ``prefill_matmul`` unless the operands are known good."""
+    row_scale[n]), acc = xq @ w.T exactly, on get_num_threads() threads. tile_rows >= 1 rows per tile,
+    panels of panel_chunks >= 1 chunks (the defaults are the measured best). No checks: call
+    ``ternary_matmul_v5`` / ``prefill_matmul`` unless the operands are known good."""
+    _matmul_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows, panel_chunks, get_num_threads())
+
+
+@njit(cache=True, parallel=True)
+def _matmul_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows, panel_chunks, threads):
+    """matmul_scaled_v5 on `threads` parallel tasks (the thread count is passed in: calling
+    get_num_threads() here would keep Numba from caching the compiled code)."""
     N = packed.shape[0]
     S = out.shape[0]
     n_chunks = packed.shape[1] // CHUNK
     B = blocks.shape[0]
     width = min(panel_chunks, n_chunks) * CHUNK_WEIGHTS
     pad_rows = tile_rows + tile_rows % ROWS                    # whole row pairs: an odd last row pairs with zeros
-    for tile in prange((N + tile_rows - 1) // tile_rows):
-        n0 = tile * tile_rows
-        rows = min(tile_rows, N - n0)
-        buf = np.zeros(pad_rows * width + ALIGN, np.uint8)                    # rows past `rows` stay 0
+    n_tiles = (N + tile_rows - 1) // tile_rows
+    workers = max(1, min(threads, n_tiles))
+    # One parallel task per thread, each over a contiguous range of tiles with its own scratch, allocated
+    # once per call (a 120 KB allocation per tile costs its zeroing, and, depending on the allocator's
+    # state, page faults: measured up to 2x slower).
+    for w in prange(workers):
+        buf = np.empty(pad_rows * width + ALIGN, np.uint8)
         a0 = (ALIGN - buf.ctypes.data % ALIGN) % ALIGN                          # 64-byte aligned codes
         codes = buf[a0:a0 + pad_rows * width].reshape(pad_rows, width)          # [tile rows, panel weights]
-        acc = np.zeros((TOKENS * B, pad_rows), np.int32)                        # [tokens, tile rows]
-        if n0 + tile_rows < N:                                      # the next tile of this thread
-            prefetch_rows(packed, n0 + tile_rows, min(tile_rows, N - n0 - tile_rows))
-        for c0 in range(0, n_chunks, panel_chunks):
-            nch = min(panel_chunks, n_chunks - c0)
-            unpack_panel(packed, n0, rows, c0, nch, codes)
-            for b in range(B):
-                for r0 in range(0, rows, ROWS):
-                    panel_dot(codes, r0, blocks, b, c0, nch, acc)
-        for s in range(S):
-            xs = xsum[s]
-            sa = s_act[s]
-            for r8 in range(0, rows - 7, 8):
-                epilogue8(acc, s, r8, xs, sa, row_scale, n0 + r8, out)        # 8 rows in one vdivps
-            for r in range(rows - rows % 8, rows):
-                y = np.float32(np.float32(np.int32(acc[s, r] - xs)) / sa)
-                out[s, n0 + r] = np.float32(y * row_scale[n0 + r])
+        acc = np.empty((TOKENS * B, pad_rows), np.int32)                        # [tokens, tile rows]
+        for tile in range(w * n_tiles // workers, (w + 1) * n_tiles // workers):
+            _tile(packed, blocks, xsum, s_act, row_scale, out, tile * tile_rows, tile_rows, panel_chunks, codes, acc)
+
+
+@njit(cache=True)
+def _tile(packed, blocks, xsum, s_act, row_scale, out, n0, tile_rows, panel_chunks, codes, acc):
+    """Rows n0 .. n0+tile_rows-1 (clipped to N) of matmul_scaled_v5, with the caller's scratch codes uint8
+    [pad rows, panel weights] and acc int32 [4B, pad rows]."""
+    N = packed.shape[0]
+    S = out.shape[0]
+    n_chunks = packed.shape[1] // CHUNK
+    B = blocks.shape[0]
+    rows = min(tile_rows, N - n0)
+    codes[rows:] = 0                                                            # a missing partner row
+    acc[:] = 0
+    if n0 + tile_rows < N:                                                      # this thread's next tile
+        prefetch_rows(packed, n0 + tile_rows, min(tile_rows, N - n0 - tile_rows))
+    for c0 in range(0, n_chunks, panel_chunks):
+        nch = min(panel_chunks, n_chunks - c0)
+        unpack_panel(packed, n0, rows, c0, nch, codes)
+        for b in range(B):
+            for r0 in range(0, rows, ROWS):
+                panel_dot(codes, r0, blocks, b, c0, nch, acc)
+    for s in range(S):
+        xs = xsum[s]
+        sa = s_act[s]
+        for r8 in range(0, rows - 7, 8):
+            epilogue8(acc, s, r8, xs, sa, row_scale, n0 + r8, out)        # 8 rows in one vdivps
+        for r in range(rows - rows % 8, rows):
+            y = np.float32(np.float32(np.int32(acc[s, r] - xs)) / sa)
+            out[s, n0 + r] = np.float32(y * row_scale[n0 + r])
 
 
 # ------------------------------------------------------------------------------------------ activations
