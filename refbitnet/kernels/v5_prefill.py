@@ -369,12 +369,12 @@ def quantize_token_blocks(x, s, blocks, xsum):
         s[r] = scale
         b, t = r // TOKENS, r % TOKENS
         q = np.empty(K, np.int8)                                   # this token's codes, in k order
-        total = 0
+        total = np.int32(0)                                        # |sum| <= 128 K < 2**31
         for k in range(K):
-            v = np.round(np.float32(x[r, k] * scale))              # round half to even (numpy's rint)
+            v = np.rint(np.float32(x[r, k] * scale))               # round half to even, as np.round
             qi = np.int8(min(max(v, np.float32(-128.0)), np.float32(127.0)))
             q[k] = qi
-            total += qi
+            total += np.int32(qi)
         xsum[r] = total
         for c in range(K // CHUNK_WEIGHTS):
             for i in range(FIELDS):
