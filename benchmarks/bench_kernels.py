@@ -134,7 +134,7 @@ v4.matmul_scaled_v4_blocked(p, v5.pack_token_blocks(xq), xsum, s, rows, out)
 v5.ternary_matmul_v5(xq, s, p, 1.0)
 for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), ("lm_head", lm_head.bf16_matmul_kernel, "vmulps"),
                            ("v4 blocked (4 tokens x 1 row per chunk)", v4.matmul_scaled_v4_blocked, "vpmaddubsw"),
-                           ("v5 (4 tokens x 2 rows per chunk)", v5._tile, "vpmaddubsw")):
+                           ("v5 (8 tokens x 1 row per chunk)", v5._tile, "vpmaddubsw")):
     asm = next(iter(disp.inspect_asm().values()))
     blocks = re.split(r"\n(?=\.LBB)", asm)                     # basic blocks
     loop = max(blocks, key=lambda b: len(re.findall(marker + r"\s[^\n]*ymm", b)))
@@ -204,9 +204,7 @@ def main():
             blocks[:S] = xqg.reshape(S, K // 128, 32, 4).transpose(0, 1, 3, 2)
             cases[name]["v4blocks"] = np.ascontiguousarray(blocks.reshape(-1, t4, K // 128, 4, 32).transpose(0, 2, 1, 3, 4))
             cases[name]["v4outb"] = np.empty((S, N), np.float32)
-            v5_blocks = v5_prefill.empty_token_blocks(S, K)       # the same layout, 64-byte aligned
-            v5_blocks[...] = cases[name]["v4blocks"]
-            cases[name]["v5blocks"] = v5_blocks
+            cases[name]["v5blocks"] = v5_prefill.pack_token_blocks(xqg)   # [ceil(S/8), K/128, 8, 4, 32], aligned
             cases[name]["v5out"] = np.empty((S, N), np.float32)
             c4 = cases[name]
             v4_maddubs.matmul_scaled_v4(packed, c4["v4planes"], c4["v4xsum"], s, c4["rows"], c4["v4out"])
@@ -336,7 +334,7 @@ def main():
           f"runtime's GEMV above, i.e. {args.gemm_tokens} x GEMV time / GEMM time (the issue's target: >= 4x at 2 threads)."
           f"\n  v3: the public kernels.ternary_matmul (checks + planes included)"
           + ("; v4 'pairs' (2 tokens per weight pass), v4 'blocked' (4 tokens, what the runtime ran before v5) and "
-             "v5 (v5_prefill: unpacked code panels, 2 rows x 4 tokens): kernel call only, activations quantized outside"
+             "v5 (v5_prefill: unpacked code panels, 1 row x 8 tokens): kernel call only, activations quantized outside"
              if use_v4 else ""))
     print(f"{'shape':8} {'thr':>3} {'v3 ms':>8} {'x GEMV':>7}"
           + (f" {'pairs ms':>8} {'x GEMV':>7} {'blocked':>8} {'x GEMV':>7} {'v5 ms':>8} {'x GEMV':>7} {'v5 gain':>7}"

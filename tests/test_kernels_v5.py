@@ -3,8 +3,8 @@
 Numerics: "int". The kernel's integers are checked through its float output with s = 1 and
 weight_scale = 1, where y = float32(acc) is exact (|acc| <= 128 K < 2**24 for K <= 131072); every other
 comparison is of float32 bits (uint32 views) against refbitnet.kernels.reference / bitlinear_int and
-v4_maddubs.matmul_scaled_v4_blocked (which reads the same token blocks). Shapes are drawn so that S is
-not a multiple of the 4-token block, N not a multiple of the row tile, and K spans several 15-chunk panels.
+v4_maddubs.matmul_scaled_v4_blocked. Shapes are drawn so that S is not a multiple of the 8-token block,
+N not a multiple of the row tile, and K spans several 15-chunk int16 windows and unpacked panels.
 """
 
 import numpy as np
@@ -90,6 +90,14 @@ def test_int16_panel_bound_extremes(K, x, w):
 
 
 # ------------------------------------------------------------------------------------------------- floats
+def v4_token_blocks(xq):
+    """v4 blocked's layout [ceil(S/4), K/128, 4, 4, 32]: blocks[b, c, t, i, j] = xq[4b + t, 4(32c + j) + i]."""
+    S, K = xq.shape
+    padded = np.zeros((-(-S // 4) * 4, K), np.int8)
+    padded[:S] = xq
+    return np.ascontiguousarray(padded.reshape(-1, 4, K // 128, 32, 4).transpose(0, 2, 1, 4, 3))
+
+
 @given(problem(), st.integers(0, 2**32 - 1))
 def test_bit_identical_to_reference_and_v4_blocked(prob, seed):
     xq, codes = prob
@@ -103,7 +111,7 @@ def test_bit_identical_to_reference_and_v4_blocked(prob, seed):
     np.testing.assert_array_equal(bits(y), bits(expected))
     v4 = np.empty((S, N), np.float32)
     xsum = xq.astype(np.int64).sum(1).astype(np.int32)
-    v4_maddubs.matmul_scaled_v4_blocked(packed, v5.pack_token_blocks(xq), xsum, s, ws, v4)
+    v4_maddubs.matmul_scaled_v4_blocked(packed, v4_token_blocks(xq), xsum, s, ws, v4)
     np.testing.assert_array_equal(bits(y), bits(v4))
 
 
@@ -142,14 +150,14 @@ def test_quantize_token_blocks_equals_absmax_int8(seed, S, chunks):
 
 
 def test_pack_token_blocks_layout():
-    """blocks[b, c, t, i, j] = xq[4b + t, 4(32c + j) + i], written out element by element."""
+    """blocks[b, c, t, i, j] = xq[8b + t, 4(32c + j) + i], written out element by element."""
     rng = np.random.default_rng(0)
-    xq = rng.integers(-128, 128, (6, 256)).astype(np.int8)
+    xq = rng.integers(-128, 128, (11, 256)).astype(np.int8)
     blocks = v5.pack_token_blocks(xq)
-    assert blocks.shape == (2, 2, 4, 4, 32)
+    assert blocks.shape == (2, 2, 8, 4, 32) and v5.TOKENS == 8
     for b, c, t, i, j in np.ndindex(*blocks.shape):
-        s = 4 * b + t
-        assert blocks[b, c, t, i, j] == (xq[s, 4 * (32 * c + j) + i] if s < 6 else 0)
+        s = 8 * b + t
+        assert blocks[b, c, t, i, j] == (xq[s, 4 * (32 * c + j) + i] if s < 11 else 0)
 
 
 # ------------------------------------------------------------------------------------------------ threads

@@ -1,4 +1,4 @@
-"""v5: the prefill GEMM (S tokens at once) near the vpmaddubsw peak: unpacked code panels, 2 rows x 4 tokens.
+"""v5: the prefill GEMM (S tokens at once) near the vpmaddubsw peak: unpacked code panels, 1 row x 8 tokens.
 
 Why: prefill multiplies the same weights by S (e.g. 128) tokens, so it can be compute-bound instead of
 memory-bound. On the development machine (AMD Zen 3, ~3.2 GHz, AVX2, no VNNI) vpmaddubsw on ymm has a
@@ -13,29 +13,36 @@ per vpmaddubsw):
   - each vpmaddubsw reads its activation operand from memory; 16 loads + 16 vpmaddubsw + 16 vpaddw + 8
     extraction ops per 4 (token, chunk) pairs.
 The issue's target (a 128-token GEMM at >= 4x the tokens/s of the memory-bound GEMV, 2 threads) needs
-about 3.1 cycles per (token, chunk) per core (0.77 per vpmaddubsw).
+about 3.1 cycles per (token, chunk) per core (0.77 per vpmaddubsw) if the GEMV takes 0.27 ms (gate/up).
 
 What v5 does:
-1. Unpacked panels. For a tile of TILE_ROWS = 32 rows and a panel of PANEL_CHUNKS = 30 chunks (3840
+1. Unpacked panels. For a tile of TILE_ROWS = 24 rows and a panel of PANEL_CHUNKS = 20 chunks (2560
    weights), the packed codes are unpacked ONCE into a uint8 scratch of codes c = w + 1 in {0, 1, 2}:
    codes[r, 128 ch + 32 i + j] = field i of byte 32 ch + j of the row (what v4 extracts with shift + and;
-   ``unpack_panel``). The scratch (32 x 3840 bytes = 120 KB, in L2) is reused by every token of the
+   ``unpack_panel``). The scratch (24 x 2560 bytes = 60 KB, in L2) is reused by every token of the
    prefill, so unpacking costs 1/S of what v4 pays per token.
-2. Register tile of ROWS = 2 rows x TOKENS = 4 tokens (``panel_dot``): per chunk and field, 2 code vectors
-   and 4 activation vectors are loaded into registers (6 loads for 8 vpmaddubsw) and multiplied pairwise
-   into 8 int16 accumulators (8 + 6 = 14 of the 16 ymm registers). Per (token, chunk): 4 vpmaddubsw, 4
-   vpaddw and 3 loads. Activations are chunk-interleaved per 4-token block, exactly v4's blocked layout:
-       blocks int8 [B, C, 4, 4, 32], B = ceil(S/4), C = K/128: blocks[b, c, t, i, j] = xq[4b + t, 4(32c + j) + i]
-   (tokens past S are zeros; their outputs are not written), so a panel of a token block is contiguous
-   (4 x 3840 bytes = 15 KB: it stays in L1 while the 16 row pairs of the tile pass over it).
+2. Register tile of ROWS = 1 row x TOKENS = 8 tokens (``panel_dot``): per chunk and field, the row's code
+   vector is loaded into a register (the unsigned operand of vpmaddubsw must be one) and multiplied with
+   the 8 tokens' activation vectors, which vpmaddubsw reads straight from memory, into 8 int16
+   accumulators: per (token, chunk) 4 vpmaddubsw (each with its load) + 4 vpaddw + 0.5 loads of codes,
+   10 of the 16 ymm registers, no spills. (2 rows x 4 tokens, loading the 4 activation vectors once for
+   both rows, needs 14 registers, LLVM spills 3 of them, and measured ~3% slower; 4 x 2 ~10% slower.)
+   Activations are chunk-interleaved per 8-token block, so the 32 activation vectors of a chunk sit at
+   constant offsets from one pointer:
+       blocks int8 [B, C, 8, 4, 32], B = ceil(S/8), C = K/128: blocks[b, c, t, i, j] = xq[8b + t, 4(32c + j) + i]
+   (tokens past S are zeros; their outputs are not written); a panel of a token block (8 x 2560 bytes =
+   20 KB) stays in L1 while the 24 rows of the tile pass over it.
 3. No scalar reduction every 15 chunks: there the 8 int16 accumulators are widened exactly with
    vpmaddwd(acc, 1) into 8 int32 vectors (16 instructions per 15 chunks), and once per panel the 8 int32
    vectors are summed horizontally all at once (a vphaddd tree + one cross-lane add, ~20 instructions) and
    added to the tile's int32 accumulator acc[token, row] in memory.
-4. Loop order per task (one tile): panel -> unpack -> token block -> row pair; the packed rows of the
-   thread's next tile are prefetched. The epilogue converts 8 rows at a time (vcvtdq2ps, vdivps, vmulps).
-Measured (gate/up 6912 x 2560, 128 tokens, 1 thread, best of interleaved rounds): v4 blocked 0.95-0.97
-cycles per vpmaddubsw, this kernel 0.81-0.82; the register loop alone (everything in L1) 0.74.
+4. Loop order per tile: panel -> unpack -> token block -> row; the packed rows of the thread's next tile
+   are prefetched; one task per thread over a contiguous range of tiles, with its scratch allocated once
+   per call. The epilogue converts 8 rows at a time (vcvtdq2ps, vdivps, vmulps).
+Measured (128 tokens, 1 thread, best of 12 interleaved rounds, cycles per vpmaddubsw at 3.18 GHz): v4
+blocked 0.95-1.0; this kernel 0.77 (gate/up, q/o) - 0.80 (down); the register loop alone with everything
+in L1 ~0.7; a probe of independent vpmaddubsw + vpaddw pairs 0.63 (the adds share the 4 vector pipes with
+the multiplies, which only 2 of them execute).
 
 Exactness: integers only. Each vpmaddubsw pair sum is |c[2m] x[2m] + c[2m+1] x[2m+1]| <= 2*2*128 = 512
 (no saturation); 4 fields per chunk add <= 2048 to an int16 lane, WIDEN_CHUNKS = 15 chunks <= 30720 < 32768,
@@ -60,10 +67,10 @@ from .v4_maddubs import CHUNK, _avx2_madd_intrinsics, available
 FIELDS = 4                 # 2-bit codes per packed byte
 CHUNK_WEIGHTS = FIELDS * CHUNK   # 128 weights (one chunk: 32 packed bytes, 4 field vectors)
 WIDEN_CHUNKS = 15          # int16 bound: 15 chunks * 4 fields * 512 = 30720 < 32768, then widen to int32
-ROWS = 2                   # register tile: rows ...
-TOKENS = 4                 # ... x tokens (8 int16 accumulators)
-TILE_ROWS = 32             # rows per task (measured best of 8/16/24/32 rows x 15/30/60-chunk panels)
-PANEL_CHUNKS = 30          # chunks per unpacked panel: 32 x 3840 bytes of codes (120 KB, in L2)
+ROWS = 1                   # register tile: rows ...
+TOKENS = 8                 # ... x tokens (8 int16 accumulators; ROWS * TOKENS == 8)
+TILE_ROWS = 24             # rows per tile (measured: 16-32 rows x 15-30-chunk panels, 1x8 and 2x4 tiles)
+PANEL_CHUNKS = 20          # chunks per unpacked panel: 24 x 2560 bytes of codes (60 KB, in L2)
 ALIGN = 64                 # bytes: a 32-byte load never straddles two cache lines (a misaligned blocks
                            # buffer measured 5-7% slower)
 
@@ -124,10 +131,10 @@ def _hsum8(builder, vectors):
 
 @intrinsic
 def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
-    """acc[4b + t, r0 + r] += sum of c x over chunks c0 .. c0+nch-1, for the rows r0, r0 + 1 (r < ROWS) of the
-    unpacked codes uint8 [tile rows, >= 128 nch] (chunk c0 + ch at column 128 ch) and the tokens 4b + t
-    (t < TOKENS) of blocks int8 [B, C, 4, 4, 32]; acc int32 [4B, tile rows]. The int16 accumulators are
-    widened into int32 ones every WIDEN_CHUNKS chunks. No bounds checks."""
+    """acc[T b + t, r0 + r] += sum of c x over chunks c0 .. c0+nch-1, for the rows r0 + r (r < ROWS) of the
+    unpacked codes uint8 [tile rows, >= 128 nch] (chunk c0 + ch at column 128 ch) and the tokens T b + t
+    (t < T = TOKENS) of blocks int8 [B, C, T, 4, 32]; acc int32 [T B, tile rows]. The int16 accumulators
+    are widened into int32 ones every WIDEN_CHUNKS chunks. No bounds checks."""
     if not (isinstance(codes, types.Array) and codes.dtype == types.uint8 and isinstance(blocks, types.Array)
             and blocks.dtype == types.int8 and blocks.ndim == 5 and isinstance(acc, types.Array)
             and acc.dtype == types.int32 and acc.ndim == 2):
@@ -140,18 +147,18 @@ def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
         ac = context.make_array(signature.args[6])(context, builder, args[6])
         r0, b, c0, nch = args[1], args[3], args[4], args[5]
         i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-        v32i8, v16i16, v8i32, v2i32 = (ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8),
-                                       ir.VectorType(i32, 2))
+        v32i8, v16i16, v8i32 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
         intp = r0.type
         maddubs, maddwd = _avx2_madd_intrinsics(builder.module)
         cd_stride = builder.extract_value(cd.strides, 0)
         code_rows = [builder.gep(builder.bitcast(cd.data, i8.as_pointer()),
                                  [builder.mul(builder.add(r0, ir.Constant(intp, r)), cd_stride)]) for r in range(ROWS)]
         block_stride = builder.extract_value(bl.strides, 0)
-        chunk_stride = builder.extract_value(bl.strides, 1)          # = 4 tokens * 4 fields * 32 bytes
+        chunk_stride = builder.extract_value(bl.strides, 1)          # = T tokens * 4 fields * 32 bytes
         x_base = builder.gep(builder.bitcast(bl.data, i8.as_pointer()),
                              [builder.add(builder.mul(b, block_stride), builder.mul(c0, chunk_stride))])
         # accs[ROWS * t + r]: int16 lanes of (token t, row r), 8 registers; wides: their int32 widening
+        assert ROWS * TOKENS == 8                                     # one register per (row, token), _hsum8
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, None)) for _ in range(ROWS * TOKENS)]
         wides = [cgutils.alloca_once_value(builder, ir.Constant(v8i32, None)) for _ in range(ROWS * TOKENS)]
         ones = ir.Constant(v16i16, [1] * 16)
@@ -182,11 +189,13 @@ def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
         acc_row_stride = builder.extract_value(ac.strides, 0)
         acc_ptr = builder.bitcast(ac.data, i8.as_pointer())
         for t in range(TOKENS):
-            pair = builder.shuffle_vector(sums, sums, ir.Constant(v2i32, [ROWS * t, ROWS * t + 1]))
-            off = builder.add(builder.mul(builder.add(builder.mul(b, ir.Constant(intp, TOKENS)), ir.Constant(intp, t)),
-                                          acc_row_stride), builder.mul(r0, ir.Constant(intp, 4)))
-            dst = builder.bitcast(builder.gep(acc_ptr, [off]), v2i32.as_pointer())
-            builder.store(builder.add(builder.load(dst, align=4), pair), dst, align=4)
+            for r in range(ROWS):                                              # acc[T b + t, r0 + r] += lane
+                row = builder.add(builder.mul(b, ir.Constant(intp, TOKENS)), ir.Constant(intp, t))
+                col = builder.add(r0, ir.Constant(intp, r))
+                off = builder.add(builder.mul(row, acc_row_stride), builder.mul(col, ir.Constant(intp, 4)))
+                dst = builder.bitcast(builder.gep(acc_ptr, [off]), i32.as_pointer())
+                lane = builder.extract_element(sums, ir.Constant(i32, ROWS * t + r))
+                builder.store(builder.add(builder.load(dst), lane), dst)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -255,7 +264,7 @@ def epilogue8(typingctx, acc, s, r, xs, sa, row_scale, n, out):
 
 # ---------------------------------------------------------------------------------------------- kernel
 def matmul_scaled_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows=TILE_ROWS, panel_chunks=PANEL_CHUNKS):
-    """packed uint8 [N, K/4] (kernel layout), blocks int8 [ceil(S/4), K/128, 4, 4, 32] (see above), xsum
+    """packed uint8 [N, K/4] (kernel layout), blocks int8 [ceil(S/8), K/128, 8, 4, 32] (see above), xsum
     int32 [S], s_act f32 [S], row_scale f32 [N] -> out f32 [S, N] = fl(fl(float32(acc) / s_act[s]) *
     row_scale[n]), acc = xq @ w.T exactly, on get_num_threads() threads. tile_rows >= 1 rows per tile,
     panels of panel_chunks >= 1 chunks (the defaults are the measured best). No checks: call
@@ -272,7 +281,7 @@ def _matmul_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows, panel_chu
     n_chunks = packed.shape[1] // CHUNK
     B = blocks.shape[0]
     width = min(panel_chunks, n_chunks) * CHUNK_WEIGHTS
-    pad_rows = tile_rows + tile_rows % ROWS                    # whole row pairs: an odd last row pairs with zeros
+    pad_rows = -(-tile_rows // ROWS) * ROWS                     # whole register tiles (zero rows pad the last)
     n_tiles = (N + tile_rows - 1) // tile_rows
     workers = max(1, min(threads, n_tiles))
     # One parallel task per thread, each over a contiguous range of tiles with its own scratch, allocated
@@ -290,13 +299,13 @@ def _matmul_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows, panel_chu
 @njit(cache=True)
 def _tile(packed, blocks, xsum, s_act, row_scale, out, n0, tile_rows, panel_chunks, codes, acc):
     """Rows n0 .. n0+tile_rows-1 (clipped to N) of matmul_scaled_v5, with the caller's scratch codes uint8
-    [pad rows, panel weights] and acc int32 [4B, pad rows]."""
+    [pad rows, panel weights] and acc int32 [T B, pad rows]."""
     N = packed.shape[0]
     S = out.shape[0]
     n_chunks = packed.shape[1] // CHUNK
     B = blocks.shape[0]
     rows = min(tile_rows, N - n0)
-    codes[rows:] = 0                                                            # a missing partner row
+    codes[rows:] = 0                                                            # padding rows of a tile
     acc[:] = 0
     if n0 + tile_rows < N:                                                      # this thread's next tile
         prefetch_rows(packed, n0 + tile_rows, min(tile_rows, N - n0 - tile_rows))
@@ -318,7 +327,7 @@ def _tile(packed, blocks, xsum, s_act, row_scale, out, n0, tile_rows, panel_chun
 
 # ------------------------------------------------------------------------------------------ activations
 def empty_token_blocks(S: int, K: int) -> np.ndarray:
-    """An uninitialized, 64-byte aligned int8 [ceil(S/4), K/128, 4, 4, 32] buffer for ``quantize_token_blocks``
+    """An uninitialized, 64-byte aligned int8 [ceil(S/8), K/128, 8, 4, 32] buffer for ``quantize_token_blocks``
     (np.empty of a large array is typically only 16-byte aligned)."""
     shape = ((S + TOKENS - 1) // TOKENS, K // CHUNK_WEIGHTS, TOKENS, FIELDS, CHUNK)
     n = int(np.prod(shape))
@@ -328,13 +337,13 @@ def empty_token_blocks(S: int, K: int) -> np.ndarray:
 
 
 def pack_token_blocks(xq: np.ndarray) -> np.ndarray:
-    """The readable layout: xq int8 [S, K] (K % 128 == 0) -> blocks int8 [B, K/128, 4, 4, 32], B = ceil(S/4),
-    blocks[b, c, t, i, j] = xq[4b + t, 4(32c + j) + i]; the tokens of the last block past S are zeros."""
+    """The readable layout: xq int8 [S, K] (K % 128 == 0) -> blocks int8 [B, K/128, 8, 4, 32], B = ceil(S/8),
+    blocks[b, c, t, i, j] = xq[8b + t, 4(32c + j) + i]; the tokens of the last block past S are zeros."""
     S, K = xq.shape
-    padded = np.zeros((-(-S // TOKENS) * TOKENS, K), np.int8)           # [4B, K]
+    padded = np.zeros((-(-S // TOKENS) * TOKENS, K), np.int8)           # [8B, K]
     padded[:S] = xq
     blocks = empty_token_blocks(S, K)
-    # [4B, K] -> [B, 4 (t), C, 32 (j), 4 (i)] -> [B, C, t, i, j]
+    # [8B, K] -> [B, 8 (t), C, 32 (j), 4 (i)] -> [B, C, t, i, j]
     blocks[...] = padded.reshape(-1, TOKENS, K // CHUNK_WEIGHTS, CHUNK, FIELDS).transpose(0, 2, 1, 4, 3)
     return blocks
 
@@ -356,7 +365,7 @@ def _row_scale(row):
 @njit(cache=True, parallel=True)
 def quantize_token_blocks(x, s, blocks, xsum):
     """absmax_int8 laid out for matmul_scaled_v5: x f32 [S, K] (K % 128 == 0) -> s f32 [S], blocks int8
-    [ceil(S/4), K/128, 4, 4, 32] (pack_token_blocks' layout; padding tokens zero), xsum int32 [S] = sum_k xq.
+    [ceil(S/8), K/128, 8, 4, 32] (pack_token_blocks' layout; padding tokens zero), xsum int32 [S] = sum_k xq.
     xq = clip(round_half_even(fl(x * s)), -128, 127). One token per parallel task. Returns -1, or the first
     row holding a NaN/inf (then nothing is valid)."""
     S, K = x.shape
