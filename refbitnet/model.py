@@ -314,12 +314,16 @@ class KVCache:
         k, v = self.k[layer, :end], self.v[layer, :end]
         if k.dtype == np.float32:
             return k, v
-        if self._widened is None:                     # [2, capacity, KVH, HD], pages mapped as they fill
-            self._widened = zeros_small_pages((2,) + self.k.shape[1:], np.float32)
-        k32, v32 = self._widened[0, :end], self._widened[1, :end]
+        k32, v32 = self.widened_buffers(end)
         np.copyto(k32, k)
         np.copyto(v32, v)
         return k32, v32
+
+    def widened_buffers(self, end: int):
+        """The reused float32 buffers [T, KVH, HD] (T = end) that read() widens a float16 layer into."""
+        if self._widened is None:                     # [2, capacity, KVH, HD], pages mapped as they fill
+            self._widened = zeros_small_pages((2,) + self.k.shape[1:], np.float32)
+        return self._widened[0, :end], self._widened[1, :end]
 
     def reset(self) -> None:
         """Forget every position (the memory is reused, by this or another model of the same shape)."""

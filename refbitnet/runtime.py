@@ -389,6 +389,58 @@ def _rope(x, cos, sin, out):
         rope_rows(x, cos, sin, out)
 
 
+WIDEN_BLOCK = 16384                 # float16 values widened per task (three passes over it stay in L1/L2)
+
+
+@njit(cache=True)
+def _widen_float16_block(bits, out_bits, out):
+    """float16 bits uint16 [n] -> float32 [n] (out, with out_bits its uint32 view), exactly: the exponent and
+    mantissa bits shifted into place form a float32 2**-112 times the value (a subnormal float16 becomes a
+    subnormal float32), one multiply by 2**112 restores it exactly, then inf/NaN get the all-ones exponent
+    (payload kept) and the sign is put back. Equals NumPy's float16 -> float32 cast for every bit pattern."""
+    n = bits.shape[0]
+    for i in range(n):
+        out_bits[i] = (np.uint32(bits[i]) & np.uint32(0x7FFF)) << np.uint32(13)
+    for i in range(n):
+        out[i] = out[i] * np.float32(2.0 ** 112)
+    for i in range(n):
+        b = np.uint32(bits[i])
+        r = out_bits[i]
+        if (b & np.uint32(0x7C00)) == np.uint32(0x7C00):                 # inf or NaN
+            r = r | np.uint32(0x7F800000)
+        out_bits[i] = r | ((b & np.uint32(0x8000)) << np.uint32(16))
+
+
+@njit(cache=True, parallel=True)
+def _widen_float16(bits, out_bits, out):
+    n = bits.shape[0]
+    for task in prange((n + WIDEN_BLOCK - 1) // WIDEN_BLOCK):
+        lo, hi = task * WIDEN_BLOCK, min((task + 1) * WIDEN_BLOCK, n)
+        _widen_float16_block(bits[lo:hi], out_bits[lo:hi], out[lo:hi])
+
+
+def widen_float16(src: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = src as float32 (bit-identical to np.copyto(out, src)), compiled and split between threads;
+    NumPy's own cast runs one element at a time (here ~5x slower). src float16, out float32, both
+    C-contiguous of one shape."""
+    if src.dtype != np.float16 or out.dtype != np.float32 or src.shape != out.shape \
+            or not (src.flags.c_contiguous and out.flags.c_contiguous):
+        raise RefBitNetTypeError(f"widen_float16: expected contiguous float16 and float32 arrays of one shape, "
+                                 f"found {src.dtype} {src.shape} and {out.dtype} {out.shape}")
+    flat = out.reshape(-1)
+    _widen_float16(src.reshape(-1).view(np.uint16), flat.view(np.uint32), flat)
+
+
+def read_kv(cache, layer, end):
+    """cache.read(layer, end) (float32 keys and values [T, KVH, HD]) with a float16 cache's widening compiled."""
+    if cache.k.dtype != np.float16:
+        return cache.read(layer, end)
+    k32, v32 = cache.widened_buffers(end)
+    widen_float16(cache.k[layer, :end], k32)
+    widen_float16(cache.v[layer, :end], v32)
+    return k32, v32
+
+
 def _workspace(model, s_len):
     """Buffers for one forward of s_len tokens: made once and kept for S = 1 (decoding), fresh for a block."""
     ws = getattr(model, "_decode_workspace", None) if s_len == 1 else None
@@ -409,7 +461,8 @@ def forward_layers(model, h, cos, sin, cache, start):
     KV cache: h float32 [S, D] -> [S, D]. The same sequence of ops as model.Model._layer, with the elementwise
     glue compiled and fused (residual add + next rms_norm, relu2 * up + ffn_sub_norm, RoPE; row-parallel
     for S > 1); keys and values enter the cache through KVCache.store (NumPy's float16 rounding for a
-    float16 cache) and attention is model.attention itself. Returns bit-identical results."""
+    float16 cache) and are read back through read_kv (the exact widening, compiled); attention is
+    model.attention itself. Returns bit-identical results."""
     from .model import attention
     cfg, layers, lin = model.config, model.layers, model._linears
     s_len, n_heads, n_kv, hd = h.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -424,7 +477,7 @@ def forward_layers(model, h, cos, sin, cache, start):
         _rope(q.reshape(s_len, n_heads, hd), cos, sin, q_rot)                      # [S, H, HD]
         _rope(k.reshape(s_len, n_kv, hd), cos, sin, k_rot)                         # [S, KVH, HD]
         cache.store(i, start, k_rot, v.reshape(s_len, n_kv, hd))   # NumPy's cast, as Model._layer
-        k_all, v_all = cache.read(i, start + s_len)                                 # float32 [T, KVH, HD]
+        k_all, v_all = read_kv(cache, i, start + s_len)                             # float32 [T, KVH, HD]
         a = attention(q_rot, k_all, v_all, start)                                   # [S, H, HD]
         _rms_norm(a.reshape(s_len, -1), w.attn_sub_norm, eps, ws["a_norm"])        # [S, D]
         o = model._project(i, "o_proj", lin.o, ws["a_norm"])                       # [S, D]
