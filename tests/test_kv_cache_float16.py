@@ -207,8 +207,13 @@ def test_shipped_model_greedy_float16_vs_float32_cache():
     """Greedy continuations of the shipped model with either cache. Measured: all 5 prompts x 100 tokens
     identical. Asserted: at least 4 of the 5 continuations identical and 400 of the 500 tokens before the
     first divergence (a prompt whose top-2 logits come within the float16 perturbation may diverge)."""
+    try:                                # numba when it is there: faster, and the same bits (tests above)
+        import refbitnet.kernels  # noqa: F401
+        backend = "numba"
+    except ImportError:
+        backend = "numpy"
     try:
-        model = refbitnet.load()
+        model = refbitnet.load(backend=backend)
     except RefBitNetError:
         pytest.skip("no shipped model")
     prompts = ["To be, or not to be", "ROMEO:", "The king", "First Citizen:\nBefore we proceed", "O, what a"]
