@@ -336,13 +336,19 @@ class KVCache:
 
 def check_kv_dtype(dtype) -> np.dtype:
     """The KV cache element type from a name in KV_DTYPES (or np.float16/np.float32) -> np.dtype."""
-    if isinstance(dtype, str) or dtype in (np.float16, np.float32):
-        name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-        if name in KV_DTYPES:
-            return np.dtype(name)
+    if isinstance(dtype, str):
+        name = dtype
+    elif isinstance(dtype, (np.dtype, type)):
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    else:
+        raise RefBitNetTypeError(f"kv_dtype: expected one of {KV_DTYPES} (a string), found "
+                                 f"{type(dtype).__name__} {dtype!r:.40}")
+    if name not in KV_DTYPES:
         raise RefBitNetError(f"kv_dtype: expected one of {KV_DTYPES}, found {dtype!r}")
-    raise RefBitNetTypeError(f"kv_dtype: expected one of {KV_DTYPES} (a string), found "
-                             f"{type(dtype).__name__} {dtype!r:.40}")
+    return np.dtype(name)
 
 
 # ============================================================================ the model

@@ -97,10 +97,10 @@ def test_float16_cache_refuses_values_beyond_its_range():
 
 def test_bad_kv_dtype_is_a_clear_error():
     model = tiny_model("gqa")
-    for bad in ("bfloat16", "float64", "fp16", ""):
+    for bad in ("bfloat16", "float64", "fp16", "", np.float64, np.dtype(np.int8)):
         with pytest.raises(RefBitNetError, match=r"kv_dtype: expected one of \('float32', 'float16'\)"):
             model.new_cache(4, kv_dtype=bad)
-    for bad in (None, 16, True, np.float64):
+    for bad in (None, 16, True, np.zeros(2), [np.float16]):
         with pytest.raises(RefBitNetTypeError, match="kv_dtype"):
             model.new_cache(4, kv_dtype=bad)
     with pytest.raises(RefBitNetError, match="kv_dtype"):
