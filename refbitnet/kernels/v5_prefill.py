@@ -16,10 +16,10 @@ The issue's target (a 128-token GEMM at >= 4x the tokens/s of the memory-bound G
 about 3.1 cycles per (token, chunk) per core (0.77 per vpmaddubsw) if the GEMV takes 0.27 ms (gate/up).
 
 What v5 does:
-1. Unpacked panels. For a tile of TILE_ROWS = 24 rows and a panel of PANEL_CHUNKS = 20 chunks (2560
+1. Unpacked panels. For a tile of TILE_ROWS = 64 rows and a panel of PANEL_CHUNKS = 20 chunks (2560
    weights), the packed codes are unpacked ONCE into a uint8 scratch of codes c = w + 1 in {0, 1, 2}:
    codes[r, 128 ch + 32 i + j] = field i of byte 32 ch + j of the row (what v4 extracts with shift + and;
-   ``unpack_panel``). The scratch (24 x 2560 bytes = 60 KB, in L2) is reused by every token of the
+   ``unpack_panel``). The scratch (64 x 2560 bytes = 160 KB, in L2) is reused by every token of the
    prefill, so unpacking costs 1/S of what v4 pays per token.
 2. Register tile of ROWS = 1 row x TOKENS = 8 tokens (``panel_dot``): per chunk and field, the row's code
    vector is loaded into a register (the unsigned operand of vpmaddubsw must be one) and multiplied with
@@ -31,7 +31,8 @@ What v5 does:
    constant offsets from one pointer:
        blocks int8 [B, C, 8, 4, 32], B = ceil(S/8), C = K/128: blocks[b, c, t, i, j] = xq[8b + t, 4(32c + j) + i]
    (tokens past S are zeros; their outputs are not written); a panel of a token block (8 x 2560 bytes =
-   20 KB) stays in L1 while the 24 rows of the tile pass over it.
+   20 KB) stays in L1 while the 64 rows of the tile pass over it (more rows per tile = fewer reloads of
+   it from L2: 16 rows 0.79, 64 rows 0.74 cycles per vpmaddubsw on gate/up).
 3. No scalar reduction every 15 chunks: there the 8 int16 accumulators are widened exactly with
    vpmaddwd(acc, 1) into 8 int32 vectors (16 instructions per 15 chunks), and once per panel the 8 int32
    vectors are summed horizontally all at once (a vphaddd tree + one cross-lane add, ~20 instructions) and
@@ -39,9 +40,9 @@ What v5 does:
 4. Loop order per tile: panel -> unpack -> token block -> row; the packed rows of the thread's next tile
    are prefetched; one task per thread over a contiguous range of tiles, with its scratch allocated once
    per call. The epilogue converts 8 rows at a time (vcvtdq2ps, vdivps, vmulps).
-Measured (128 tokens, 1 thread, best of 12 interleaved rounds, cycles per vpmaddubsw at 3.18 GHz): v4
-blocked 0.95-1.0; this kernel 0.77 (gate/up, q/o) - 0.80 (down); the register loop alone with everything
-in L1 ~0.7; a probe of independent vpmaddubsw + vpaddw pairs 0.63 (the adds share the 4 vector pipes with
+Measured (128 tokens, 1 thread, best of 10 interleaved rounds, cycles per vpmaddubsw at 3.18 GHz): v4
+blocked 0.95-1.07; this kernel 0.73-0.77 (k/v, gate/up, q/o 0.73-0.74, down 0.77); the register loop
+alone with everything in L1 ~0.7; a probe of independent vpmaddubsw + vpaddw pairs 0.63 (the adds share the 4 vector pipes with
 the multiplies, which only 2 of them execute).
 
 Exactness: integers only. Each vpmaddubsw pair sum is |c[2m] x[2m] + c[2m+1] x[2m+1]| <= 2*2*128 = 512
@@ -69,8 +70,8 @@ CHUNK_WEIGHTS = FIELDS * CHUNK   # 128 weights (one chunk: 32 packed bytes, 4 fi
 WIDEN_CHUNKS = 15          # int16 bound: 15 chunks * 4 fields * 512 = 30720 < 32768, then widen to int32
 ROWS = 1                   # register tile: rows ...
 TOKENS = 8                 # ... x tokens (8 int16 accumulators; ROWS * TOKENS == 8)
-TILE_ROWS = 24             # rows per tile (measured: 16-32 rows x 15-30-chunk panels, 1x8 and 2x4 tiles)
-PANEL_CHUNKS = 20          # chunks per unpacked panel: 24 x 2560 bytes of codes (60 KB, in L2)
+TILE_ROWS = 64             # rows per tile (measured 16-96 rows x 15/20/30-chunk panels: 48-96 x 20 best)
+PANEL_CHUNKS = 20          # chunks per unpacked panel: 64 x 2560 bytes of codes (160 KB, in L2)
 ALIGN = 64                 # bytes: a 32-byte load never straddles two cache lines (a misaligned blocks
                            # buffer measured 5-7% slower)
 
