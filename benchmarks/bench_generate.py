@@ -17,8 +17,9 @@ prompt in one forward with the LM head on its last position only, forward(last_o
 prefill tokens/s, decode tokens/s over --decode greedy steps with the KV cache (sized for --context
 positions, --kv-cache its element type: float32 = the exact default, float16 = half the memory), peak RSS
 (ru_maxrss, printed in MiB = 2**20 bytes and GB = 10**9 bytes) with prompt + decode positions filled and
-again after touching the whole cache (the RSS of a full context), the load average, and then, in the same process right after decoding,
-the read bandwidth (Numba prange sum over 1 GiB, best of 3) and the roofline it implies: bytes read per
+again after touching the whole cache and decoding its last positions (the RSS of a full context, and the
+decode time there: 'end ms'), the load average, and then, in the same process right after decoding, the read
+bandwidth (Numba prange sum over 1 GiB, best of 3) and the roofline it implies: bytes read per
 decoded token (all packed projections + the bf16 LM head table + the KV cache at the mean decode
 position) / bandwidth. The parent also probes the bandwidth once more at the end. --transformers adds transformers' BitNetForCausalLM on the same
 checkpoint (2 threads; a few tokens only, it is slow).
@@ -69,10 +70,17 @@ def child(args):
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024            # KiB -> MiB (Linux)
     cache.k.fill(0)                                    # touch every page of the 4096-position cache: the
     cache.v.fill(0)                                    # RSS a full context would have (keys/values of its dtype)
+    cache.length = args.context - 3                    # ... and decoding at its end (attention over all of it)
+    end_steps = []
+    for _ in range(3):
+        t = time.perf_counter()
+        model.forward(np.array([token]), cache=cache)
+        end_steps.append(time.perf_counter() - t)
     result = dict(threads=args.threads, kv_cache=cache.dtype, load_s=t_loaded - t_start, ready_s=t_ready - t_start,
                   first_token_s=first_token, prefill_tokens_per_s=args.prompt / first_token,
                   decode_tokens_per_s=args.decode / sum(steps), decode_median_ms=1e3 * float(np.median(steps)),
                   decode_best_ms=1e3 * float(np.min(steps)),
+                  decode_context_end_ms=1e3 * float(np.median(end_steps[1:])),
                   peak_rss_mb=peak_rss,
                   peak_rss_full_context_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   loadavg=[load_before, os.getloadavg()[0]],
@@ -225,7 +233,7 @@ def main():
           f"LM head {head / 1e9:.3f}, KV cache {kv / 1e9:.3f} at position {args.prompt + args.decode // 2})")
     print(f"\n{'run':13} {'thr':>3} {'load s':>7} {'ready s':>8} {'1st tok s':>9} {'prefill t/s':>11} "
           f"{'decode t/s':>10} {'GB/s':>5} {'roofline':>8} {'% roof':>6} {'x decode':>8} {'peak RSS':>16} "
-          f"{'full ctx':>16} {'loadavg':>9}")
+          f"{'full ctx':>16} {'end ms':>6} {'loadavg':>9}")
     rows = []
     for label, r in runs:
         n = r["threads"]
@@ -238,10 +246,12 @@ def main():
               f"{r['first_token_s']:>9.2f} {r['prefill_tokens_per_s']:>11.1f} {r['decode_tokens_per_s']:>10.2f} "
               f"{bw:>5.1f} {roof:>8.1f} {100 * r['decode_tokens_per_s'] / roof:>5.0f}% "
               f"{r['prefill_tokens_per_s'] / r['decode_tokens_per_s']:>7.1f}x {_mib_gb(r['peak_rss_mb'])} "
-              f"{_mib_gb(r.get('peak_rss_full_context_mb', float('nan')))} {la[0]:>4.1f}/{la[1]:<4.1f}")
+              f"{_mib_gb(r.get('peak_rss_full_context_mb', float('nan')))} "
+              f"{r.get('decode_context_end_ms', float('nan')):>6.0f} {la[0]:>4.1f}/{la[1]:<4.1f}")
     print(f"(prompt {args.prompt} tokens in one forward, LM head on its last position only; decode {args.decode} "
           f"greedy steps; KV cache capacity {args.context}: 'peak RSS' with {args.prompt + args.decode} positions "
-          f"filled, 'full ctx' after touching all {args.context} ({args.kv_cache} keys/values); "
+          f"filled, 'full ctx' after touching all {args.context} ({args.kv_cache} keys/values) and decoding "
+          f"its last positions ('end ms': ms per token there); "
           f"RSS in MiB (2**20 bytes) and GB (10**9 bytes); GB/s and roofline from a "
           f"bandwidth probe in the same process right after decoding; loadavg before prefill/after decode; "
           f"'x decode' = prefill tokens/s over decode tokens/s)")
