@@ -123,16 +123,16 @@ _ASM_PROBE = r"""
 import re, numpy as np
 from collections import Counter
 from refbitnet import kernels
-from refbitnet.kernels import v3_word_planes as v3, lm_head
+from refbitnet.kernels import v3_word_planes as v3, lm_head_v2
 from refbitnet.layouts import pack_kernel
 kernels.ternary_matmul(np.zeros((2, 256), np.int8), np.ones(2, np.float32), pack_kernel(np.zeros((8, 256), np.int8)), 1.0)
 kernels.bf16_matmul(np.ones((1, 256), np.float32), np.zeros((8, 256), np.uint16))
 from refbitnet.kernels import v4_maddubs as v4, v5_prefill as v5
 xq, p = np.zeros((5, 256), np.int8), pack_kernel(np.zeros((8, 256), np.int8))
 s, rows, xsum, out = np.ones(5, np.float32), np.ones(8, np.float32), np.zeros(5, np.int32), np.empty((5, 8), np.float32)
-v4.matmul_scaled_v4_blocked(p, v5.pack_token_blocks(xq), xsum, s, rows, out)
+v4.matmul_scaled_v4_blocked(p, np.zeros((2, 2, 4, 4, 32), np.int8), xsum, s, rows, out)   # [ceil(5/4), K/128, 4, 4, 32]
 v5.ternary_matmul_v5(xq, s, p, 1.0)
-for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), ("lm_head", lm_head.bf16_matmul_kernel, "vmulps"),
+for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), ("lm_head v2", lm_head_v2.bf16_matmul_kernel_v2, "vmulps"),
                            ("v4 blocked (4 tokens x 1 row per chunk)", v4.matmul_scaled_v4_blocked, "vpmaddubsw"),
                            ("v5 (8 tokens x 1 row per chunk)", v5._tile, "vpmaddubsw")):
     asm = next(iter(disp.inspect_asm().values()))
