@@ -252,13 +252,13 @@ def main():
                     t = best_time(lambda: v4_maddubs.matmul_scaled_v4_pairs(c["packed"], c["v4planesg"], c["v4xsumg"],
                                                                             c["sg"], c["rows"], c["v4outg"]))
                     v4_gemm[name, nt] = min(v4_gemm.get((name, nt), 1e9), t)
-                    t = best_time(lambda: v4_maddubs.matmul_scaled_v4_blocked(c["packed"], c["v4blocks"], c["v4xsumg"],
-                                                                              c["sg"], c["rows"], c["v4outb"]))
-                    v4_gemm_blocked[name, nt] = min(v4_gemm_blocked.get((name, nt), 1e9), t)
-                    t = best_time(lambda: v5_prefill.matmul_scaled_v5(c["packed"], c["v5blocks"], c["v4xsumg"], c["sg"],
-                                                                      c["rows"], c["v5out"], v5_prefill.TILE_ROWS,
-                                                                      v5_prefill.PANEL_CHUNKS))
-                    v5_gemm[name, nt] = min(v5_gemm.get((name, nt), 1e9), t)
+                    for _ in range(3):        # the two prefill kernels the issue compares, alternated
+                        t = best_time(lambda: v4_maddubs.matmul_scaled_v4_blocked(c["packed"], c["v4blocks"], c["v4xsumg"],
+                                                                                  c["sg"], c["rows"], c["v4outb"]))
+                        v4_gemm_blocked[name, nt] = min(v4_gemm_blocked.get((name, nt), 1e9), t)
+                        t = best_time(lambda: v5_prefill.matmul_scaled_v5(c["packed"], c["v5blocks"], c["v4xsumg"],
+                                                                          c["sg"], c["rows"], c["v5out"]))
+                        v5_gemm[name, nt] = min(v5_gemm.get((name, nt), 1e9), t)
                     if r == 0:
                         assert np.array_equal(c["v4outb"].view(np.uint32), c["v4outg"].view(np.uint32))
                         assert np.array_equal(c["v5out"].view(np.uint32), c["v4outg"].view(np.uint32))
