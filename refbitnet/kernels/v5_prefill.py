@@ -41,9 +41,9 @@ What v5 does:
    are prefetched; one task per thread over a contiguous range of tiles, with its scratch allocated once
    per call. The epilogue converts 8 rows at a time (vcvtdq2ps, vdivps, vmulps).
 Measured (128 tokens, 1 thread, best of 10 interleaved rounds, cycles per vpmaddubsw at 3.18 GHz): v4
-blocked 0.95-1.07; this kernel 0.73-0.77 (k/v, gate/up, q/o 0.73-0.74, down 0.77); the register loop
-alone with everything in L1 ~0.7; a probe of independent vpmaddubsw + vpaddw pairs 0.63 (the adds share the 4 vector pipes with
-the multiplies, which only 2 of them execute).
+blocked 0.95-1.07; this kernel 0.73-0.77 (k/v, gate/up, q/o 0.73-0.74, down 0.77); the 2 x 4 register
+loop alone, everything in L1, 0.70-0.74; a probe of independent vpmaddubsw + vpaddw pairs 0.63 (the adds
+share the 4 vector pipes with the multiplies, which only 2 of them execute).
 
 Exactness: integers only. Each vpmaddubsw pair sum is |c[2m] x[2m] + c[2m+1] x[2m+1]| <= 2*2*128 = 512
 (no saturation); 4 fields per chunk add <= 2048 to an int16 lane, WIDEN_CHUNKS = 15 chunks <= 30720 < 32768,
@@ -278,7 +278,6 @@ def _matmul_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows, panel_chu
     """matmul_scaled_v5 on `threads` parallel tasks (the thread count is passed in: calling
     get_num_threads() here would keep Numba from caching the compiled code)."""
     N = packed.shape[0]
-    S = out.shape[0]
     n_chunks = packed.shape[1] // CHUNK
     B = blocks.shape[0]
     width = min(panel_chunks, n_chunks) * CHUNK_WEIGHTS
