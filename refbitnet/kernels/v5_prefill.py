@@ -43,7 +43,9 @@ What v5 does:
 Measured (128 tokens, 1 thread, best of 10 interleaved rounds, cycles per vpmaddubsw at 3.18 GHz): v4
 blocked 0.95-1.07; this kernel 0.73-0.77 (k/v, gate/up, q/o 0.73-0.74, down 0.77); the 2 x 4 register
 loop alone, everything in L1, 0.70-0.74; a probe of independent vpmaddubsw + vpaddw pairs 0.63 (the adds
-share the 4 vector pipes with the multiplies, which only 2 of them execute).
+share the 4 vector pipes with the multiplies, which only 2 of them execute). Few tokens: a call costs the
+unpacking plus a whole 8-token block, so for S <= 4 v4 blocked is ~2x faster, S = 6-12 about even, S = 16
+and more v5 ~1.25-1.45x faster (gate/up, 1 thread): use v5 from S = 8 on.
 
 Exactness: integers only. Each vpmaddubsw pair sum is |c[2m] x[2m] + c[2m+1] x[2m+1]| <= 2*2*128 = 512
 (no saturation); 4 fields per chunk add <= 2048 to an int16 lane, WIDEN_CHUNKS = 15 chunks <= 30720 < 32768,
