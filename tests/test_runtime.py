@@ -107,11 +107,12 @@ def test_kernel_layout_rows_equals_readable_repack():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 4), n=st.integers(1, 70), blocks=st.integers(1, 60),
+@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 12), n=st.integers(1, 70), blocks=st.integers(1, 60),
        extreme=st.sampled_from([None, 1, -1]))
 def test_v4_maddubs_equals_ternary_matmul(seed, s_len, n, blocks, extreme):
-    """v4 (vpmaddubsw through an LLVM intrinsic; K % 128 == 0) bit-identical to the checked v3 kernel,
-    including all-(+1)/all-(-1) rows against activations quantized to 127/-128 (int16 partials at their bound)."""
+    """PackedLinear on its AVX2 kernels (K % 128 == 0: v4 GEMV for S = 1, v4 blocked for S <= 4, v5_prefill
+    beyond, S not a multiple of its 8-token block included) bit-identical to the checked v3 kernel, including
+    all-(+1)/all-(-1) rows against activations quantized to 127/-128 (int16 partials at their bound)."""
     from refbitnet.kernels import v4_maddubs
     if not v4_maddubs.available():
         pytest.skip("no AVX2")
@@ -124,7 +125,7 @@ def test_v4_maddubs_equals_ternary_matmul(seed, s_len, n, blocks, extreme):
         x[:, 0] = 1.0 if seed % 2 else -1.0          # one opposite value: the rest quantize to -127 or 127
     row_scale = rng.uniform(0.01, 2.0, n).astype(np.float32)
     linear = runtime.PackedLinear(pack_kernel(codes), row_scale)
-    assert linear.use_v4
+    assert linear._kernel(s_len) == ("v4" if s_len == 1 else "v4_blocked" if s_len <= 4 else "v5")
     xq, s = absmax_int8(x)
     assert np.array_equal(linear(x), kernels.ternary_matmul(xq, s, pack_kernel(codes), row_scale))
 
