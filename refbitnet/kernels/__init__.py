@@ -34,13 +34,20 @@ Threads: ``REFBITNET_THREADS`` (read at import) or set_num_threads(n); default N
 Importing this package sets ``OMP_WAIT_POLICY=passive`` unless the variable is already set: with OpenMP's
 default busy-waiting, idle worker threads spin between the hundred-odd parallel calls of a decode step
 and, on a machine with any other work, each call then waits for the scheduler (measured here under load:
-2-thread decode 2.0 s per token busy-waiting, 0.32 s passive; a single GEMV 11.7 ms vs 0.2 ms). It only
-takes effect if Numba's OpenMP layer has not started yet in the process.
+2-thread decode 2.0 s per token busy-waiting, 0.32 s passive; a single GEMV 11.7 ms vs 0.2 ms). Fully
+passive threads, though, sleep at once and must be woken for each call: that wake-up cost a small GEMV a
+third of its time. So it also sets ``GOMP_SPINCOUNT=1000`` unless already set (libgomp honours it even
+with the passive policy): an idle worker polls 1000 times before it sleeps, long enough to
+catch the next call of a decode step. Measured (2B4T shape, 2 threads, 48 decode steps, 2 runs each):
+idle machine 11.7-11.9 -> 13.4-13.9 tokens/s, prefill 65-66 -> 73-79 tokens/s; with a CPU hog on one
+core 8.2 -> 7.9-8.7 tokens/s (a spin count of 10000 gave 13.5-15.4 idle but 5.7-6.1 under the hog;
+100000: 1.9-2.2). Both only take effect if Numba's OpenMP layer has not started yet in the process.
 """
 
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")   # read by libgomp when Numba first starts its threads
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")       # ... a short spin before sleeping (see above)
 
 # Must run before the first kernel is compiled: without it LLVM picks 128-bit
 # vectors for the int16 multiply-adds and the GEMV is about 2x slower. It is process-wide. Numba's
