@@ -12,7 +12,7 @@ per vpmaddubsw):
   - every 15 chunks (the int16 bound) each token's accumulator is reduced to a scalar (~16 instructions);
   - each vpmaddubsw reads its activation operand from memory; 16 loads + 16 vpmaddubsw + 16 vpaddw + 8
     extraction ops per 4 (token, chunk) pairs.
-The issue's target (a 128-token GEMM at >= 4x the tokens/s of the memory-bound GEMV, 2 threads) needs
+The target of a 128-token GEMM at >= 4x the tokens/s of the memory-bound GEMV (2 threads) needs
 about 3.1 cycles per (token, chunk) per core (0.77 per vpmaddubsw) if the GEMV takes 0.27 ms (gate/up).
 
 What v5 does:
@@ -45,7 +45,8 @@ blocked 0.95-1.07; this kernel 0.73-0.77 (k/v, gate/up, q/o 0.73-0.74, down 0.77
 loop alone, everything in L1, 0.70-0.74; a probe of independent vpmaddubsw + vpaddw pairs 0.63 (the adds
 share the 4 vector pipes with the multiplies, which only 2 of them execute). Few tokens: a call costs the
 unpacking plus a whole 8-token block, so for S <= 4 v4 blocked is ~2x faster, S = 6-12 about even, S = 16
-and more v5 ~1.25-1.45x faster (gate/up, 1 thread): use v5 from S = 8 on.
+and more v5 ~1.25-1.45x faster (gate/up, 1 thread). runtime.PackedLinear runs v5 for S > 4 (through
+PackedLinear at 2 threads, gate/up: S = 2-4 v4 blocked 0.35 ms vs v5 0.75 ms; S = 8 0.81 vs 0.70 ms).
 
 Exactness: integers only. Each vpmaddubsw pair sum is |c[2m] x[2m] + c[2m+1] x[2m+1]| <= 2*2*128 = 512
 (no saturation); 4 fields per chunk add <= 2048 to an int16 lane, WIDEN_CHUNKS = 15 chunks <= 30720 < 32768,
