@@ -43,7 +43,11 @@ from refbitnet.layouts import pack_kernel  # noqa: E402
 from refbitnet.quant import absmax_int8  # noqa: E402
 
 import numba  # noqa: E402
+from llvmlite import ir  # noqa: E402
 from numba import njit, prange  # noqa: E402
+from numba.core import cgutils, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+from refbitnet.kernels.v4_maddubs import _avx2_madd_intrinsics  # noqa: E402
 
 SHAPES = [  # name, N (out), K (in)
     ("q/o", 2560, 2560),
@@ -61,6 +65,48 @@ def _parallel_sum(a):
     for i in prange(a.shape[0]):
         total += a[i]
     return total
+
+
+# ---- the compute floor of the prefill GEMM: independent (vpmaddubsw, vpaddw) pairs, the two instructions every
+# 32 int8 products of the v4/v5 kernels need (one multiply-add into int16 pairs, one add into an accumulator)
+PROBE_CHAINS = 12           # enough independent chains to hide the 4-cycle latency of a pair
+
+
+@intrinsic
+def _madd_add_chains(typingctx, n):
+    """n iterations of PROBE_CHAINS independent acc = acc + vpmaddubsw(acc, ones) chains -> an int64 (kept live)."""
+    sig = types.int64(types.intp)
+
+    def codegen(context, builder, signature, args):
+        v32i8, v16i16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16)
+        maddubs, _ = _avx2_madd_intrinsics(builder.module)
+        ones = ir.Constant(v32i8, [1] * 32)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, [c] * 16)) for c in range(PROBE_CHAINS)]
+        with cgutils.for_range(builder, args[0]):
+            for a in accs:
+                v = builder.load(a)
+                builder.store(builder.add(v, builder.call(maddubs, [builder.bitcast(v, v32i8), ones])), a)
+        total = builder.load(accs[0])
+        for a in accs[1:]:
+            total = builder.add(total, builder.load(a))
+        return builder.sext(builder.extract_element(total, ir.Constant(ir.IntType(32), 0)), ir.IntType(64))
+    return sig, codegen
+
+
+@njit(cache=True, parallel=True)
+def _madd_probe(n, tasks):
+    out = np.zeros(tasks, np.int64)
+    for t in prange(tasks):
+        out[t] = _madd_add_chains(n)
+    return out
+
+
+def madd_pair_rate(threads, n=5_000_000, rounds=5):
+    """Pairs per second per core with `threads` threads each running the probe (best of rounds)."""
+    kernels.set_num_threads(threads)
+    _madd_probe(10, threads)
+    t = best_time(lambda: _madd_probe(n, threads), rounds)
+    return n * PROBE_CHAINS / t
 
 
 def best_time(fn, rounds=1):
@@ -354,6 +400,23 @@ def main():
                 line += f" {tb / t5:>6.2f}x"
             rows.append(row)
             print(line)
+    if use_v4:
+        rates = {nt: madd_pair_rate(nt) for nt in THREADS}
+        print(f"\nCompute floor of the prefill GEMM: each 32 int8 products cost one vpmaddubsw + one vpaddw. A probe of "
+              f"{PROBE_CHAINS} independent (vpmaddubsw, vpaddw) chains runs "
+              + ", ".join(f"{rates[nt] / 1e9:.2f} G pairs/s per core at {nt} thread{'s' if nt > 1 else ''}" for nt in THREADS)
+              + f". 'needed' = the rate per core that a {args.gemm_tokens}-token GEMM must sustain to reach 4x the GEMV above;"
+              " it is out of reach wherever it exceeds the probe.")
+        print(f"{'shape':8} {'thr':>3} {'v5 G/s':>8} {'% probe':>8} {'needed':>8} {'% probe':>8}")
+        for name, N, K in SHAPES:
+            for nt in THREADS:
+                pairs = args.gemm_tokens * N * K / 32
+                have = pairs / v5_gemm[name, nt] / nt
+                need = pairs / (args.gemm_tokens * runtime_gemv[name, nt] / 4) / nt
+                rows.append(dict(shape=name, threads=nt, probe_pairs_per_s=rates[nt], v5_pairs_per_s=have,
+                                 needed_pairs_per_s_for_4x=need))
+                print(f"{name:8} {nt:>3} {have / 1e9:>8.2f} {100 * have / rates[nt]:>7.0f}% {need / 1e9:>8.2f} "
+                      f"{100 * need / rates[nt]:>7.0f}%")
     print("\nLM head GEMV, 656 MB bf16: v1 (widened through a uint32 scratch row) vs v2 (in registers; "
           "kernels.bf16_matmul's path for K % 16 == 0), same rounds")
     for nt in THREADS:
