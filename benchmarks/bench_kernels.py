@@ -42,7 +42,6 @@ from refbitnet.kernels.lm_head import bf16_matmul_v1  # noqa: E402
 from refbitnet.layouts import pack_kernel  # noqa: E402
 from refbitnet.quant import absmax_int8  # noqa: E402
 
-import numba  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange  # noqa: E402
 from numba.core import cgutils, types  # noqa: E402
