@@ -21,7 +21,6 @@ import json
 import shutil
 import struct
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -23,7 +23,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import refbitnet
 from refbitnet.checkpoint import model_from_tensors
 from refbitnet.errors import RefBitNetError, RefBitNetTypeError
 from refbitnet.generate import generate

@@ -19,7 +19,6 @@ Bounds (relative to the largest |value| of the reference tensor):
   outputs obey the float32 dot-product error bound (see test_bitlinear_int_vs_autobitlinear).
 """
 
-import os
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, strategies as st
+from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from refbitnet.errors import RefBitNetError, RefBitNetTypeError

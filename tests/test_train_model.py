@@ -18,7 +18,6 @@ import refbitnet
 from refbitnet.config import Config
 from refbitnet.errors import CheckpointError, RefBitNetError
 from refbitnet.train import model as M
-from refbitnet.train.schedule import TwoStageSchedule
 from refbitnet.train.trainer import Trainer, TrainConfig, clip_gradients
 
 import torch_twin_train as twin
