@@ -35,28 +35,9 @@ from numba import njit, prange
 from . import kernels  # noqa: F401  (sets the LLVM options before anything below compiles)
 from .errors import RefBitNetError, RefBitNetTypeError
 from .kernels import v4_maddubs, v5_prefill
+from .kernels.act_quant import code_int8, row_scale_int8
 from .kernels.v3_word_planes import MAX_K, PLANE_FACTOR, matmul_scaled
-from .quant import ACT_ABSMAX_MIN, absmax_int8
-
-
-@njit(cache=True)
-def row_scale_int8(row):
-    """absmax_int8's scale of one row [K]: 127 * fl(1 / max(max|x|, 1e-5)) in float32 (torch's ``127 / t``),
-    or -1 if the row holds a NaN/inf."""
-    absmax = np.float32(0.0)
-    for v in row:
-        if not np.isfinite(v):
-            return np.float32(-1.0)
-        absmax = max(absmax, abs(v))
-    inv = np.float32(np.float32(1.0) / max(absmax, np.float32(ACT_ABSMAX_MIN)))
-    return np.float32(np.float32(127.0) * inv)
-
-
-@njit(cache=True)
-def code_int8(v, scale):
-    """clip(round_half_even(fl(v * scale)), -128, 127), as a float32 holding an integer."""
-    q = np.round(np.float32(v * scale))
-    return min(max(q, np.float32(-128.0)), np.float32(127.0))
+from .quant import absmax_int8
 
 
 @njit(cache=True)

@@ -64,8 +64,9 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from ..errors import RefBitNetError
-from ..quant import ACT_ABSMAX_MIN, absmax_int8
+from ..quant import absmax_int8
 from . import _array, _check_scales, _check_ternary_operands
+from .act_quant import code_int8, row_scale_int8
 from .v4_maddubs import CHUNK, _avx2_madd_intrinsics, available
 
 FIELDS = 4                 # 2-bit codes per packed byte
@@ -351,20 +352,6 @@ def pack_token_blocks(xq: np.ndarray) -> np.ndarray:
     return blocks
 
 
-@njit(cache=True)
-def _row_scale(row):
-    """absmax_int8's scale of one row [K]: 127 * fl(1 / max(max|x|, 1e-5)) in float32, or -1 if the row holds
-    a NaN/inf. (The arithmetic of runtime.row_scale_int8, repeated here so that this module does not import
-    the runtime, which imports the kernels.)"""
-    absmax = np.float32(0.0)
-    for v in row:
-        if not np.isfinite(v):
-            return np.float32(-1.0)
-        absmax = max(absmax, abs(v))
-    inv = np.float32(np.float32(1.0) / max(absmax, np.float32(ACT_ABSMAX_MIN)))
-    return np.float32(np.float32(127.0) * inv)
-
-
 @njit(cache=True, parallel=True)
 def quantize_token_blocks(x, s, blocks, xsum):
     """absmax_int8 laid out for matmul_scaled_v5: x f32 [S, K] (K % 128 == 0) -> s f32 [S], blocks int8
@@ -374,7 +361,7 @@ def quantize_token_blocks(x, s, blocks, xsum):
     S, K = x.shape
     bad = np.zeros(S, np.bool_)
     for r in prange(S):
-        scale = _row_scale(x[r])
+        scale = row_scale_int8(x[r])                               # torch's 127 / t (quant.absmax_int8)
         if scale < 0:
             bad[r] = True
             continue
@@ -383,8 +370,7 @@ def quantize_token_blocks(x, s, blocks, xsum):
         q = np.empty(K, np.int8)                                   # this token's codes, in k order
         total = np.int32(0)                                        # |sum| <= 128 K < 2**31
         for k in range(K):
-            v = np.rint(np.float32(x[r, k] * scale))               # round half to even, as np.round
-            qi = np.int8(min(max(v, np.float32(-128.0)), np.float32(127.0)))
+            qi = np.int8(code_int8(x[r, k], scale))                # round half to even, clip
             q[k] = qi
             total += np.int32(qi)
         xsum[r] = total
