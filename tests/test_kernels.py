@@ -24,19 +24,8 @@ from refbitnet.kernels.v2_packed_scalar import ternary_matmul_acc_v2
 from refbitnet.kernels.v3_word_planes import MAX_K
 from refbitnet.layouts import pack_kernel
 
-MAX_THREADS = kernels.get_num_threads()
+from _kernel_testing import MAX_THREADS, bits, restore_threads  # noqa: F401  (restore_threads: autouse fixture)
 
-
-def bits(a):
-    """float32 array -> its uint32 bit patterns, so equality means bit-identical (and NaN == NaN)."""
-    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    n = kernels.get_num_threads()
-    yield
-    kernels.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------- strategies

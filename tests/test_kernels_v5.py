@@ -17,23 +17,13 @@ from refbitnet.bitlinear import bitlinear_int
 from refbitnet.errors import RefBitNetError, RefBitNetTypeError
 from refbitnet.kernels import reference, v4_maddubs
 from refbitnet.layouts import pack_kernel
+
+from _kernel_testing import MAX_THREADS, bits, restore_threads  # noqa: F401  (restore_threads: autouse fixture)
 from refbitnet.quant import absmax_int8
 
 v5 = pytest.importorskip("refbitnet.kernels.v5_prefill")
 pytestmark = pytest.mark.skipif(not v5.available(), reason="v5_prefill needs AVX2")
 
-MAX_THREADS = kernels.get_num_threads()
-
-
-def bits(a):
-    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    n = kernels.get_num_threads()
-    yield
-    kernels.set_num_threads(n)
 
 
 @st.composite
