@@ -13,7 +13,12 @@
 # | NumPy path of the model | `bitlinear.ternary_matmul_exact` (float32 BLAS on int8 codes) | 1 |
 # | v1 | `kernels.v1_unpacked_int8` (Numba, one int8 per weight) | 1 |
 # | v2 | `kernels.v2_packed_scalar` (Numba, 2-bit codes decoded one by one) | 0.25 |
-# | v3 | `kernels.v3_word_planes` (Numba, 16-bit words, int16 multiply-adds; behind `kernels.ternary_matmul`; the model's Numba path uses the same idea on byte planes, `v4_maddubs`) | 0.25 |
+# | v3 | `kernels.v3_word_planes` (Numba, 16-bit words, int16 multiply-adds; behind `kernels.ternary_matmul`) | 0.25 |
+# | v4 | `kernels.v4_maddubs` (AVX2 `vpmaddubsw` on byte planes: the GEMV of the model's Numba decode, and a 4-token blocked GEMM) | 0.25 |
+# | v5 | `kernels.v5_prefill` (the prefill GEMM: each tile of codes unpacked once, 8 tokens per pass; the model's Numba prefill of more than 4 tokens) | 0.25 |
+#
+# The decode ladder (reference to v3) comes first; v4 and v5, the kernels `refbitnet.runtime` runs,
+# appear where prefill turns the problem from memory-bound to compute-bound.
 #
 # Timings depend on the machine and on whatever else runs on it; every figure is the best of a few
 # repetitions, and the assertions at the end check exactness, not speed.
@@ -188,7 +193,127 @@ for name, (x, y) in points.items():
 # grows and bandwidth does not, the ridge moves right, and decode ends up on the memory roof
 # (benchmarks/bench_kernels.py measures 1 and 2 threads). The LM head reads bf16 at 1 operation per
 # byte. Prefill (far right) is not limited by memory at all; how close it gets to the flat roof is
-# up to the GEMM kernel (the v3 module docstring explains why its GEMM gains little per token).
+# up to the GEMM kernel (the v3 module docstring explains why its GEMM gains little per token) — and
+# the flat roof drawn here is only the best that v3 reached, as the next section shows.
+#
+# ## Prefill is compute-bound: v4's blocked GEMM and v5
+#
+# A prompt of S tokens multiplies every weight by S activations: at S = 64 that is 512 operations per
+# byte of weights, far right of the ridge. The memory has time to spare; what sets the speed is how
+# many instructions the core spends per multiply-add. The model's Numba path (`refbitnet.runtime`)
+# builds on the AVX2 instruction `vpmaddubsw`: it multiplies 32 unsigned bytes by 32 signed bytes and
+# adds neighbouring products pairwise into 16 int16 lanes. The unsigned operand is the weight's code
+# c = w + 1 ∈ {0, 1, 2} (what the packed byte stores), the signed one the int8 activation; at the end
+# Σ c·x − Σ x = Σ w·x. A chunk of 128 weights (32 packed bytes, 4 two-bit fields per byte) times one
+# token is 4 `vpmaddubsw`, whatever the kernel; the kernels differ in what they do around them.
+#
+# - **v4 blocked** (`v4_maddubs.matmul_scaled_v4_blocked`, 2-4 tokens in the runtime): 4 tokens per
+#   pass over a row. For every chunk it extracts the 4 fields of the packed bytes again (a load, 3
+#   shifts, 4 ands), work shared by only 4 tokens, and every 15 chunks it reduces each token's int16
+#   accumulator to a scalar.
+# - **v5** (`v5_prefill`, more than 4 tokens): *unpack once, reuse S times.* A tile of 64 rows × 20
+#   chunks (2560 weights) is unpacked once into a scratch of one byte per code (160 KB, which stays
+#   in the L2 cache); every token of the prompt then reads the codes from there, so the unpacking
+#   costs 1/S of what v4 pays per token. The inner loop keeps one row's code vector in a register and
+#   multiplies it with the activations of **8 tokens** (8 int16 accumulators): per token and chunk,
+#   4 `vpmaddubsw` and 4 int16 adds, nothing else. The activations are laid out per block of 8
+#   tokens so that the 32 vectors of a chunk sit at fixed offsets from one pointer.
+#
+# **The int16 bound.** `vpmaddubsw` sums pairs: |c₀x₀ + c₁x₁| ≤ 2·2·128 = 512, so a chunk (4 fields)
+# adds at most 2048 to a lane, and 15 chunks at most 30720 < 2¹⁵ = 32768. Both kernels therefore widen
+# the int16 accumulators to int32 after every 15 chunks (`WIDEN_CHUNKS`; v5 with `vpmaddwd` by ones,
+# exact, and it sums the int32 lanes horizontally only once per 20-chunk panel). The check below runs
+# the worst case — every weight +1, every activation −128 — and shows what one lane would hold without
+# the widening. Every step stays in integers, and the epilogue is the same float32
+# `(acc / s) * weight_scale`, so v5 must equal the reference bit for bit, not approximately.
+
+# %%
+from refbitnet.kernels import v4_maddubs, v5_prefill
+from refbitnet.kernels.reference import ternary_matmul_reference
+from refbitnet.runtime import PackedLinear
+
+assert v4_maddubs.available(), "v4 and v5 use AVX2 (x86-64); without it refbitnet.runtime runs v3"
+
+# A small shape with every edge: S = 11 tokens (an 8-token block and a partial one), N = 70 rows (a 64-row
+# tile and a partial one), K = 23 chunks of 128 weights (a 20-chunk panel, widened after 15, then 3 chunks).
+S_small, N_small, K_small = 11, 70, 23 * 128
+packed_small = pack_kernel(rng.integers(-1, 2, size=(N_small, K_small)).astype(np.int8))     # [70, 736] uint8
+x_small = rng.standard_normal((S_small, K_small)).astype(np.float32)                       # [11, 2944]
+xq_small, s_small = absmax_int8(x_small)                                                   # [11, 2944] int8, [11]
+scale_small = rng.uniform(0.5, 2.0, N_small).astype(np.float32)                            # one scale per row [70]
+y_ref_small = ternary_matmul_reference(xq_small, s_small, packed_small, scale_small)       # [11, 70]
+y5_small = v5_prefill.ternary_matmul_v5(xq_small, s_small, packed_small, scale_small)      # [11, 70]
+print("v5 == reference, bit for bit:", np.array_equal(y5_small, y_ref_small))
+
+# The worst case for an int16 lane: code c = 2 (w = +1) times x = -128 in every product.
+xq_worst = np.full((S_small, K_small), -128, np.int8)
+packed_worst = pack_kernel(np.ones((N_small, K_small), np.int8))
+y_worst = v5_prefill.ternary_matmul_v5(xq_worst, np.ones(S_small, np.float32), packed_worst, np.float32(1.0))
+print(f"worst case: outputs {np.unique(y_worst)}, expected sum w x = -128 K = {-128 * K_small}")
+lane = np.cumsum(np.full(17, -2048))                 # one int16 lane after 1 .. 17 worst-case chunks
+print("one lane after 15, 16, 17 chunks:", lane[14:].tolist(), "-> held in int16:", lane[14:].astype(np.int16).tolist())
+
+layer = PackedLinear(packed_small, scale_small)      # the runtime's choice of kernel by number of tokens
+print("PackedLinear's kernel for S tokens:", {S_tok: layer._kernel(S_tok) for S_tok in (1, 2, 4, 5, 8, 64)})
+
+# %% [markdown]
+# The 15 is the simple bound (|pair| ≤ 512 in both directions); the true extremes are −512 and
+# +508, so 16 chunks would still fit — the 17th wraps around, as the last line shows.
+#
+# Now the speeds, on gate_proj with S = 64 tokens, one thread, the weights cycling through the 8
+# copies as above. The three contenders compute the same numbers: the prompt run as 64 separate
+# decode steps (v4's GEMV, each step reading the weights from memory again), v4's blocked GEMM, and
+# v5. Only the kernels are timed; the activations are quantized once, into each kernel's layout
+# (NumPy transposes here; the runtime's quantizers write these layouts directly).
+
+# %%
+S = 64
+x_prompt = rng.standard_normal((S, K)).astype(np.float32)                    # [64, K]
+xq_prompt, s_prompt = absmax_int8(x_prompt)                                  # [64, K] int8, [64]
+xsum_prompt = xq_prompt.sum(axis=1, dtype=np.int32)                          # [64]: Σ x, for Σ w x = Σ c x - Σ x
+row_scale = np.full(N, 0.02, np.float32)                                     # [N]
+planes = np.ascontiguousarray(xq_prompt.reshape(S, K // 4, 4).transpose(0, 2, 1))   # v4 GEMV: [S, 4, K/4], [t, i, j] = xq[t, 4j + i]
+blocks4 = np.ascontiguousarray(                                              # v4 blocked: [S/4, K/128, 4, 4, 32]
+    xq_prompt.reshape(S // 4, 4, K // 128, 32, 4).transpose(0, 2, 1, 4, 3))  # [b, c, t, i, j] = xq[4b + t, 4(32c + j) + i]
+blocks8 = v5_prefill.pack_token_blocks(xq_prompt)                            # v5: [S/8, K/128, 8, 4, 32], 64-byte aligned
+out = np.empty((S, N), np.float32)                                           # [S, N]
+want_prompt = ternary_matmul_reference(xq_prompt, s_prompt, packed_pool[0], row_scale)   # [S, N]
+
+gemms = {  # name: one call on one weight matrix
+    "v4 GEMV, all tokens": lambda p: v4_maddubs.matmul_scaled_v4(p, planes, xsum_prompt, s_prompt, row_scale, out),
+    "v4 blocked": lambda p: v4_maddubs.matmul_scaled_v4_blocked(p, blocks4, xsum_prompt, s_prompt, row_scale, out),
+    "v5": lambda p: v5_prefill.matmul_scaled_v5(p, blocks8, xsum_prompt, s_prompt, row_scale, out),
+}
+gemm_exact = {}
+for name, fn in gemms.items():                       # the first call also compiles (or loads the cache)
+    out.fill(np.nan)                                 # so that an output left unwritten cannot pass
+    fn(packed_pool[0])
+    gemm_exact[name] = np.array_equal(out, want_prompt)
+print("bit for bit equal to the reference:", gemm_exact)
+
+one_token = lambda p: v4_maddubs.matmul_scaled_v4(p, planes[:1], xsum_prompt[:1], s_prompt[:1], row_scale, out[:1])
+t_gemv = best_time(cycling(one_token, packed_pool), repeats=8)
+t_blocked = best_time(cycling(gemms["v4 blocked"], packed_pool), repeats=5)
+t_v5 = best_time(cycling(gemms["v5"], packed_pool), repeats=5)
+prefill_times = {f"{S} x v4 GEMV (decode)": S * t_gemv, f"v3 GEMM (timed above)": t64,
+                 "v4 blocked GEMM, 4 tokens/pass": t_blocked, "v5 GEMM, 8 tokens/pass": t_v5}
+for name, t in prefill_times.items():
+    print(f"{name:<32} {t * 1e3:7.1f} ms   {S / t:8.0f} tokens/s   {2 * S * N * K / t / 1e9:6.1f} Gop/s   "
+          f"{S * t_gemv / t:4.1f}x the GEMVs")
+print(f"v5 / v4 blocked: {t_blocked / t_v5:.2f}x faster; v5 reaches {2 * S * N * K / t_v5 / 1e9 / peak:.1f}x "
+      f"the flat roof drawn above ({peak:.1f} Gop/s, v3's best)")
+
+# %% [markdown]
+# Reading the numbers: 64 GEMVs read and decode the weights 64 times; a GEMM reads them once, so
+# only the instructions around each `vpmaddubsw` are left to limit it, and those are what v4 blocked
+# and v5 cut (the v3 docstring explains why its word-plane GEMM gains little over its GEMV). On the
+# development machine (AMD Zen 3 at 3.2 GHz, AVX2 without VNNI, one thread, 128 tokens), the
+# `v5_prefill` docstring records 0.95-1.07 cycles per `vpmaddubsw` for v4 blocked and 0.73-0.77 for v5
+# (1.2-1.5x), against 0.63 for a probe that does nothing but independent `vpmaddubsw` + add pairs:
+# the adds share the vector ports with the multiplies, so that probe is about the ceiling for this
+# instruction pair on that core. Few tokens are another matter: a v5 call pays for unpacking the
+# tiles and for a whole 8-token block however many tokens it has, so `PackedLinear` (printed above)
+# keeps v4's GEMV for one token and v4 blocked for 2-4, and runs v5 from 5 tokens on.
 #
 # ## What this means for decoding 2B4T here
 #
@@ -225,5 +350,10 @@ assert np.array_equal(kernels.ternary_matmul_acc(xq64, packed_pool[0]), acc64)  
 y = kernels.ternary_matmul(xq64, s.repeat(64), packed_pool[0], np.float32(0.02))
 assert np.array_equal(y, (acc64.astype(np.float32) / s.repeat(64)[:, None]) * np.float32(0.02))
 assert head_exact
+assert np.array_equal(y5_small, y_ref_small)                                     # v5, every edge of the tiling
+assert np.array_equal(v5_prefill.prefill_matmul(x_small, packed_small, scale_small), y_ref_small)   # from float x
+assert np.array_equal(layer(x_small), y_ref_small) and layer._kernel(S_small) == "v5"   # the runtime's path
+assert np.all(y_worst == -128 * K_small)                                          # the int16 worst case
+assert all(gemm_exact.values())                                                   # GEMV, v4 blocked, v5 at S = 64
 assert bw_read >= bw_probe > 0 and peak > 0 and floor > 0
 print("all checks passed")
