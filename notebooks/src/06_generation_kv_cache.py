@@ -144,6 +144,49 @@ print("sampled:", sample_a)
 print("same seed, same tokens:", sample_a == sample_b)
 
 # %% [markdown]
+# ## Half the memory: a float16 cache
+#
+# Each position adds 2 (keys and values) × L × KVH × HD numbers to the cache; at long context the
+# cache, not the weights, is what grows. `model.new_cache(n, kv_dtype="float16")` (and
+# `generate(..., kv_dtype="float16")`) stores keys (after RoPE) and values rounded to float16, as
+# llama.cpp and bitnet.cpp do by default, and widens them back to float32 when attention reads them:
+# attention still computes in float32, but every cached number has been rounded once (relative error
+# at most 2⁻¹¹ ≈ 4.9e-4 in float16's normal range). float32 stays the default and is exact.
+
+# %%
+big = refbitnet.BITNET_2B4T
+numbers_per_position = 2 * big.num_hidden_layers * big.num_key_value_heads * big.head_dim    # 2 x 30 x 5 x 128
+for name, size in (("float32", 4), ("float16", 2)):
+    print(f"2B4T cache, {name}: {numbers_per_position * size // 1024} KiB per position, "
+          f"{numbers_per_position * size * big.max_position_embeddings / 2**20:.0f} MiB at "
+          f"{big.max_position_embeddings} positions")
+
+cache16 = model.new_cache(max_tokens=64, kv_dtype="float16")
+prefill16 = model.forward(ids[:32], cache=cache16)                                   # the same 32 + 16 steps
+incremental16 = np.concatenate([prefill16] + [model.forward(ids[t:t + 1], cache=cache16) for t in range(32, 48)])
+print(cache16, f"| k + v: {cache16.k.nbytes + cache16.v.nbytes} bytes vs {cache.k.nbytes + cache.v.nbytes} in float32")
+rel16 = float(np.abs(incremental16 - full).max() / np.abs(full).max())
+agree16 = float((incremental16.argmax(1) == full.argmax(1)).mean())
+print(f"float16 vs float32 cache: max |diff| / max |logit| = {rel16:.1e}, argmax agrees at {agree16:.0%} of positions")
+# Layer 0's keys and values do not depend on the cache (its input is the embedding), so there the
+# float16 cache holds exactly the float32 cache's numbers, rounded. Deeper layers differ by more:
+# their inputs already went through attention over rounded keys and values.
+layer0_rounded = (np.array_equal(cache16.k[0, :48], cache.k[0, :48].astype(np.float16))
+                  and np.array_equal(cache16.v[0, :48], cache.v[0, :48].astype(np.float16)))
+print("layer 0: float16 cache == float32 cache rounded to float16:", layer0_rounded)
+greedy16 = model.generate(prompt, max_new_tokens=24, kv_dtype="float16")
+same16 = next((i for i, (a, b) in enumerate(zip(greedy16, greedy)) if a != b), len(greedy))
+print("greedy, float16 cache:", greedy16)
+print(f"greedy tokens identical to the float32 cache's for the first {same16} of {len(greedy)}")
+
+# %% [markdown]
+# The logits move because attention reads rounded keys and values, and now and then such a change
+# pushes an activation across a rounding boundary of the next BitLinear's int8 quantizer, changing a
+# code (the same mechanism as in the comparison with transformers below). tests/test_kv_cache_float16.py bounds the first layer's attention change from
+# the rounding itself, checks the end-to-end logits to 5e-2, and checks that the Numba backend gives
+# the same bits as this NumPy path with either cache type.
+
+# %% [markdown]
 # ## The same checkpoint in transformers
 #
 # transformers reads the directory as the released model: `BitNetForCausalLM` with `AutoBitLinear`
@@ -219,6 +262,7 @@ shipped_rel = float(np.abs(shipped.forward(prompt_ids) - hf_shipped_logits).max(
 print(f"logits of the prompt: max |refbitnet - transformers| / max |logit| = {shipped_rel:.1e}")
 print("refbitnet, greedy   :", repr(shipped.tokenizer.decode(ours_text)))
 print("transformers, greedy:", repr(shipped.tokenizer.decode(hf_text)))
+print("float16 KV cache, same greedy text as float32:", shipped.generate(prompt_ids, max_new_tokens=32, kv_dtype="float16") == ours_text)
 print("refbitnet, sampled  :", repr(shipped.tokenizer.decode(
     shipped.generate(prompt_ids, max_new_tokens=32, temperature=0.8, top_p=0.95, seed=3))))
 
@@ -233,6 +277,8 @@ for _ in range(8):
     ref.append(int(model.forward(np.array(ref))[-1].argmax()))
 assert greedy[:8] == ref[16:]
 assert sample_a == sample_b                                      # seeded sampling reproduces
+assert cache16.dtype == "float16" and cache16.k.nbytes * 2 == cache.k.nbytes  # half the bytes
+assert layer0_rounded and 0 < rel16 < 5e-2                          # float16 cache: rounded, within the tests' bound
 assert Sampler(0.7, 20, 1.0, 0).filtered_logits(last).max() == apply_temperature(last, 0.7).max()
 for ours in (fake, full):                                       # transformers agrees to the stated bound
     assert np.abs(ours - hf_logits).max() / scale < 5e-2
