@@ -66,13 +66,16 @@ def peak_memory_mib():
     return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024   # bytes on macOS, KiB on Linux
 
 
-def stream_reply(model, prompt_ids, args, echo=""):
+def stream_reply(model, prompt_ids, args, echo="", cache=None):
     """Generate after prompt_ids, printing echo (once the arguments are checked) and then the text as it
-    arrives; returns (new ids, text)."""
+    arrives; returns (new ids, text). cache: continue this KV cache (chat: the conversation so far)."""
     from refbitnet.generate import generate
     tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      kv_dtype=args.kv_cache)                                     # raises before any work
+                      kv_dtype=None if cache is not None else args.kv_cache,
+                      cache=cache)                                                # raises before any work
+    # prompt tokens whose keys and values the cache already holds (what generate keeps, computed the same way)
+    reused = cache.keep_prefix(prompt_ids[:-1]) if cache is not None else 0
     print(echo, end="", flush=True)
     text_stream = model.tokenizer.text_stream()
     pieces, new_ids = [], []
@@ -92,8 +95,9 @@ def stream_reply(model, prompt_ids, args, echo=""):
     prefill = (first - start) if first is not None else time.perf_counter() - start
     decode_steps = max(len(new_ids) - 1, 0)
     decode_rate = f"{decode_steps / (last - first):.2f}" if decode_steps and last > first else "n/a"
-    print(f"[{len(prompt_ids)} prompt tokens, {len(new_ids)} new | prefill "
-          f"{len(prompt_ids) / prefill:.2f} tokens/s | decode {decode_rate} tokens/s | "
+    cached = f" ({reused} of them from the cache)" if reused else ""
+    print(f"[{len(prompt_ids)} prompt tokens{cached}, {len(new_ids)} new | prefill "
+          f"{(len(prompt_ids) - reused) / prefill:.2f} tokens/s | decode {decode_rate} tokens/s | "
           f"peak memory {peak_memory_mib():.0f} MiB]", file=sys.stderr)
     return new_ids, "".join(pieces)
 
@@ -112,7 +116,11 @@ def fit_chat(model, messages, max_new_tokens):
 
 
 def chat(model, args):
+    """One turn per line of stdin. The conversation so far is the prompt of each turn, and one KV cache serves
+    all turns: generate() keeps the cached positions that match the new prompt, so a turn runs only its own
+    tokens (and whatever follows the first difference, e.g. after old turns are dropped to fit)."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    cache = model.new_cache(kv_dtype=args.kv_cache)          # the model's context; pages are touched as it fills
     pending = args.prompt
     interactive = sys.stdin.isatty()
     while True:
@@ -126,7 +134,7 @@ def chat(model, args):
         messages.append({"role": "user", "content": pending})
         pending = None
         ids, messages = fit_chat(model, messages, args.max_new_tokens)
-        _, reply = stream_reply(model, ids, args)
+        _, reply = stream_reply(model, ids, args, cache=cache)
         messages.append({"role": "assistant", "content": reply})
 
 

@@ -19,9 +19,17 @@ prompts in consecutive blocks through the same cache), because ``forward`` retur
 position and at V = 128256 a 4096-token block would be 2.1 GB of float32 logits of which only the
 last row is used.
 
+A conversation: pass the same ``cache`` (``model.new_cache()``) to every turn with the whole conversation
+as the prompt. The cached positions whose ids match the start of the prompt are kept
+(``KVCache.keep_prefix``: their keys and values are exactly what a fresh prefill computes) and only the
+rest of the prompt runs, so a turn costs its own tokens, not the conversation's. Where a turn's prompt
+differs from what the cache holds (e.g. the reply re-tokenized differently, or old turns dropped to
+fit the context), the prefill restarts at the first differing position.
+
 Every argument is checked when ``generate`` is called, before the cache is allocated or any forward
 pass runs; only the iteration itself does work.
 """
+
 
 from __future__ import annotations
 
@@ -37,11 +45,13 @@ PREFILL_BLOCK = 512   # tokens per prefill forward: bounds one block's activatio
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
-             stop_strings: Sequence[str] | None = None, kv_dtype: str | None = None) -> Iterator[int]:
+             stop_strings: Sequence[str] | None = None, kv_dtype: str | None = None,
+             cache=None) -> Iterator[int]:
     """Validate everything, then return an iterator over the new token ids (see module docstring).
 
     kv_dtype: the KV cache's element type, "float32" or "float16" (``model.new_cache``); None: the
-    model's default (float32, exact)."""
+    model's default (float32, exact). cache: a KVCache to continue (None: a new one for this call); it
+    needs room for the prompt and max_new_tokens - 1 more positions."""
     prompt = check_prompt_ids(prompt_ids, model.config.vocab_size)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
         raise RefBitNetTypeError(f"max_new_tokens must be an int, found {type(max_new_tokens).__name__}")
@@ -62,14 +72,22 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     if kv_dtype is not None:
         from .model import check_kv_dtype
         cache_args["kv_dtype"] = check_kv_dtype(kv_dtype).name
-    return _generate(model, prompt, int(max_new_tokens), sampler, stop_ids, stop_strings, tokenizer, cache_args)
+    if cache is not None:
+        _check_cache(cache, len(prompt) + max_new_tokens - 1, cache_args.get("kv_dtype"))
+    return _generate(model, prompt, int(max_new_tokens), sampler, stop_ids, stop_strings, tokenizer, cache_args,
+                     cache)
 
 
 def _generate(model, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler,
-              stop_ids: frozenset[int], stop_strings: tuple[str, ...], tokenizer, cache_args) -> Iterator[int]:
-    # the last new token is never fed back, so the cache needs one slot less than this
-    cache = model.new_cache(len(prompt) + max_new_tokens, **cache_args)
-    for start in range(0, len(prompt), PREFILL_BLOCK):     # prefill: usually a single block
+              stop_ids: frozenset[int], stop_strings: tuple[str, ...], tokenizer, cache_args,
+              cache=None) -> Iterator[int]:
+    if cache is None:
+        # the last new token is never fed back, so the cache needs one slot less than this
+        cache = model.new_cache(len(prompt) + max_new_tokens, **cache_args)
+        first = 0
+    else:   # continue: keep what matches the prompt, but run at least its last token (its logits are sampled)
+        first = cache.keep_prefix(prompt[:-1])
+    for start in range(first, len(prompt), PREFILL_BLOCK):     # prefill: usually a single block
         # only the last position's logits are sampled: the LM head runs on it alone
         logits = model.forward(prompt[start:start + PREFILL_BLOCK], cache=cache, last_only=True)  # [1, V]
     new_ids: list[int] = []
@@ -82,6 +100,17 @@ def _generate(model, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler,
         if len(new_ids) == max_new_tokens or _ends_with_stop_string(new_ids, stop_strings, tokenizer):
             return
         logits = model.forward(np.array([token_id], dtype=np.int64), cache=cache)  # decode: [1, V]
+
+
+def _check_cache(cache, positions: int, kv_dtype: str | None) -> None:
+    from .model import KVCache
+    if not isinstance(cache, KVCache):
+        raise RefBitNetTypeError(f"cache: expected a KVCache from model.new_cache(), found {type(cache).__name__}")
+    if positions > cache.capacity:
+        raise RefBitNetError(f"cache: the prompt and max_new_tokens need {positions} positions, the cache holds "
+                             f"{cache.capacity} (make it with model.new_cache(max_tokens))")
+    if kv_dtype is not None and kv_dtype != cache.dtype:
+        raise RefBitNetError(f"kv_dtype: {kv_dtype!r} given, but the cache passed stores {cache.dtype!r}")
 
 
 def check_prompt_ids(prompt_ids, vocab_size: int) -> np.ndarray:

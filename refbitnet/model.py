@@ -280,6 +280,7 @@ class KVCache:
         shape = (config.num_hidden_layers, capacity, config.num_key_value_heads, config.head_dim)
         self.k = zeros_small_pages(shape, dtype)                               # [L, capacity, KVH, HD]
         self.v = zeros_small_pages(shape, dtype)                               # [L, capacity, KVH, HD]
+        self.ids = np.zeros(capacity, np.int64)   # [capacity] the token id of each cached position
         self.length = 0
         self.owner = None      # token of the Model whose keys/values it holds (claimed when first used)
         self._widened = None   # float16 cache: one layer's keys and values widened to float32 (read)
@@ -324,6 +325,17 @@ class KVCache:
         if self._widened is None:                     # [2, capacity, KVH, HD], pages mapped as they fill
             self._widened = zeros_small_pages((2,) + self.k.shape[1:], np.float32)
         return self._widened[0, :end], self._widened[1, :end]
+
+    def keep_prefix(self, ids) -> int:
+        """Keep the cached positions whose token ids equal the start of ids (1-D), forget the rest; return
+        how many were kept. Position p's keys and values depend on ids[0..p] only (causal attention), so
+        the kept ones are exactly what a forward over those ids computes: a conversation continues from
+        its earlier turns and only ids[kept:] need a forward pass."""
+        ids = np.asarray(ids)
+        n = min(self.length, ids.shape[0])
+        differ = np.flatnonzero(self.ids[:n] != ids[:n])
+        self.length = int(differ[0]) if differ.size else n
+        return self.length
 
     def reset(self) -> None:
         """Forget every position (the memory is reused, by this or another model of the same shape)."""
@@ -458,6 +470,7 @@ class Model:
             for i in range(cfg.num_hidden_layers):
                 h = self._layer(i, h, cos, sin, cache, start, trace)                   # [S, D]
         if cache is not None:
+            cache.ids[start:start + s_len] = ids
             cache.length = start + s_len
         x = rms_norm(h, self.norm, cfg.rms_norm_eps)                                   # [S, D]
         _record(trace, "norm", x)
@@ -480,13 +493,15 @@ class Model:
         return self._layer(i, h, cos, sin, None, 0, trace)
 
     def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed=None, stop=None, stream: bool = False, kv_dtype: str = "float32"):
+                 top_p: float = 1.0, seed=None, stop=None, stream: bool = False, kv_dtype: str | None = None,
+                 cache: KVCache | None = None):
         """Continue prompt (text, or a sequence of token ids) by up to max_new_tokens tokens.
 
         stop: extra stop conditions, strings and/or token ids (the tokenizer's end-of-turn ids, or the
         config's eos ids without a tokenizer, always stop). Returns the list of new ids; with
         stream=True an iterator yielding them one by one. kv_dtype: the KV cache's element type,
-        "float32" (exact, default) or "float16" (half the memory; see KVCache).
+        "float32" (exact, default) or "float16" (half the memory; see KVCache). cache: a KVCache to
+        continue, e.g. the previous turn's of a chat (see refbitnet.generate.generate).
         """
         from .generate import generate as _generate
         if isinstance(prompt, str):
@@ -513,7 +528,7 @@ class Model:
                 raise RefBitNetTypeError(f"stop: expected strings or token ids, found {item!r}")
         tokens = _generate(self, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, stop_ids=stop_ids, stop_strings=stop_strings,
-                           kv_dtype=kv_dtype)
+                           kv_dtype=kv_dtype, cache=cache)
         return tokens if stream else list(tokens)
 
     def check_ids(self, ids) -> np.ndarray:

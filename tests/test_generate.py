@@ -359,6 +359,9 @@ def test_example_chat_reads_turns_from_stdin(tiny_model_dir, capsys, monkeypatch
                                 "--backend", "numpy"])
     out, err = capsys.readouterr()
     assert code == 0 and err.count("peak memory") == 2
+    # one KV cache serves the conversation: turn 2 reuses turn 1's positions (the shared chat prefix at least)
+    turn1, turn2 = [line for line in err.splitlines() if "peak memory" in line]
+    assert "from the cache" not in turn1 and "of them from the cache" in turn2, err
 
 
 @pytest.mark.parametrize("flags, match", [

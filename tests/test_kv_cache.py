@@ -196,3 +196,70 @@ def test_attention_equals_the_plain_formula(seed, shape, s_len, start, spare, ma
     block = (rng.standard_normal((2, start + s_len + spare, n_kv, hd)) * magnitude).astype(np.float32)
     k, v = block[0, :start + s_len], block[1, :start + s_len]             # prefixes, as KVCache.read gives
     assert np.array_equal(attention(q, k, v, start).view(np.uint32), _attention_plain(q, k, v, start).view(np.uint32))
+
+
+# ------------------------------------------------------------------ continuing a cache (conversations)
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31), first_len=st.integers(1, 20), shared=st.integers(0, 20), extra=st.integers(1, 8),
+       kv_dtype=st.sampled_from(["float32", "float16"]))
+def test_keep_prefix_then_continue_equals_a_fresh_prefill(backend, seed, first_len, shared, extra, kv_dtype):
+    """A cache holding ids A, cut with keep_prefix(B) to the positions where A and B agree and then fed the
+    rest of B, holds bit for bit the keys and values of a fresh prefill of B, and gives its last logits."""
+    model = tiny_model("gqa", backend=backend)
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, model.config.vocab_size, first_len)
+    shared = min(shared, first_len)
+    b = np.concatenate([a[:shared], rng.integers(0, model.config.vocab_size, extra)])
+    if shared < first_len:
+        b[shared] = (a[shared] + 1) % model.config.vocab_size          # differ right after the shared part
+    cache = model.new_cache(64, kv_dtype=kv_dtype)
+    model.forward(a, cache=cache)
+    kept = cache.keep_prefix(b)
+    assert kept == min(shared, len(b)) == cache.length
+    logits = model.forward(b[kept:], cache=cache, last_only=True)
+    fresh = model.new_cache(64, kv_dtype=kv_dtype)
+    expect = model.forward(b, cache=fresh, last_only=True)
+    n = len(b)
+    assert np.array_equal(logits.view(np.uint32), expect.view(np.uint32))
+    assert np.array_equal(cache.k[:, :n].view(np.uint8), fresh.k[:, :n].view(np.uint8))
+    assert np.array_equal(cache.v[:, :n].view(np.uint8), fresh.v[:, :n].view(np.uint8))
+    assert np.array_equal(cache.ids[:n], b)
+
+
+def test_generate_continues_a_conversation_from_its_cache():
+    """Turn 2's prompt = turn 1's prompt + its reply + more: with the turn-1 cache passed back, generate runs
+    only the new tokens and returns the same ids as from a fresh cache."""
+    model = tiny_model("gqa")
+    calls = []
+    forward = model.forward
+
+    def counting_forward(ids, cache=None, **kw):
+        calls.append(len(ids))
+        return forward(ids, cache=cache, **kw)
+
+    prompt1 = list(_ids(model, 9, seed=3))
+    cache = model.new_cache(64)
+    model.forward = counting_forward
+    try:
+        reply = model.generate(prompt1, 6, cache=cache)
+        prompt2 = prompt1 + reply + list(_ids(model, 5, seed=4))
+        calls.clear()
+        continued = model.generate(prompt2, 6, cache=cache)
+        prefilled = calls[0]
+    finally:
+        del model.forward                                  # back to the class's method
+    assert len(reply) == 6                                 # (no eos in this reply: it ran to max_new_tokens)
+    assert continued == model.generate(prompt2, 6)
+    # the cache held prompt1 and all but the last reply id (never fed back): that id and the 5 new ones run
+    assert prefilled == 1 + 5
+
+
+def test_generate_cache_errors():
+    model = tiny_model("gqa")
+    with pytest.raises(RefBitNetError, match="need 12 positions, the cache holds 8"):
+        model.generate([1, 2, 3], 10, cache=model.new_cache(8))
+    with pytest.raises(RefBitNetError, match="'float16' given, but the cache passed stores 'float32'"):
+        model.generate([1, 2, 3], 2, cache=model.new_cache(8), kv_dtype="float16")
+    with pytest.raises(RefBitNetTypeError, match="expected a KVCache"):
+        model.generate([1, 2, 3], 2, cache=object())
