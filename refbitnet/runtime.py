@@ -7,9 +7,9 @@ small NumPy calls cost more than the 2-bit GEMV they feed. Here:
 
     quantize_byte_planes(x f32 [S, K]) -> s f32 [S], planes int8 [S, 4, K/4], xsum int32 [S]   one pass
     v4_maddubs.matmul_scaled_v4(packed, planes, xsum, s, row_scale) -> y f32 [S, N]            the kernel
-(prefill: for 2 <= S <= 4, quantize_token_blocks and v4_maddubs.matmul_scaled_v4_blocked, the S tokens in
-one 4-token block per weight pass; for S > 4, v5_prefill.quantize_token_blocks and matmul_scaled_v5, which
-unpack each tile of codes once and run 8 tokens per pass)
+(prefill: kernels.act_quant.quantize_token_blocks, then for 2 <= S <= 4 v4_maddubs.matmul_scaled_v4_blocked,
+the S tokens in one 4-token block per weight pass; for S > 4 v5_prefill.matmul_scaled_v5, which unpacks each
+tile of codes once and runs 8 tokens per pass)
 
 (AVX2 and K % 128 == 0; otherwise quantize_planes -> int16 planes [S, 8, K/8] and v3_word_planes'
 matmul_scaled), with the same arithmetic as ``absmax_int8`` (s = 127 * fl(1 / max(max|x|, 1e-5)),
@@ -35,7 +35,7 @@ from numba import njit, prange
 from . import kernels  # noqa: F401  (sets the LLVM options before anything below compiles)
 from .errors import RefBitNetError, RefBitNetTypeError
 from .kernels import v4_maddubs, v5_prefill
-from .kernels.act_quant import code_int8, row_scale_int8
+from .kernels.act_quant import quantize_row, quantize_token_blocks
 from .kernels.v3_word_planes import MAX_K, PLANE_FACTOR, matmul_scaled
 from .quant import absmax_int8
 
@@ -48,19 +48,16 @@ def quantize_planes(x, s, planes, xsum):
     xq = clip(round(x * s), -128, 127). Returns -1, or the first row holding a NaN/inf (nothing is then valid).
     """
     S, K = x.shape
+    q = np.empty(K, np.int8)                                         # one token's codes, in k order
     for r in range(S):
-        scale = row_scale_int8(x[r])                                 # torch's 127 / t (quant.absmax_int8)
+        scale, total = quantize_row(x[r], q)                         # torch's 127 / t, round half to even
         if scale < 0:
             return r
         s[r] = scale
-        total = 0
+        xsum[r] = total
         for w in range(K // 8):
             for t in range(8):
-                q = code_int8(x[r, 8 * w + t], scale)            # round half to even, clip
-                qi = np.int16(q)
-                planes[r, t, w] = np.int16(qi * PLANE_FACTOR[t])
-                total += qi
-        xsum[r] = total
+                planes[r, t, w] = np.int16(np.int16(q[8 * w + t]) * PLANE_FACTOR[t])
     return -1
 
 
@@ -69,46 +66,16 @@ def quantize_byte_planes(x, s, planes, xsum):
     """absmax_int8 laid out for kernels.v4_maddubs: x f32 [S, K] -> s f32 [S], planes int8 [S, 4, K/4]
     (planes[r, i, j] = xq[r, 4j + i]), xsum int32 [S]. Returns -1, or the first row holding a NaN/inf."""
     S, K = x.shape
+    q = np.empty(K, np.int8)                                         # one token's codes, in k order
     for r in range(S):
-        scale = row_scale_int8(x[r])                                 # torch's 127 / t (quant.absmax_int8)
+        scale, total = quantize_row(x[r], q)                         # torch's 127 / t, round half to even
         if scale < 0:
             return r
         s[r] = scale
-        total = 0
+        xsum[r] = total
         for j in range(K // 4):
             for i in range(4):
-                q = code_int8(x[r, 4 * j + i], scale)            # round half to even, clip
-                qi = np.int8(q)
-                planes[r, i, j] = qi
-                total += qi
-        xsum[r] = total
-    return -1
-
-
-@njit(cache=True)
-def quantize_token_blocks(x, s, blocks, xsum):
-    """absmax_int8 laid out for v4_maddubs.matmul_scaled_v4_blocked: x f32 [S, K] -> s f32 [S], blocks int8
-    [ceil(S/4), K/128, 4, 4, 32] (blocks[b, c, t, i, j] = xq[4b + t, 4(32c + j) + i]; tokens past S are
-    zero), xsum int32 [S]. Returns -1, or the first row holding a NaN/inf. Same numbers as quantize_byte_planes."""
-    S, K = x.shape
-    T = blocks.shape[2]
-    for r in range(S):
-        scale = row_scale_int8(x[r])                                 # torch's 127 / t (quant.absmax_int8)
-        if scale < 0:
-            return r
-        s[r] = scale
-        total = 0
-        b, t = r // T, r % T
-        for c in range(K // 128):
-            for j in range(32):
-                for i in range(4):
-                    q = code_int8(x[r, 4 * (32 * c + j) + i], scale)            # round half to even, clip
-                    qi = np.int8(q)
-                    blocks[b, c, t, i, j] = qi
-                    total += qi
-        xsum[r] = total
-    for r in range(S, blocks.shape[0] * T):                 # padding tokens of the last block
-        blocks[r // T, :, r % T, :, :] = 0
+                planes[r, i, j] = q[4 * j + i]
     return -1
 
 
@@ -176,8 +143,7 @@ class PackedLinear:
         x = np.ascontiguousarray(x)
         kernel = self._kernel(x.shape[0])
         s, planes, xsum, y = self._buffers(x.shape[0], kernel)
-        quantize = {"v3": quantize_planes, "v4": quantize_byte_planes, "v4_blocked": quantize_token_blocks,
-                    "v5": v5_prefill.quantize_token_blocks}[kernel]
+        quantize = {"v3": quantize_planes, "v4": quantize_byte_planes}.get(kernel, quantize_token_blocks)
         if quantize(x, s, planes, xsum) >= 0:
             absmax_int8(x)                  # raises the quantizer's own error naming the NaN/inf
             raise RefBitNetError("x: expected finite values")           # (not reached)

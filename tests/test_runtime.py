@@ -16,6 +16,7 @@ pytest.importorskip("refbitnet.kernels")
 from refbitnet import kernels, runtime  # noqa: E402
 from refbitnet.checkpoint import model_from_tensors  # noqa: E402
 from refbitnet.errors import RefBitNetError  # noqa: E402
+from refbitnet.kernels import act_quant  # noqa: E402
 from refbitnet.kernels.v3_word_planes import planes_for  # noqa: E402
 from refbitnet.layouts import pack_kernel  # noqa: E402
 from refbitnet.quant import absmax_int8  # noqa: E402
@@ -198,22 +199,22 @@ def test_v4_blocked_gemm_equals_v4_gemv(seed, s_len, n, chunks, weights, acts):
 @given(seed=st.integers(0, 2**31), s_len=st.integers(1, 9), chunks=st.integers(1, 6),
        kind=st.sampled_from(["normal", "ties", "zeros", "tiny"]))
 def test_quantize_token_blocks_equals_byte_planes(seed, s_len, chunks, kind):
-    """quantize_token_blocks: the same s, codes and sums as quantize_byte_planes, in the 4-token block layout,
-    padding tokens zero."""
+    """act_quant.quantize_token_blocks: the same s, codes and sums as quantize_byte_planes, in the 4-token
+    block layout, padding tokens zero."""
     k = 128 * chunks
     x = _activations(seed, s_len, k, kind)
     s1, planes, xsum1 = np.empty(s_len, np.float32), np.empty((s_len, 4, k // 4), np.int8), np.empty(s_len, np.int32)
     assert runtime.quantize_byte_planes(x, s1, planes, xsum1) == -1
     b = (s_len + 3) // 4
     s2, blocks, xsum2 = np.empty(s_len, np.float32), np.full((b, chunks, 4, 4, 32), 99, np.int8), np.empty(s_len, np.int32)
-    assert runtime.quantize_token_blocks(x, s2, blocks, xsum2) == -1
+    assert act_quant.quantize_token_blocks(x, s2, blocks, xsum2) == -1
     flat = blocks.transpose(0, 2, 1, 3, 4).reshape(4 * b, chunks, 4, 32)        # [token, c, i, j]
     expect = np.zeros_like(flat)
     expect[:s_len] = planes.reshape(s_len, 4, chunks, 32).transpose(0, 2, 1, 3)
     assert np.array_equal(s1, s2) and np.array_equal(xsum1, xsum2) and np.array_equal(flat, expect)
     bad = x.copy()
     bad[-1, 5] = np.nan
-    assert runtime.quantize_token_blocks(bad, s2, blocks, xsum2) == s_len - 1
+    assert act_quant.quantize_token_blocks(bad, s2, blocks, xsum2) == s_len - 1
 
 
 def test_widen_float16_equals_numpy_cast_for_every_bit_pattern():

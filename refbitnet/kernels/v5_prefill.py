@@ -66,7 +66,7 @@ from numba.extending import intrinsic
 from ..errors import RefBitNetError
 from ..quant import absmax_int8
 from . import _array, _check_scales, _check_ternary_operands
-from .act_quant import code_int8, row_scale_int8
+from .act_quant import quantize_token_blocks         # writes the 8-token blocks this GEMM reads
 from .v4_maddubs import CHUNK, _avx2_madd_intrinsics, available
 
 FIELDS = 4                 # 2-bit codes per packed byte
@@ -350,40 +350,6 @@ def pack_token_blocks(xq: np.ndarray) -> np.ndarray:
     # [8B, K] -> [B, 8 (t), C, 32 (j), 4 (i)] -> [B, C, t, i, j]
     blocks[...] = padded.reshape(-1, TOKENS, K // CHUNK_WEIGHTS, CHUNK, FIELDS).transpose(0, 2, 1, 4, 3)
     return blocks
-
-
-@njit(cache=True, parallel=True)
-def quantize_token_blocks(x, s, blocks, xsum):
-    """absmax_int8 laid out for matmul_scaled_v5: x f32 [S, K] (K % 128 == 0) -> s f32 [S], blocks int8
-    [ceil(S/8), K/128, 8, 4, 32] (pack_token_blocks' layout; padding tokens zero), xsum int32 [S] = sum_k xq.
-    xq = clip(round_half_even(fl(x * s)), -128, 127). One token per parallel task. Returns -1, or the first
-    row holding a NaN/inf (then nothing is valid)."""
-    S, K = x.shape
-    bad = np.zeros(S, np.bool_)
-    for r in prange(S):
-        scale = row_scale_int8(x[r])                               # torch's 127 / t (quant.absmax_int8)
-        if scale < 0:
-            bad[r] = True
-            continue
-        s[r] = scale
-        b, t = r // TOKENS, r % TOKENS
-        q = np.empty(K, np.int8)                                   # this token's codes, in k order
-        total = np.int32(0)                                        # |sum| <= 128 K < 2**31
-        for k in range(K):
-            qi = np.int8(code_int8(x[r, k], scale))                # round half to even, clip
-            q[k] = qi
-            total += np.int32(qi)
-        xsum[r] = total
-        for c in range(K // CHUNK_WEIGHTS):
-            for i in range(FIELDS):
-                for j in range(CHUNK):
-                    blocks[b, c, t, i, j] = q[CHUNK_WEIGHTS * c + FIELDS * j + i]
-    for r in range(S, blocks.shape[0] * TOKENS):                 # padding tokens of the last block
-        blocks[r // TOKENS, :, r % TOKENS, :, :] = 0
-    for r in range(S):
-        if bad[r]:
-            return r
-    return -1
 
 
 # --------------------------------------------------------------------------------------------- wrappers
