@@ -24,7 +24,7 @@ intrinsic; GEMV, and a 4-token register-blocked GEMM for prefill) is what refbit
 ``v5_prefill`` is the prefill GEMM from unpacked code panels (1 row x 8 tokens per register tile, about
 1.3x v4's blocked GEMM at 128 tokens; tests/test_kernels_v5.py), with its own checked wrappers
 ``ternary_matmul_v5`` and ``prefill_matmul``. ``act_quant`` holds absmax_int8's arithmetic compiled, shared by
-the fused quantize-and-lay-out passes (``runtime.quantize_*``, ``v5_prefill.quantize_token_blocks``).
+the fused quantize-and-lay-out passes (``runtime.quantize_*``, ``act_quant.quantize_token_blocks``).
 
 Numba does no bounds checks, so every wrapper below validates shapes, dtypes, contiguity and sizes and
 raises a refbitnet.errors exception before any kernel runs. Byte values are not validated per call (that

@@ -63,6 +63,16 @@ def _sum_i16_lanes(builder, maddwd, acc16):
     return total
 
 
+def _code_fields(builder, w):
+    """The 4 code fields of a 32-byte chunk w (v32i8) as u8 vectors: field i = (w >> 2i) & 3, the codes c of
+    k = 4j + i (the shift runs on 16-bit lanes; the & 3 drops what crosses in from the neighbouring byte)."""
+    v32i8, v16i16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16)
+    mask = ir.Constant(v32i8, [3] * 32)
+    w16 = builder.bitcast(w, v16i16)
+    return [builder.and_(w if i == 0 else builder.bitcast(builder.lshr(w16, ir.Constant(v16i16, [2 * i] * 16)), v32i8),
+                         mask) for i in range(4)]
+
+
 @intrinsic
 def block_dot(typingctx, row, planes, chunk0, nchunks):
     """sum over chunks chunk0 .. chunk0+nchunks-1 (nchunks <= 15) of sum c x: row uint8 [K/4] (one row),
@@ -84,18 +94,15 @@ def block_dot(typingctx, row, planes, chunk0, nchunks):
         row_ptr = builder.bitcast(row_a.data, i8.as_pointer())
         pl_ptr = builder.bitcast(pl_a.data, i8.as_pointer())
         acc_ptr = cgutils.alloca_once_value(builder, ir.Constant(v16i16, None))
-        mask = ir.Constant(v32i8, [3] * 32)
         with cgutils.for_range(builder, nchunks) as loop:
             offset = builder.mul(builder.add(chunk0, loop.index), ir.Constant(chunk0.type, CHUNK))
             w = builder.load(builder.bitcast(builder.gep(row_ptr, [offset]), v32i8.as_pointer()), align=1)
-            w16 = builder.bitcast(w, v16i16)
+            fields = _code_fields(builder, w)
             total = None
             for i in range(4):
-                f = w if i == 0 else builder.bitcast(builder.lshr(w16, ir.Constant(v16i16, [2 * i] * 16)), v32i8)
-                f = builder.and_(f, mask)
                 poff = builder.add(builder.mul(plane_stride, ir.Constant(plane_stride.type, i)), offset)
                 x = builder.load(builder.bitcast(builder.gep(pl_ptr, [poff]), v32i8.as_pointer()), align=1)
-                p = builder.call(maddubs, [f, x])
+                p = builder.call(maddubs, [fields[i], x])
                 total = p if total is None else builder.add(total, p)
             builder.store(builder.add(builder.load(acc_ptr), total), acc_ptr)
         return _sum_i16_lanes(builder, maddwd, builder.load(acc_ptr))
@@ -148,15 +155,10 @@ def block_dot2(typingctx, row, planes_a, planes_b, chunk0, nchunks):
         row_ptr = builder.bitcast(row_a.data, i8.as_pointer())
         ptrs = [(builder.bitcast(p.data, i8.as_pointer()), builder.extract_value(p.strides, 0)) for p in (pa, pb)]
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, None)) for _ in range(2)]
-        mask = ir.Constant(v32i8, [3] * 32)
         with cgutils.for_range(builder, nchunks) as loop:
             offset = builder.mul(builder.add(chunk0, loop.index), ir.Constant(chunk0.type, CHUNK))
             w = builder.load(builder.bitcast(builder.gep(row_ptr, [offset]), v32i8.as_pointer()), align=1)
-            w16 = builder.bitcast(w, v16i16)
-            fields = []
-            for i in range(4):
-                f = w if i == 0 else builder.bitcast(builder.lshr(w16, ir.Constant(v16i16, [2 * i] * 16)), v32i8)
-                fields.append(builder.and_(f, mask))
+            fields = _code_fields(builder, w)
             for (ptr, stride), acc_ptr in zip(ptrs, accs):
                 total = None
                 for i in range(4):
@@ -239,16 +241,11 @@ def block_dot4(typingctx, row, blocks, b, chunk0, nchunks):
         row_ptr = builder.bitcast(row_a.data, i8.as_pointer())
         base = builder.gep(builder.bitcast(bl_a.data, i8.as_pointer()), [builder.mul(b, block_stride)])
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, None)) for _ in range(TOKENS_PER_PASS)]
-        mask = ir.Constant(v32i8, [3] * 32)
         with cgutils.for_range(builder, nchunks) as loop:
             chunk = builder.add(chunk0, loop.index)
             w_ptr = builder.gep(row_ptr, [builder.mul(chunk, ir.Constant(chunk.type, CHUNK))])
             w = builder.load(builder.bitcast(w_ptr, v32i8.as_pointer()), align=1)
-            w16 = builder.bitcast(w, v16i16)
-            fields = []
-            for i in range(4):
-                f = w if i == 0 else builder.bitcast(builder.lshr(w16, ir.Constant(v16i16, [2 * i] * 16)), v32i8)
-                fields.append(builder.and_(f, mask))
+            fields = _code_fields(builder, w)
             x_ptr = builder.bitcast(builder.gep(base, [builder.mul(chunk, chunk_stride)]), v32i8.as_pointer())
             for t, acc_ptr in enumerate(accs):
                 total = None
