@@ -169,8 +169,10 @@ def main(argv=None):
         kernels.set_num_threads(args.threads)
     print(f"[{model!r}]", file=sys.stderr)
     if args.backend == "numba":
-        # load (or compile) the kernels now, so the prefill rate below measures the model, not the JIT
-        model.forward([model.tokenizer.bos_id])
+        # load (or compile) the kernels now, so the prefill rate below measures the model, not the JIT: one token
+        # (decode), and a block of more than 4 (prefill: v5 and the row-parallel glue)
+        for block in (1, 5):
+            model.forward([model.tokenizer.bos_id] * block)
     try:
         if args.chat:
             chat(model, args)
