@@ -34,6 +34,30 @@ _SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
               "num_key_value_heads", "vocab_size")
 
 
+# The seven projections of a decoder layer in checkpoint order, as (name, module) in
+# "model.layers.{i}.{module}.{name}.weight", and its four norms ((name, None): directly under the layer).
+# This is the one table of them; projection_shapes(config) gives each one's [N out, K in].
+PROJECTIONS = (("q_proj", "self_attn"), ("k_proj", "self_attn"), ("v_proj", "self_attn"),
+               ("o_proj", "self_attn"), ("gate_proj", "mlp"), ("up_proj", "mlp"), ("down_proj", "mlp"))
+NORMS = (("input_layernorm", None), ("post_attention_layernorm", None),
+         ("attn_sub_norm", "self_attn"), ("ffn_sub_norm", "mlp"))
+
+
+def tensor_name(i: int, name: str, module: str | None = None, suffix: str = "weight") -> str:
+    """Checkpoint tensor name: tensor_name(3, "q_proj", "self_attn") -> model.layers.3.self_attn.q_proj.weight."""
+    mid = f"{module}.{name}" if module else name
+    return f"model.layers.{i}.{mid}.{suffix}"
+
+
+def projection_shapes(config: "Config") -> dict[str, tuple[int, int]]:
+    """Projection name -> (N out, K in) of one layer: q [H*HD, D], k/v [KVH*HD, D], o [D, H*HD],
+    gate/up [F, D], down [D, F]."""
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
+            "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+
+
 @dataclass(frozen=True)
 class Config:
     """Sizes and constants of one BitNet b1.58 model. Construct directly, or with from_json / from_dict."""
