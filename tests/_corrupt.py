@@ -94,7 +94,7 @@ def write_checkpoint_dir(directory, config=None, seed=0) -> Path:
 
 def write_gguf_file(path, layout="i2_s", config=None, seed=0) -> Path:
     """A tiny model exported with gguf_io.write_gguf (no tokenizer metadata)."""
-    from refbitnet import gguf_io
+    from refbitnet import gguf as gguf_io
     from refbitnet.checkpoint import read_checkpoint_tensors
     path = Path(path)
     src = path.parent / f"{path.stem}-src"
@@ -358,7 +358,8 @@ def _serve():
     resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_LIMIT, WORKER_MEMORY_LIMIT))
     sys.setrecursionlimit(1000)            # the default; a hostile file must not rely on more
     import refbitnet
-    from refbitnet import checkpoint, gguf_io
+    from refbitnet import checkpoint
+    from refbitnet import gguf as gguf_io
     from refbitnet.config import Config
     from refbitnet.errors import RefBitNetError
     from refbitnet.tokenizer import Tokenizer

