@@ -105,7 +105,7 @@ def decode(data: np.ndarray, layout: str, shape=None):
             raise RefBitNetError(f"shape: layout {layout!r} is a flat byte string; pass shape=(N, K)")
         if layout == "i2_s":
             return unpack_i2s(data, shape)
-        from .gguf_io import _per_tensor_scale
+        from .gguf.mapping import per_tensor_scale as _per_tensor_scale
         codes, d = (unpack_tq2_0 if layout == "tq2_0" else unpack_tq1_0)(data, shape)
         return codes, _per_tensor_scale(codes, d, f"data ({layout})")
     if layout == "hf":
@@ -216,7 +216,7 @@ def load_reference_model(source, *, numerics: str = "int", backend: str = "numpy
     the model refbitnet.load() finds by default. Load once (e.g. a session-scoped pytest fixture) and
     pass the Model to reference_activations."""
     if source is not None and (os.path.isfile(os.fspath(source)) or os.fspath(source).endswith(".gguf")):
-        from .gguf_io import load_gguf
+        from .gguf import load_gguf
         return load_gguf(source, numerics=numerics, backend=backend)
     import refbitnet
     return refbitnet.load(source, numerics=numerics, backend=backend)

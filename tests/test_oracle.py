@@ -45,7 +45,7 @@ def latent_weights(config, seed=0):
 def files(tmp_path_factory):
     """A checkpoint directory and its I2_S GGUF export."""
     from refbitnet.checkpoint import save_checkpoint
-    from refbitnet.gguf_io import save_gguf
+    from refbitnet.gguf import save_gguf
     d = tmp_path_factory.mktemp("oracle")
     save_checkpoint(d / "ckpt", CONFIG, latent_weights(CONFIG))
     save_gguf(d / "ckpt", d / "model-i2_s.gguf", layout="i2_s")
@@ -74,7 +74,7 @@ class OtherImplementation:
     """A from-SPEC BitNet forward over a bitnet.cpp I2_S GGUF file, with bug switches."""
 
     def __init__(self, path, ffn="relu2", scale_op="multiply", i2s_block=128, qkv_scale_thirds=False):
-        from refbitnet.gguf_io import read_gguf
+        from refbitnet.gguf import read_gguf
         gf = read_gguf(path)             # any GGUF reader would do; we only use its byte ranges
         a = gf.metadata["general.architecture"]
         self.eps = float(gf.metadata[f"{a}.attention.layer_norm_rms_epsilon"])
