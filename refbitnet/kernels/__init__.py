@@ -1,48 +1,36 @@
-"""Numba kernels for BitNet b1.58: packed ternary matmul (int8 x ternary -> int32) and the bf16 LM head.
+"""Numba kernels for BitNet b1.58: the packed ternary BitLinear behind one checked door, and the bf16 LM head.
 
 Public API (shapes: S tokens, K inputs, N output rows, V vocabulary rows)::
 
-    ternary_matmul_acc(xq int8 [S, K], packed uint8 [N, K/4])                     -> acc int32 [S, N]
-    ternary_matmul(xq int8 [S, K], s f32 [S], packed uint8 [N, K/4], weight_scale) -> y f32 [S, N]
-        y = (acc.astype(float32) / s[:, None]) * weight_scale, bit-identical to
-        refbitnet.bitlinear.bitlinear_epilogue; weight_scale a float32 scalar or float32 [N] (per row,
-        so q/k/v or gate/up can be fused into one matrix with concatenated rows)
-    bf16_matmul(x f32 [S, K], table uint16 [V, K])                                 -> f32 [S, V]
-        the tied LM head over bf16 bits (e.g. a read-only memory map); no float32 copy of the table
+    TernaryLinear(packed uint8 [N, K/4], weight_scale=1.0, kernel="auto")        (kernels.linear)
+        (x f32 [S, K]) -> y f32 [S, N]            absmax_int8 + kernel: BitLinear, numerics "int"
+        .acc(xq int8 [S, K]) -> int32 [S, N]      .matmul(xq, s f32 [S]) -> f32 [S, N]
+        .kernel_for(S) -> "v3" | "v4" | "v4_blocked" | "v5" (or the kernel forced by name, KERNELS)
+    bf16_matmul(x f32 [S, K], table uint16 [V, K], kernel="auto") -> f32 [S, V]   the tied LM head over bf16
+        bits (e.g. a read-only memory map); no float32 copy of the table
     set_num_threads(n), get_num_threads()
+    ternary_matmul_acc(xq, packed), ternary_matmul(xq, s, packed, weight_scale): one TernaryLinear call each
 
-Weights are in the kernel layout of ``refbitnet.layouts.pack_kernel``; activations come from
-``refbitnet.quant.absmax_int8``. Results do not depend on the thread count: each output element is
-computed by one thread in a fixed order.
+Weights are in the kernel layout of ``refbitnet.layouts.pack_kernel`` (``repack.kernel_layout_rows`` makes
+it from the release layout at load time); activations are ``refbitnet.quant.absmax_int8``'s, laid out for
+each kernel by ``act_quant``. Results do not depend on the thread count.
 
-Versions (each validated in tests/test_kernels.py against ``reference``; speeds in
-benchmarks/bench_kernels.py): ``reference`` (NumPy) -> ``v1_unpacked_int8`` (1 byte per weight)
--> ``v2_packed_scalar`` (2 bits per weight, decoded one by one) -> ``v3_word_planes`` (the fast path used
-here) ; ``lm_head`` (v1, widening through a scratch row) and ``lm_head_v2`` (widening in registers, used
-by bf16_matmul when K % 16 == 0) for the bf16 head. ``v4_maddubs`` (AVX2 vpmaddubsw through an LLVM
-intrinsic; GEMV, and a 4-token register-blocked GEMM for prefill) is what refbitnet.runtime runs.
-``v5_prefill`` is the prefill GEMM from unpacked code panels (1 row x 8 tokens per register tile, about
-1.3x v4's blocked GEMM at 128 tokens; tests/test_kernels_v5.py), with its own checked wrappers
-``ternary_matmul_v5`` and ``prefill_matmul``. ``act_quant`` holds absmax_int8's arithmetic compiled, shared by
-the fused quantize-and-lay-out passes (``runtime.quantize_*``, ``act_quant.quantize_token_blocks``).
-
-Numba does no bounds checks, so every wrapper below validates shapes, dtypes, contiguity and sizes and
-raises a refbitnet.errors exception before any kernel runs. Byte values are not validated per call (that
-would be a second pass over the weights): a field value 3, which pack_kernel never writes, is read as
-code 3 (w = +2) by the kernel; validate untrusted weights once with layouts.unpack_kernel.
+The ladder, one module per step, each tested bit for bit against ``reference`` (tests/test_kernels*.py)
+and timed by benchmarks/bench_kernels.py: ``reference`` (NumPy) -> ``v1_unpacked_int8`` (1 byte per
+weight) -> ``v2_packed_scalar`` (2 bits per weight, decoded one by one) -> ``v3_word_planes`` (uint16 words,
+vpmaddwd; any K % 8 == 0) -> ``v4_maddubs`` (AVX2 vpmaddubsw: the decode GEMV and a 4-token GEMM) ->
+``v5_prefill`` (the prefill GEMM from unpacked code panels); ``lm_head`` (v1) and ``lm_head_v2`` for the bf16
+head. ``avx2`` holds the LLVM building blocks of v4 and v5.
 
 Threads: ``REFBITNET_THREADS`` (read at import) or set_num_threads(n); default Numba's (all cores).
-Importing this package sets ``OMP_WAIT_POLICY=passive`` unless the variable is already set: with OpenMP's
-default busy-waiting, idle worker threads spin between the hundred-odd parallel calls of a decode step
-and, on a machine with any other work, each call then waits for the scheduler (measured here under load:
-2-thread decode 2.0 s per token busy-waiting, 0.32 s passive; a single GEMV 11.7 ms vs 0.2 ms). Fully
-passive threads, though, sleep at once and must be woken for each call: that wake-up cost a small GEMV a
-third of its time. So it also sets ``GOMP_SPINCOUNT=1000`` unless already set (libgomp honours it even
-with the passive policy): an idle worker polls 1000 times before it sleeps, long enough to
-catch the next call of a decode step. Measured (2B4T shape, 2 threads, 48 decode steps, 2 runs each):
-idle machine 11.7-11.9 -> 13.4-13.9 tokens/s, prefill 65-66 -> 73-79 tokens/s; with a CPU hog on one
-core 8.2 -> 7.9-8.7 tokens/s (a spin count of 10000 gave 13.5-15.4 idle but 5.7-6.1 under the hog;
-100000: 1.9-2.2). Both only take effect if Numba's OpenMP layer has not started yet in the process.
+Importing this package sets ``OMP_WAIT_POLICY=passive`` unless already set: with OpenMP's default
+busy-waiting, idle worker threads spin between the hundred-odd parallel calls of a decode step, and on a
+machine with any other work each call then waits for the scheduler. Fully passive threads, though, sleep
+at once and must be woken for each call, which costs a small GEMV a good part of its time; so it also sets
+``GOMP_SPINCOUNT=1000`` unless already set (libgomp honours it with the passive policy): an idle worker
+polls briefly before it sleeps, long enough to catch the next call of a decode step, short enough not to
+steal a core from a neighbour (the measurements behind both: benchmarks/results/kernels_history.md). Both
+only take effect if Numba's OpenMP layer has not started yet in the process.
 """
 
 import os
@@ -63,21 +51,21 @@ if not getattr(_llvm, "_refbitnet_maximize_bandwidth", False):
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..errors import RefBitNetError, RefBitNetTypeError  # noqa: E402
+from ..checks import check_array, check_choice, check_int  # noqa: E402
+from ..errors import RefBitNetError  # noqa: E402
+from .linear import KERNELS, TernaryLinear  # noqa: E402
 from .lm_head import bf16_matmul_v1  # noqa: E402
 from .lm_head_v2 import bf16_matmul_v2  # noqa: E402
-from .v3_word_planes import MAX_K, ternary_matmul_acc_v3, ternary_matmul_v3  # noqa: E402
+from .reference import bf16_matmul_reference  # noqa: E402
 
-__all__ = ["ternary_matmul", "ternary_matmul_acc", "bf16_matmul", "set_num_threads", "get_num_threads"]
+__all__ = ["TernaryLinear", "KERNELS", "bf16_matmul", "set_num_threads", "get_num_threads",
+           "ternary_matmul", "ternary_matmul_acc"]
 
 
 # ---------------------------------------------------------------------------------------------- threads
 def set_num_threads(n: int) -> None:
     """Use n threads (1 <= n <= numba.config.NUMBA_NUM_THREADS) in the kernels called from this thread."""
-    limit = numba.config.NUMBA_NUM_THREADS
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= int(n) <= limit:
-        raise RefBitNetError(f"set_num_threads: expected an int in 1..{limit}, found {n!r}")
-    numba.set_num_threads(int(n))
+    numba.set_num_threads(check_int(n, "set_num_threads", lo=1, hi=numba.config.NUMBA_NUM_THREADS))
 
 
 def get_num_threads() -> int:
@@ -102,88 +90,35 @@ def _threads_from_env() -> None:
 _threads_from_env()
 
 
-# ------------------------------------------------------------------------------------------- validation
-def _array(a, name, dtype, ndim):
-    if not isinstance(a, np.ndarray):
-        raise RefBitNetTypeError(f"{name}: expected a numpy {np.dtype(dtype)} array, found {type(a).__name__}")
-    if a.dtype != dtype:
-        raise RefBitNetTypeError(f"{name}: expected dtype {np.dtype(dtype)}, found {a.dtype}")
-    if a.ndim != ndim:
-        raise RefBitNetError(f"{name}: expected {ndim} dimension(s), found shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise RefBitNetError(f"{name}: expected a C-contiguous array (use np.ascontiguousarray), "
-                             f"found strides {a.strides} for shape {a.shape}")
-    if a.size == 0:
-        raise RefBitNetError(f"{name}: expected a non-empty array, found shape {a.shape}")
-    return np.asarray(a)   # a plain ndarray view (np.memmap -> ndarray), never a copy
-
-
-def _check_ternary_operands(xq, packed):
-    xq = _array(xq, "xq", np.int8, 2)                      # [S, K]
-    packed = _array(packed, "packed", np.uint8, 2)         # [N, K/4]
-    S, K = xq.shape
-    if packed.shape[1] * 4 != K:
-        raise RefBitNetError(f"packed: expected shape [N, K/4] = [N, {K / 4:g}] for xq of shape {xq.shape} "
-                             f"(kernel layout, 4 codes per byte), found {packed.shape}")
-    if K % 8 != 0:
-        raise RefBitNetError(f"xq: the kernels read 8 codes per uint16 word and need K % 8 == 0, found K = {K}")
-    if K > MAX_K:
-        raise RefBitNetError(f"xq: K = {K} exceeds {MAX_K}, beyond which the int32 accumulator could overflow")
-    return xq, packed
-
-
-def _check_scales(s, weight_scale, S, N):
-    s = _array(s, "s", np.float32, 1)
-    if s.shape[0] != S:
-        raise RefBitNetError(f"s: expected shape [{S}] (one scale per token of xq), found {s.shape}")
-    if isinstance(weight_scale, np.generic):              # a NumPy scalar must already be float32 ...
-        if not isinstance(weight_scale, np.float32):
-            raise RefBitNetTypeError(f"weight_scale: expected a float32 scalar, found {type(weight_scale).__name__}")
-        row_scale = np.full(N, weight_scale, np.float32)
-    elif isinstance(weight_scale, (float, int)) and not isinstance(weight_scale, bool):
-        row_scale = np.full(N, weight_scale, np.float32)    # ... a Python number is converted to float32 ...
-    elif isinstance(weight_scale, np.ndarray):
-        if weight_scale.dtype != np.float32:
-            raise RefBitNetTypeError(f"weight_scale: expected float32, found dtype {weight_scale.dtype}")
-        if weight_scale.shape in ((), (1,)):                  # ... and a 0-d or [1] array broadcasts
-            row_scale = np.full(N, weight_scale.reshape(()), np.float32)
-        elif weight_scale.shape == (N,):
-            row_scale = np.ascontiguousarray(weight_scale)
-        else:
-            raise RefBitNetError(f"weight_scale: expected a scalar, shape [1] or shape [N] = [{N}], "
-                                 f"found {weight_scale.shape}")
-    else:
-        raise RefBitNetTypeError(f"weight_scale: expected a float32 scalar or float32 array, found "
-                                 f"{type(weight_scale).__name__}")
-    return s, row_scale
-
-
 # ------------------------------------------------------------------------------------------- public API
 def ternary_matmul_acc(xq: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    """xq int8 [S, K], packed uint8 [N, K/4] (layouts.pack_kernel) -> acc int32 [S, N] = xq @ codes.T exactly."""
-    xq, packed = _check_ternary_operands(xq, packed)
-    return ternary_matmul_acc_v3(xq, packed)
+    """xq int8 [S, K], packed uint8 [N, K/4] -> acc int32 [S, N] = xq @ w.T exactly:
+    ``TernaryLinear(packed).acc(xq)``."""
+    return TernaryLinear(packed).acc(xq)
 
 
 def ternary_matmul(xq: np.ndarray, s: np.ndarray, packed: np.ndarray, weight_scale) -> np.ndarray:
-    """BitLinear on packed weights: xq int8 [S, K], s float32 [S], packed uint8 [N, K/4],
-    weight_scale float32 scalar / [1] / [N] -> y float32 [S, N] = (float32(acc) / s[:, None]) * weight_scale."""
-    xq, packed = _check_ternary_operands(xq, packed)
-    s, row_scale = _check_scales(s, weight_scale, xq.shape[0], packed.shape[0])
-    return ternary_matmul_v3(xq, s, packed, row_scale)
+    """BitLinear on int8 activations: ``TernaryLinear(packed, weight_scale).matmul(xq, s)`` -> y float32
+    [S, N] = fl(fl(float32(acc) / s[:, None]) * weight_scale)."""
+    return TernaryLinear(packed, weight_scale).matmul(xq, s)
 
 
-def bf16_matmul(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+def bf16_matmul(x: np.ndarray, table: np.ndarray, kernel: str = "auto") -> np.ndarray:
     """x float32 [S, K], table uint16 [V, K] of bf16 bits -> float32 [S, V] = x @ bf16(table).T.
 
-    Summation order: 16 lanes, see refbitnet.kernels.lm_head; the table is only read. K % 16 == 0 runs
-    lm_head_v2 (widening in registers, ~1.3x faster), other K lm_head's v1: the same bits either way.
+    The same bits from every kernel (the 16-lane summation order of ``reference.bf16_matmul_reference``);
+    the table is only read. kernel: "auto" (lm_head_v2, widening in registers, where K % 16 == 0, else
+    lm_head's v1), "v1", "v2" (K % 16 == 0) or "reference" (NumPy; widens the whole table: small tables only).
     """
-    x = _array(x, "x", np.float32, 2)
-    table = _array(table, "table", np.uint16, 2)
+    x = check_array(x, "x", np.float32, 2, contiguous=True, nonempty=True)
+    table = check_array(table, "table", np.uint16, 2, contiguous=True, nonempty=True)
     if table.shape[1] != x.shape[1]:
         raise RefBitNetError(f"table: expected shape [V, K] = [V, {x.shape[1]}] to match x of shape {x.shape}, "
                              f"found {table.shape}")
-    if x.shape[1] % 16 == 0:
-        return bf16_matmul_v2(x, table)
-    return bf16_matmul_v1(x, table)
+    check_choice(kernel, "kernel", ("auto", "reference", "v1", "v2"))
+    if kernel == "auto":
+        kernel = "v2" if x.shape[1] % 16 == 0 else "v1"
+    if kernel == "v2" and x.shape[1] % 16:
+        raise RefBitNetError(f"kernel: 'v2' reads 16 bf16 values per step and needs K % 16 == 0, found K = "
+                             f"{x.shape[1]}")
+    return {"reference": bf16_matmul_reference, "v1": bf16_matmul_v1, "v2": bf16_matmul_v2}[kernel](x, table)

@@ -1,4 +1,4 @@
-"""v3: ternary GEMV/GEMM from uint16 words of packed codes and int16 activation "planes" (the fast path).
+"""v3: ternary GEMV/GEMM from uint16 words of packed codes and int16 activation "planes" (no intrinsics).
 
 Weights: kernel layout (``layouts.pack_kernel``), uint8 [N, K/4] read as little-endian uint16 words
 [N, K/8]; word w of row n holds the codes c = w + 1 in {0, 1, 2} of k = 8w .. 8w+7, field t (k = 8w + t)
@@ -9,7 +9,7 @@ Three ideas make the inner loop a run of int16 x int16 -> int32 multiply-adds (A
 
 1. sum_k w x = sum_k c x - sum_k x: the kernel multiplies the codes c as stored, no "- 1" per weight.
 2. A field is masked in place, not shifted down: ``byte & (3 << 2i)`` equals c * 4**i. The matching
-   activation is pre-multiplied by 4**(3 - i) in plane t, built once per token:
+   activation is pre-multiplied by 4**(3 - i) in plane t, built once per token (act_quant.PLANE_FACTOR):
        planes[t, w] = xq[8w + t] * 4**(3 - t % 4)        # int16 [8, K/8], |value| <= 128 * 64
    so every product is 64 * c * x and one int32 accumulator holds 64 * sum c x (|.| <= 64*2*128*K,
    below 2**31 for K <= 131072). Then acc = (acc64 >> 6) - sum x, exactly.
@@ -17,36 +17,29 @@ Three ideas make the inner loop a run of int16 x int16 -> int32 multiply-adds (A
    32-bit loop lets LLVM pick vpmaddwd (with the '-vectorizer-maximize-bandwidth' option set by the
    package __init__, on 256-bit registers).
 
+Plain Numba loops, so it runs wherever Numba does, for any K % 8 == 0: ``TernaryLinear`` falls back to it
+where the AVX2 kernels (v4, v5: K % 128 == 0) cannot run.
+
 GEMM (S > 1 tokens): a task owns ROWS_PER_TASK output rows (32 x K/4 bytes, at most 55 KB) and runs
-every token over them, so the rows come from DRAM once per call. The instructions per weight x token are
-those of the GEMV (about 62 per 256 products, 16 of them vpmaddwd), so the GEMM is bound by instruction
-throughput and a 128-token block gains only what the GEMV lost waiting for memory: 1.3-1.9x per token,
-not 4x (benchmarks/bench_kernels.py). More would need vpmaddubsw (32 products per instruction) with int16
-accumulators kept in registers across tokens; LLVM's loop vectorizer does not produce that from Numba
-loops (tried: two tokens per loop runs 3x slower; a byte-pair formulation is not matched to vpmaddubsw).
+every token over them, so the rows come from DRAM once per call. Its instructions per weight x token are
+those of the GEMV (16 vpmaddwd among about 62 per 256 products), so the GEMM is bound by instruction
+throughput and gains per token only what the GEMV lost waiting for memory. Doing better needs
+vpmaddubsw (32 products per instruction) with int16 accumulators kept in registers across tokens, which
+LLVM's loop vectorizer does not produce from Numba loops: v4_maddubs and v5_prefill emit it directly.
+
+Activations: ``act_quant.word_planes`` (readable) / ``act_quant.quantize_word_planes`` (fused) build the
+planes and xsum; ``refbitnet.kernels.TernaryLinear(kernel="v3")`` is the checked entry.
 """
 
 import numpy as np
 from numba import njit, prange
 
+# runtime.py and tests/test_runtime.py import these two names from here; they go once both use TernaryLinear
+from .act_quant import PLANE_FACTOR, word_planes as planes_for  # noqa: F401
+
 i32 = np.int32
 MAX_K = 131072                     # 64 * 2 * 128 * K must fit in int32
 ROWS_PER_TASK = 32                 # output rows per parallel task
-PLANE_FACTOR = np.array([64, 16, 4, 1, 64, 16, 4, 1], np.int16)   # 4**(3 - t % 4) for field t
-
-
-@njit(cache=True)
-def build_planes(xq, planes, xsum):
-    """xq int8 [S, K] -> planes int16 [S, 8, K/8] (planes[s, t, w] = xq[s, 8w+t] * 4**(3 - t%4)), xsum int32 [S]."""
-    S, K = xq.shape
-    for s in range(S):
-        total = 0
-        for w in range(K // 8):
-            for t in range(8):
-                x = xq[s, 8 * w + t]
-                planes[s, t, w] = np.int16(x) * PLANE_FACTOR[t]
-                total += x
-        xsum[s] = total
 
 
 @njit(cache=True, inline="always")
@@ -91,28 +84,3 @@ def matmul_scaled(words, planes, xsum, s_act, row_scale, out):
                 acc = (dot_row(words[n], planes[s]) >> 6) - xsum[s]
                 y = np.float32(np.float32(acc) / s_act[s])     # round the quotient to float32 first
                 out[s, n] = np.float32(y * row_scale[n])
-
-
-def planes_for(xq: np.ndarray):
-    """xq int8 [S, K] (K % 8 == 0) -> (planes int16 [S, 8, K/8], xsum int32 [S])."""
-    S, K = xq.shape
-    planes = np.empty((S, 8, K // 8), np.int16)
-    xsum = np.empty(S, np.int32)
-    build_planes(xq, planes, xsum)
-    return planes, xsum
-
-
-def ternary_matmul_acc_v3(xq: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    """Unchecked: xq int8 [S, K] C-contiguous, packed uint8 [N, K/4] C-contiguous, K % 8 == 0 -> int32 [S, N]."""
-    planes, xsum = planes_for(xq)
-    out = np.empty((xq.shape[0], packed.shape[0]), np.int32)
-    matmul_acc(packed.view(np.uint16), planes, xsum, out)
-    return out
-
-
-def ternary_matmul_v3(xq, s, packed, row_scale) -> np.ndarray:
-    """Unchecked: as ternary_matmul_acc_v3 plus s float32 [S], row_scale float32 [N] -> y float32 [S, N]."""
-    planes, xsum = planes_for(xq)
-    out = np.empty((xq.shape[0], packed.shape[0]), np.float32)
-    matmul_scaled(packed.view(np.uint16), planes, xsum, s, row_scale, out)
-    return out
