@@ -16,6 +16,10 @@ fake-quant form (what transformers' AutoBitLinear and the trainer compute; ``bit
 The two are equal in exact arithmetic; in float32 the fake-quant matmul rounds its partial sums in
 an order chosen by BLAS, so they differ by a few ulps of the partial sums. Only the integer form is
 bit-reproducible across machines; every comparison in refbitnet states which numerics it uses.
+
+Both take ``numerics=`` (None for refbitnet's own, a preset name of ``refbitnet.quant.NUMERICS`` or a
+``refbitnet.quant.Numerics``) to compute another implementation's roundings: its activation
+quantizer, and bf16 outputs where numerics.dtype is "bfloat16". The default path is unchanged.
 """
 
 from typing import NamedTuple
@@ -23,7 +27,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import RefBitNetError, RefBitNetTypeError
-from .quant import absmax_int8, check_ternary_codes, dequantize_int8
+from .quant import (absmax_int8, as_numerics, bf16_values, check_ternary_codes, dequantize_int8,
+                    fake_quantize_activations)
 
 # acc is computed with a float32 BLAS matmul of integer-valued matrices. Each product xq*w has
 # |xq*w| <= 128, so every partial sum, in whatever order and grouping BLAS adds (FMA or not), is an
@@ -116,31 +121,46 @@ def bitlinear_epilogue(acc: np.ndarray, s: np.ndarray, weight_scale) -> np.ndarr
     return (acc.astype(np.float32) / s[..., None]) * ws                     # [..., N]
 
 
-def bitlinear_int(x: np.ndarray, codes: np.ndarray, weight_scale) -> BitLinearOutput:
+def bitlinear_int(x: np.ndarray, codes: np.ndarray, weight_scale, numerics=None) -> BitLinearOutput:
     """Integer-form BitLinear: x float [..., K], codes int8 [N, K] -> BitLinearOutput(y, acc, xq, s).
 
     y float32 [..., N] = bitlinear_epilogue(acc, s, weight_scale); acc int32 [..., N] = xq @ codes.T;
-    xq int8 [..., K], s float32 [...] = absmax_int8(x). Bit-reproducible.
+    xq int8 [..., K], s float32 [...] = absmax_int8(x, numerics). Bit-reproducible.
+    numerics.dtype "bfloat16": y is the float32 epilogue rounded once to bf16, what microsoft/BitNet's
+    gpu/ decode kernel writes (its epilogue is float32, its output tensor bf16).
     """
+    num = as_numerics(numerics)
     k = _x_last_axis(x)
     codes = _codes_nk(codes, k)
     ws = _weight_scale(weight_scale, codes.shape[0])
-    xq, s = absmax_int8(x)                                                  # [..., K], [...]
+    xq, s = absmax_int8(x, num)                                             # [..., K], [...]
     acc = ternary_matmul_exact(xq, codes)                                   # [..., N]
     y = bitlinear_epilogue(acc, np.asarray(s, dtype=np.float32), ws)        # [..., N]
+    if num.dtype == "bfloat16":
+        y = bf16_values(y)
     return BitLinearOutput(y, acc, xq, np.asarray(s, dtype=np.float32))
 
 
-def bitlinear_fake_quant(x: np.ndarray, codes: np.ndarray, weight_scale) -> np.ndarray:
+def bitlinear_fake_quant(x: np.ndarray, codes: np.ndarray, weight_scale, numerics=None) -> np.ndarray:
     """Fake-quant BitLinear: ((xq / s) as float32) @ float32(codes).T * weight_scale -> float32 [..., N].
 
     The numerics of transformers' AutoBitLinear (offline mode) in a float32 model: its ActQuant
     returns round(x * s) / s in float32, F.linear multiplies by the unpacked ternary weights, then
     the output is multiplied by weight_scale. Summation order inside the matmul is BLAS's.
+    numerics.dtype "bfloat16" (AutoBitLinear in a bf16 model): xq / s, the matmul's result,
+    weight_scale and the product are each rounded to bf16; the matmul accumulates in float32 in an
+    order of our BLAS's choosing, so agreement with torch's bf16 matmul is to an ulp of bf16, not bits.
     """
+    num = as_numerics(numerics)
     k = _x_last_axis(x)
     codes = _codes_nk(codes, k)
     ws = _weight_scale(weight_scale, codes.shape[0])
-    xq, s = absmax_int8(x)                                                  # [..., K], [...]
-    xdq = dequantize_int8(xq, s)                                            # [..., K] float32
-    return (xdq @ codes.T.astype(np.float32)) * ws                          # [..., N]
+    if num.is_default:
+        xq, s = absmax_int8(x)                                              # [..., K], [...]
+        xdq = dequantize_int8(xq, s)                                        # [..., K] float32
+        return (xdq @ codes.T.astype(np.float32)) * ws                      # [..., N]
+    xdq = fake_quantize_activations(x, num)                                 # [..., K] float32 (bf16 values)
+    lin = (xdq @ codes.T.astype(np.float32)).astype(np.float32)             # [..., N]
+    if num.dtype == "bfloat16":
+        return bf16_values(bf16_values(lin) * bf16_values(ws))
+    return lin * ws
