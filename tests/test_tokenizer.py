@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from refbitnet.errors import RefBitNetTypeError, TokenizerError
-from refbitnet.tokenizer import Tokenizer
+from refbitnet.tokenizer import Tokenizer, load_tokenizer
 
 RELEASED_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
@@ -216,9 +216,133 @@ def test_small_trained_tokenizer_with_the_three_specials(tmp_path):
     assert again.encode("the cat sat") == small.encode("the cat sat") and again.eos_ids == small.eos_ids
 
 
-def test_tokenizer_without_a_special_names_the_missing_token(tmp_path):
+def test_tokenizer_without_the_2b4t_specials_still_loads(tmp_path):
+    # the 2B4T names are a fallback: a tokenizer.json without <|eot_id|> has no end-of-turn id, and
+    # stops at what it defines; the built-in chat format, which needs <|eot_id|>, says so
     backend = train_small_tokenizer(["<|end_of_text|>", "<|begin_of_text|>"])
     path = tmp_path / "tokenizer.json"
     backend.save(str(path))
-    with pytest.raises(TokenizerError, match=r"<\|eot_id\|>"):
-        Tokenizer.from_file(path)
+    tok = Tokenizer.from_file(path)
+    assert (tok.end_of_text_id, tok.bos_id, tok.eot_id, tok.eos_ids) == (0, 1, None, (0,))
+    with pytest.raises(TokenizerError, match=r"<\|eot_id\|>.*chat_template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# ------------------------------------------------------------------ specials from the model's own files
+
+def write_model_files(directory, specials, tokenizer_config=None, special_tokens_map=None, config=None,
+                      generation_config=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    train_small_tokenizer(specials).save(str(directory / "tokenizer.json"))
+    for name, value in (("tokenizer_config.json", tokenizer_config), ("special_tokens_map.json",
+                        special_tokens_map), ("config.json", config), ("generation_config.json", generation_config)):
+        if value is not None:
+            (directory / name).write_text(json.dumps(value))
+    return directory
+
+
+def hf_from_dir(directory):
+    transformers = pytest.importorskip("transformers")
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(directory))
+
+
+def test_specials_named_in_tokenizer_config_as_transformers_reads_them(tmp_path):
+    d = write_model_files(tmp_path / "m", ["<unk>", "<s>", "</s>"],
+                          tokenizer_config={"bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True},
+                                            "unk_token": "<unk>"},
+                          config={"bos_token_id": 1, "eos_token_id": 2})
+    tok = load_tokenizer(d)
+    hf = hf_from_dir(d)
+    assert (tok.bos_id, tok.end_of_text_id) == (hf.bos_token_id, hf.eos_token_id) == (1, 2)
+    assert tok.eot_id is None and tok.eos_ids == (2,)
+    assert tok.add_bos and tok.encode_prompt("the cat") == [1] + tok.encode("the cat")
+    assert tok.template_tokens == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def test_specials_from_config_ids_and_generation_config_eos_list(tmp_path):
+    # no tokenizer_config.json: BOS and EOS come from config.json's ids, stop ids add generation_config's list
+    d = write_model_files(tmp_path / "m", ["<s>", "</s>", "<|im_end|>", "<|im_start|>"],
+                          config={"bos_token_id": 0, "eos_token_id": 1},
+                          generation_config={"eos_token_id": [1, 2, 3]})
+    tok = load_tokenizer(d)
+    assert (tok.bos_id, tok.end_of_text_id, tok.eot_id) == (0, 1, 2)    # <|im_end|> ends a turn
+    assert tok.eos_ids == (2, 1, 3)
+
+
+def test_special_tokens_map_and_add_bos_token(tmp_path):
+    d = write_model_files(tmp_path / "m", ["<s>", "</s>"], tokenizer_config={"add_bos_token": False},
+                          special_tokens_map={"bos_token": "<s>", "eos_token": "</s>"})
+    tok = load_tokenizer(d)
+    hf = hf_from_dir(d)
+    assert (tok.bos_id, tok.end_of_text_id) == (hf.bos_token_id, hf.eos_token_id) == (0, 1)
+    assert not tok.add_bos and tok.encode_prompt("the cat") == tok.encode("the cat")
+
+
+def test_a_tokenizer_with_a_bos_adds_it_to_prompts_unless_told_not_to():
+    tok = Tokenizer.from_file(llama3_tokenizer_json())     # this file's post-processor adds no BOS
+    assert tok.add_bos and tok.encode_prompt("Hello") == [128000, 9906]
+
+
+def test_added_tokens_decoder_adds_missing_tokens_at_their_ids(tmp_path):
+    n = train_small_tokenizer(["<s>", "</s>"]).get_vocab_size()
+    d = write_model_files(tmp_path / "m", ["<s>", "</s>"], tokenizer_config={
+        "bos_token": "<s>", "eos_token": "<|im_end|>",
+        "added_tokens_decoder": {"0": {"content": "<s>", "special": True},
+                                 str(n): {"content": "<|im_start|>", "special": True},
+                                 str(n + 1): {"content": "<|im_end|>", "special": True}}})
+    tok = load_tokenizer(d)
+    hf = hf_from_dir(d)
+    assert tok.vocab_size == len(hf) == n + 2
+    assert (tok.end_of_text_id, tok.eot_id) == (n + 1, n + 1) and tok.eos_ids == (n + 1,)
+    assert tok.encode("<|im_start|>the") == hf.encode("<|im_start|>the", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("files, match", [
+    ({"tokenizer_config.json": "{ not json"}, "tokenizer_config.json: not valid JSON"),
+    ({"tokenizer_config.json": "[1, 2]"}, "expected a JSON object"),
+    ({"tokenizer_config.json": json.dumps({"bos_token": "<nope>"})}, "bos_token '<nope>'.*is not a token"),
+    ({"tokenizer_config.json": json.dumps({"bos_token": 7})}, "bos_token: expected a token string"),
+    ({"tokenizer_config.json": json.dumps({"add_bos_token": "yes"})}, "add_bos_token: expected true or false"),
+    ({"tokenizer_config.json": json.dumps({"added_tokens_decoder": {"5": {"content": "<s>"}}})},
+     "has id 5 here but 0"),
+    ({"tokenizer_config.json": json.dumps({"added_tokens_decoder": {"900": {"content": "<x>"}}})},
+     r"next free id is \d+"),
+    ({"config.json": json.dumps({"bos_token_id": 5000})}, r"bos token id: expected an id in \[0, \d+\)"),
+    ({"config.json": json.dumps({"eos_token_id": "</s>"})}, "eos_token_id: expected a token id"),
+    ({"generation_config.json": json.dumps({"eos_token_id": [1, 999]})}, "stop token id"),
+    ({"tokenizer_config.json": json.dumps({"chat_template": 3})}, "chat_template: expected a string"),
+])
+def test_bad_model_files_name_the_file_and_the_problem(tmp_path, files, match):
+    d = write_model_files(tmp_path / "m", ["<s>", "</s>"])
+    for name, text in files.items():
+        (d / name).write_text(text)
+    with pytest.raises(TokenizerError, match=match):
+        load_tokenizer(d)
+
+
+def test_no_tokenizer_json_means_no_tokenizer(tmp_path):
+    assert load_tokenizer(tmp_path) is None
+
+
+def test_too_many_tokens_for_the_config(tmp_path):
+    from refbitnet.config import Config
+    d = write_model_files(tmp_path / "m", ["<s>", "</s>"])
+    small = Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, vocab_size=200, bos_token_id=0, eos_token_id=1)
+    with pytest.raises(TokenizerError, match="more than vocab_size = 200"):
+        load_tokenizer(d, small)
+
+
+def test_save_pretrained_round_trips_specials_and_template(tmp_path):
+    d = write_model_files(tmp_path / "m", ["<s>", "</s>"], tokenizer_config={
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False, "chat_template": "{{ messages[0].content }}"})
+    tok = load_tokenizer(d)
+    tok.save_pretrained(tmp_path / "out")
+    again = load_tokenizer(tmp_path / "out")
+    assert (again.bos_id, again.eos_ids, again.add_bos, again.chat_template) == \
+        (tok.bos_id, tok.eos_ids, tok.add_bos, tok.chat_template)
+    # built from tokenizer.json alone: the names found are written out, so they load back the same
+    bare = Tokenizer.from_file(llama3_tokenizer_json())
+    bare.save_pretrained(tmp_path / "bare")
+    back = load_tokenizer(tmp_path / "bare")
+    assert (back.bos_id, back.end_of_text_id, back.eot_id, back.eos_ids) == (128000, 128001, 128009, (128009, 128001))
