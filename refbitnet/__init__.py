@@ -12,11 +12,12 @@ __version__ = "0.1.0"
 __all__ = ["load", "save", "Model", "Config", "BITNET_2B4T", "__version__"]
 
 
-def load(path=None, numerics: str = "int", backend: str = "numpy"):
+def load(path=None, numerics: str = "int", backend: str = "auto"):
     """Load a model directory (config.json, model.safetensors or its shards, tokenizer.json) -> Model.
 
     path=None loads the model shipped inside the package (refbitnet/shipped), if there is one.
-    numerics: "int" (int8 x ternary -> int32, default) or "fake-quant"; backend: "numpy" or "numba".
+    numerics: "int" (int8 x ternary -> int32, default) or "fake-quant"; backend: "auto" (default: the
+    Numba kernels where they can run, else NumPy), "numba", or "numpy" (the readable path, to step through).
     The checkpoint may be the packed release (uint8 + weight_scale) or a bf16 master (quantized at load);
     ``model.source_format`` says which was found.
     """
@@ -42,7 +43,7 @@ def save(model, path) -> None:
 
 def __getattr__(name):
     if name == "Model":
-        from .model import Model
+        from .api import Model
         return Model
     if name in ("Config", "BITNET_2B4T"):
         from . import config

@@ -33,7 +33,9 @@ import numpy as np
 from .bf16 import bf16_to_f32, f32_to_bf16
 from .config import RELEASE_QUANTIZATION_CONFIG, Config
 from .errors import CheckpointError, ConfigError, RefBitNetError, RefBitNetTypeError, TokenizerError
-from .model import NORMS, PROJECTIONS, LayerWeights, Model, ModelWeights, TernaryWeight, _name, read_private
+from .api import Model
+from .config import PROJECTIONS
+from .weights import model_weights, scale_convention
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -203,154 +205,17 @@ def read_checkpoint_tensors(directory) -> dict:
     return tensors
 
 
-# ============================================================================ tensors -> model weights
-
-def model_weights(config: Config, tensors: Mapping, *, source: str = "tensors") -> ModelWeights:
-    """Check release-named tensors against config and turn them into ModelWeights.
-
-    tensors: {name: array}. Projections either packed (uint8 [N/4, K] + "<proj>.weight_scale" of one
-    value: float32, float16, or bf16 bits as uint16) or master (float [N, K], or bf16 bits uint16 [N, K]:
-    quantized here). Embedding / lm_head: bf16 bits uint16 (kept as given, e.g. memory-mapped) or
-    float16/float32 [V, D]. Norms: bf16 bits or float [D] ([F] for ffn_sub_norm), widened to float32.
-    Raises CheckpointError naming source, tensor, expected and found on any mismatch.
-    """
-    if not isinstance(config, Config):
-        raise RefBitNetTypeError(f"config: expected a refbitnet Config, found {type(config).__name__}")
-    if not isinstance(tensors, Mapping):
-        raise RefBitNetTypeError(f"tensors: expected a mapping of name -> array, found {type(tensors).__name__}")
-    cfg = config
-    d, f_size, v_size, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    proj_shapes = {"q_proj": (q_rows, d), "k_proj": (kv_rows, d), "v_proj": (kv_rows, d), "o_proj": (d, q_rows),
-                   "gate_proj": (f_size, d), "up_proj": (f_size, d), "down_proj": (d, f_size)}
-    used = set()
-
-    def get(name, what):
-        if name not in tensors:
-            raise CheckpointError(f"{source}: tensor {name}: missing (expected {what})")
-        used.add(name)
-        a = tensors[name]
-        if not isinstance(a, np.ndarray):
-            raise CheckpointError(f"{source}: tensor {name}: expected a numpy array, found {type(a).__name__}")
-        return a
-
-    def table(name):
-        a = get(name, f"[{v_size}, {d}] bf16")
-        _expect(source, name, a, (v_size, d), (np.uint16, np.float16, np.float32), "bf16 (uint16 bits) or float")
-        return _finite_bf16_bits(source, name, a) if a.dtype == np.uint16 else _finite(source, name, a)
-
-    def vector(name, size):
-        a = get(name, f"[{size}] bf16")
-        _expect(source, name, a, (size,), (np.uint16, np.float16, np.float32), "bf16 (uint16 bits) or float")
-        return _finite(source, name, bf16_to_f32(np.asarray(a)) if a.dtype == np.uint16 else a.astype(np.float32))
-
-    # The format is what layer 0's q_proj is; every projection must then agree.
-    first = _name(0, "q_proj", "self_attn")
-    if first not in tensors:
-        raise CheckpointError(f"{source}: tensor {first}: missing (expected the first projection)")
-    packed_format = np.asarray(tensors[first]).dtype == np.uint8
-    source_format = "packed" if packed_format else "bf16-master"
-
-    def projection(name, shape):
-        n, k = shape
-        if packed_format:
-            a = get(name, f"uint8 [{n // 4}, {k}] (packed format)")
-            _expect(source, name, a, (n // 4, k), (np.uint8,), "uint8 (packed format, like layer 0 q_proj)")
-            _check_packed_codes(source, name, a)
-            scale_name = name[: -len("weight")] + "weight_scale"
-            s = get(scale_name, "one weight_scale value")
-            if s.size != 1 or s.ndim > 1 or s.dtype not in (np.uint16, np.float16, np.float32):
-                raise CheckpointError(f"{source}: tensor {scale_name}: expected shape [1] bf16/float, found "
-                                      f"shape {list(s.shape)} dtype {s.dtype}")
-            scale = bf16_to_f32(np.asarray(s).reshape(1)) if s.dtype == np.uint16 else np.asarray(s, np.float32)
-            scale = np.float32(scale.reshape(()))
-            if not (np.isfinite(scale) and scale > 0):
-                raise CheckpointError(f"{source}: tensor {scale_name}: expected a positive finite scale, found {scale}")
-            return TernaryWeight(a, scale)
-        from .layouts import pack_hf
-        from .quant import absmean_ternary
-        a = get(name, f"[{n}, {k}] bf16 (bf16-master format, like layer 0 q_proj)")
-        _expect(source, name, a, (n, k), (np.uint16, np.float16, np.float32),
-                "bf16 (uint16 bits) or float (bf16-master format, like layer 0 q_proj)")
-        w = bf16_to_f32(np.asarray(a)) if a.dtype == np.uint16 else np.asarray(a, dtype=np.float32)  # [N, K]
-        try:
-            codes, gamma = absmean_ternary(w)
-        except RefBitNetError as e:
-            raise CheckpointError(f"{source}: tensor {name}: {e}") from None
-        weight_scale = bf16_to_f32(f32_to_bf16(np.array([gamma], dtype=np.float32)))[0]   # as the export stores it
-        return TernaryWeight(pack_hf(codes), np.float32(weight_scale))
-
-    embed_tokens = table("model.embed_tokens.weight")
-    lm_head = None
-    if not cfg.tie_word_embeddings:
-        lm_head = table("lm_head.weight")
-    elif "lm_head.weight" in tensors:
-        used.add("lm_head.weight")       # tied: the embedding is the head (transformers ignores it too)
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        norms = {norm: vector(_name(i, norm, module), f_size if norm == "ffn_sub_norm" else d)
-                 for norm, module in NORMS}
-        projs = {proj: projection(_name(i, proj, module), proj_shapes[proj]) for proj, module in PROJECTIONS}
-        layers.append(LayerWeights(**norms, **projs))
-    norm = vector("model.norm.weight", d)
-    unexpected = sorted(n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq"))
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor(s) for a config with {cfg.num_hidden_layers} layers "
-                              f"(tie_word_embeddings={cfg.tie_word_embeddings}): {unexpected[:5]}"
-                              f"{' ...' if len(unexpected) > 5 else ''}")
-    return ModelWeights(embed_tokens, layers, norm, lm_head, source_format=source_format)
-
-
-def _expect(source, name, a, shape, dtypes, dtype_text):
-    if a.dtype not in dtypes:
-        raise CheckpointError(f"{source}: tensor {name}: expected dtype {dtype_text}, found {a.dtype}")
-    if tuple(a.shape) != tuple(shape):
-        raise CheckpointError(f"{source}: tensor {name}: expected shape {list(shape)} (from the config), "
-                              f"found {list(a.shape)}")
-
-
-def _finite(source, name, a):
-    if not np.isfinite(a).all():
-        raise CheckpointError(f"{source}: tensor {name}: expected finite values, found NaN or inf")
-    return a
-
-
-def _finite_bf16_bits(source, name, bits):
-    """Reject bf16 NaN / inf (all exponent bits set), a block of rows at a time (the table stays mapped)."""
-    rows = max(1, (1 << 22) // max(1, bits.shape[1]))
-    for r0 in range(0, bits.shape[0], rows):
-        block = np.asarray(bits[r0:r0 + rows])
-        bad = (block & np.uint16(0x7F80)) == np.uint16(0x7F80)
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            raise CheckpointError(f"{source}: tensor {name}: expected finite values, found bf16 bits "
-                                  f"0x{int(block[r, c]):04x} (NaN or inf) at [{r0 + r}, {c}]")
-    return bits
-
-
-def _check_packed_codes(source, name, packed):
-    """Reject a 2-bit field equal to 3 (no encoder writes it; unpacking would give the weight +2)."""
-    if packed.size == 0:
-        return
-    p_all = read_private(packed)          # a file read for a memmap: validating leaves no pages resident
-    rows = max(1, (1 << 22) // max(1, packed.shape[1]))
-    for r0 in range(0, packed.shape[0], rows):
-        p = p_all[r0:r0 + rows]
-        bad = p & (p >> 1) & np.uint8(0x55)
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            raise CheckpointError(f"{source}: tensor {name}: expected 2-bit codes in {{0, 1, 2}}, found byte "
-                                  f"0x{int(p[r, c]):02x} (a field equal to 3) at [{r0 + r}, {c}]")
-
+# ============================================================================ files -> Model
 
 def model_from_tensors(config: Config, tensors: Mapping, *, source: str, numerics: str = "int",
-                       backend: str = "numpy", tokenizer=None) -> Model:
-    """A Model from release-named tensors (see model_weights); source names them in errors (a path, "gguf:...")."""
-    weights = model_weights(config, tensors, source=source)
+                       backend: str = "auto", tokenizer=None, convention: str = "multiply") -> Model:
+    """A Model from release-named tensors (see refbitnet.weights.model_weights); source names them in
+    errors (a path, "gguf:..."); convention: what a packed weight_scale means ("multiply" or "divide")."""
+    weights = model_weights(config, tensors, source=source, convention=convention)
     return Model(config, weights, numerics=numerics, backend=backend, tokenizer=tokenizer, source=source)
 
 
-def load_model_dir(directory, numerics: str = "int", backend: str = "numpy") -> Model:
+def load_model_dir(directory, numerics: str = "int", backend: str = "auto") -> Model:
     """Load a Hugging Face model directory (config.json, model.safetensors or shards, tokenizer.json)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -358,6 +223,11 @@ def load_model_dir(directory, numerics: str = "int", backend: str = "numpy") -> 
                               f"found {'a file' if directory.exists() else 'nothing'}")
     config = Config.from_json(directory / CONFIG_FILE)
     _check_quantization_config(directory / CONFIG_FILE, config)
+    tensors = read_checkpoint_tensors(directory)
+    convention = "multiply"
+    first = np.asarray(tensors.get("model.layers.0.self_attn.q_proj.weight", np.empty(0, np.float32)))
+    if first.dtype == np.uint8:                 # packed: its weight_scale means what the config declares
+        convention = scale_convention(config.quantization_config, str(directory / CONFIG_FILE))
     tokenizer = None
     if (directory / TOKENIZER_FILE).exists():
         from .tokenizer import Tokenizer
@@ -365,8 +235,8 @@ def load_model_dir(directory, numerics: str = "int", backend: str = "numpy") -> 
         if tokenizer.vocab_size > config.vocab_size:
             raise TokenizerError(f"{directory / TOKENIZER_FILE}: the tokenizer has {tokenizer.vocab_size} tokens, "
                                  f"more than vocab_size = {config.vocab_size} in {directory / CONFIG_FILE}")
-    return model_from_tensors(config, read_checkpoint_tensors(directory), source=str(directory),
-                              numerics=numerics, backend=backend, tokenizer=tokenizer)
+    return model_from_tensors(config, tensors, source=str(directory), numerics=numerics, backend=backend,
+                              tokenizer=tokenizer, convention=convention)
 
 
 def _check_quantization_config(path, config):

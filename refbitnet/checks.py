@@ -69,8 +69,8 @@ def check_token_ids(ids, vocab_size: int, name: str = "ids") -> np.ndarray:
 
     The one token-id validator: the model, generation and the CLI all call this."""
     if isinstance(ids, (str, bytes)):
-        raise RefBitNetTypeError(f"{name}: expected token ids (a 1-D int array or list of ints), found a "
-                                 f"{type(ids).__name__} (encode text with the tokenizer first)")
+        raise RefBitNetTypeError(f"{name}: expected token ids (a 1-D int array or list of ints), found a string "
+                                 f"({type(ids).__name__}; encode text with the tokenizer first)")
     try:
         arr = np.asarray(ids)
     except (ValueError, TypeError) as e:        # e.g. a ragged nested list

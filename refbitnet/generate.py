@@ -1,17 +1,20 @@
 """The generation loop: prefill the prompt once, then decode one token at a time from the KV cache.
 
-    ids = generate(model, prompt_ids, max_new_tokens=32, temperature=0.7, top_p=0.9, seed=1)
+    ids = model.generate(prompt, max_new_tokens=32, temperature=0.7, top_p=0.9, seed=1, stream=True)
     for token_id in ids: ...            # an iterator: each new id as soon as it is chosen
 
-What the loop needs from ``model``: ``model.config.max_position_embeddings`` and ``vocab_size``,
+``Model.generate`` (refbitnet.api) is the API; it calls ``generate`` below, which works on any object
+with the few attributes listed next (the tests drive it with scripted logits).
+
+What the loop needs from ``model``: ``model.config.max_position_embeddings``, ``vocab_size`` and ``eos_ids``,
 ``model.new_cache(max_tokens[, kv_dtype]) -> cache`` and ``model.forward(ids [S], cache=cache) -> logits [S, V]``
 (appending to the cache); ``model.tokenizer`` only for the default stop ids and for stop strings.
 
 Stopping, whichever comes first:
 - ``max_new_tokens`` ids have been yielded;
-- the chosen id is a stop id (default: the tokenizer's ``<|eot_id|>`` and ``<|end_of_text|>``).
-  The stop id itself is not yielded;
-- the text of the yielded ids contains a stop string. As in transformers' ``stop_strings``, the
+- the chosen id is a stop id (default: the tokenizer's end-of-turn and end-of-text ids, e.g.
+  ``<|eot_id|>`` and ``<|end_of_text|>``, plus any ids in ``stop``). The stop id itself is not yielded;
+- the text of the yielded ids contains a stop string (the strings in ``stop``). As in transformers' ``stop_strings``, the
   id that completes the stop string is yielded (its text is part of the output), then the loop ends.
 
 Prefill: the prompt goes through the model as one block of up to ``PREFILL_BLOCK`` tokens (longer
@@ -33,30 +36,30 @@ pass runs; only the iteration itself does work.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 
+from .checks import check_int, check_token_ids
 from .errors import RefBitNetError, RefBitNetTypeError, TokenizerError
+from .kv_cache import KVCache, check_kv_dtype
 from .sampling import Sampler
 
 PREFILL_BLOCK = 512   # tokens per prefill forward: bounds one block's activations ([512, F] float32 per op)
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] | None = None,
-             stop_strings: Sequence[str] | None = None, kv_dtype: str | None = None,
-             cache=None) -> Iterator[int]:
+             top_p: float = 1.0, seed: int | None = None, stop=None, ignore_eos: bool = False,
+             kv_dtype: str | None = None, cache=None) -> Iterator[int]:
     """Validate everything, then return an iterator over the new token ids (see module docstring).
 
-    kv_dtype: the KV cache's element type, "float32" or "float16" (``model.new_cache``); None: the
-    model's default (float32, exact). cache: a KVCache to continue (None: a new one for this call); it
-    needs room for the prompt and max_new_tokens - 1 more positions."""
-    prompt = check_prompt_ids(prompt_ids, model.config.vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-        raise RefBitNetTypeError(f"max_new_tokens must be an int, found {type(max_new_tokens).__name__}")
-    if max_new_tokens <= 0:
-        raise RefBitNetError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
+    ``Model.generate`` is this function (with text prompts encoded first). stop: extra stop conditions,
+    a string, a token id, or a sequence of them, added to the default stop ids (the tokenizer's
+    end-of-turn ids, else the config's eos ids) unless ignore_eos. kv_dtype: the KV cache's element type,
+    "float32" or "float16" (``model.new_cache``); None: float32, exact. cache: a KVCache to continue
+    (None: a new one for this call); it needs room for the prompt and max_new_tokens - 1 more positions."""
+    prompt = check_token_ids(prompt_ids, model.config.vocab_size, "prompt_ids")
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", lo=1)
     context = model.config.max_position_embeddings
     if len(prompt) + max_new_tokens > context:
         raise RefBitNetError(
@@ -66,15 +69,13 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
             f"{max(context - len(prompt), 0)} new tokens")
     sampler = Sampler(temperature, top_k, top_p, seed)
     tokenizer = getattr(model, "tokenizer", None)
-    stop_ids = _check_stop_ids(stop_ids, tokenizer, model.config.vocab_size)
-    stop_strings = _check_stop_strings(stop_strings, tokenizer)
+    stop_ids, stop_strings = _check_stop(stop, ignore_eos, model, tokenizer)
     cache_args = {}
     if kv_dtype is not None:
-        from .model import check_kv_dtype
         cache_args["kv_dtype"] = check_kv_dtype(kv_dtype).name
     if cache is not None:
         _check_cache(cache, len(prompt) + max_new_tokens - 1, cache_args.get("kv_dtype"))
-    return _generate(model, prompt, int(max_new_tokens), sampler, stop_ids, stop_strings, tokenizer, cache_args,
+    return _generate(model, prompt, max_new_tokens, sampler, stop_ids, stop_strings, tokenizer, cache_args,
                      cache)
 
 
@@ -103,7 +104,6 @@ def _generate(model, prompt: np.ndarray, max_new_tokens: int, sampler: Sampler,
 
 
 def _check_cache(cache, positions: int, kv_dtype: str | None) -> None:
-    from .model import KVCache
     if not isinstance(cache, KVCache):
         raise RefBitNetTypeError(f"cache: expected a KVCache from model.new_cache(), found {type(cache).__name__}")
     if positions > cache.capacity:
@@ -113,54 +113,40 @@ def _check_cache(cache, positions: int, kv_dtype: str | None) -> None:
         raise RefBitNetError(f"kv_dtype: {kv_dtype!r} given, but the cache passed stores {cache.dtype!r}")
 
 
-def check_prompt_ids(prompt_ids, vocab_size: int) -> np.ndarray:
-    """Prompt ids -> int64 array [S]; empty, non-integer or out-of-vocabulary ids raise."""
-    if isinstance(prompt_ids, str):
-        raise RefBitNetTypeError("prompt_ids must be token ids, found str (encode it with the tokenizer)")
-    array = np.asarray(prompt_ids)
-    if array.ndim != 1:
-        raise RefBitNetError(f"prompt_ids must be a 1-D sequence of token ids, found shape {array.shape}")
-    if array.size == 0:
-        raise RefBitNetError("prompt_ids is empty: generation needs at least one prompt token "
-                             "(e.g. the BOS id)")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise RefBitNetTypeError(f"prompt_ids must be integers, found dtype {array.dtype}")
-    bad = (array < 0) | (array >= vocab_size)
-    if bad.any():
-        position = int(np.argmax(bad))
-        raise TokenizerError(
-            f"prompt_ids[{position}] = {int(array[position])} is outside the vocabulary "
-            f"[0, {vocab_size})")
-    return array.astype(np.int64)
+def default_stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end generation unless ignore_eos: the tokenizer's end-of-turn / end-of-text ids,
+    else the config's eos ids."""
+    return list(tokenizer.eos_ids) if tokenizer is not None else list(model.config.eos_ids)
 
 
-def _check_stop_ids(stop_ids, tokenizer, vocab_size: int) -> frozenset[int]:
-    if stop_ids is None:
-        return frozenset(tokenizer.eos_ids) if tokenizer is not None else frozenset()
-    if isinstance(stop_ids, (int, np.integer)):
-        stop_ids = [stop_ids]
-    ids = []
-    for value in stop_ids:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise RefBitNetTypeError(f"stop_ids must be integers, found {value!r}")
-        if not 0 <= value < vocab_size:
-            raise TokenizerError(f"stop id {value} is outside the vocabulary [0, {vocab_size})")
-        ids.append(int(value))
-    return frozenset(ids)
-
-
-def _check_stop_strings(stop_strings, tokenizer) -> tuple[str, ...]:
-    if stop_strings is None:
-        return ()
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    strings = tuple(stop_strings)
-    for value in strings:
-        if not isinstance(value, str) or value == "":
-            raise RefBitNetError(f"stop_strings must be non-empty strings, found {value!r}")
+def _check_stop(stop, ignore_eos, model, tokenizer) -> tuple[frozenset[int], tuple[str, ...]]:
+    """stop (None, a string, a token id, or a sequence of them) plus the default stop ids -> (ids, strings)."""
+    if not isinstance(ignore_eos, bool):
+        raise RefBitNetTypeError(f"ignore_eos: expected a bool, found {type(ignore_eos).__name__}")
+    if stop is None or isinstance(stop, (str, int, np.integer)):
+        items = [] if stop is None else [stop]
+    elif isinstance(stop, (bytes, bytearray)) or not hasattr(stop, "__iter__"):
+        raise RefBitNetTypeError(f"stop: expected a string, a token id or a sequence of them, "
+                                 f"found {type(stop).__name__} {stop!r:.60}")
+    else:
+        items = list(stop)
+    vocab_size = model.config.vocab_size
+    ids = [] if ignore_eos else default_stop_ids(model, tokenizer)
+    strings = []
+    for item in items:
+        if isinstance(item, str):
+            if item == "":
+                raise RefBitNetError("stop: expected non-empty stop strings, found ''")
+            strings.append(item)
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            if not 0 <= item < vocab_size:
+                raise TokenizerError(f"stop: token id {item} is outside the vocabulary [0, {vocab_size})")
+            ids.append(int(item))
+        else:
+            raise RefBitNetTypeError(f"stop: expected strings or token ids, found {item!r:.60}")
     if strings and tokenizer is None:
-        raise RefBitNetError("stop_strings need a tokenizer, but the model has none (model.tokenizer)")
-    return strings
+        raise RefBitNetError("stop: stop strings need a tokenizer, but the model has none (model.tokenizer)")
+    return frozenset(ids), tuple(strings)
 
 
 def _ends_with_stop_string(new_ids: list[int], stop_strings: tuple[str, ...], tokenizer) -> bool:

@@ -1,30 +1,15 @@
-"""The hot path of backend="numba": one BitLinear as two compiled calls into preallocated buffers.
+"""The fast path: the model of refbitnet.model on the Numba kernels, built once from the weights.
 
-The readable model (``refbitnet.model``) quantizes activations with ``quant.absmax_int8`` (about eight
-NumPy passes and temporaries) and then calls the checked ``kernels.ternary_matmul``, which builds the
-int16 activation planes of ``kernels.v3_word_planes`` in a second pass. During decoding (S = 1) those
-small NumPy calls cost more than the 2-bit GEMV they feed. Here:
-
-    quantize_byte_planes(x f32 [S, K]) -> s f32 [S], planes int8 [S, 4, K/4], xsum int32 [S]   one pass
-    v4_maddubs.matmul_scaled_v4(packed, planes, xsum, s, row_scale) -> y f32 [S, N]            the kernel
-(prefill: kernels.act_quant.quantize_token_blocks, then for 2 <= S <= 4 v4_maddubs.matmul_scaled_v4_blocked,
-the S tokens in one 4-token block per weight pass; for S > 4 v5_prefill.matmul_scaled_v5, which unpacks each
-tile of codes once and runs 8 tokens per pass)
-
-(AVX2 and K % 128 == 0; otherwise quantize_planes -> int16 planes [S, 8, K/8] and v3_word_planes'
-matmul_scaled), with the same arithmetic as ``absmax_int8`` (s = 127 * fl(1 / max(max|x|, 1e-5)),
-xq = clip(round-half-even(x * s), -128, 127)) and as ``ternary_matmul`` (the epilogue fl(fl(acc / s) * row_scale)), so every
-integer and float result is bit-identical to the readable path. The weights' shapes are checked once,
-when a ``PackedLinear`` is built; per call only the activation's shape and dtype are checked (cheap), and
-a NaN/inf activation is found inside the quantization pass and reported by ``absmax_int8``'s own error.
-Decode-sized buffers (S = 1) are allocated once per matrix and reused; a call's result is valid until
-the next call on the same matrix (one model per thread: the buffers are not shared safely).
-Also here: ``kernel_layout_rows``, the load-time HF -> kernel layout repack in one compiled pass, and
-``forward_layers``, all decoder layers for a block of S tokens with the KV cache (what ``Model.forward``
-runs on this backend without a trace): ``Model._layer``'s ops with the elementwise glue between the
-projections compiled (rms_norm with NumPy's pairwise summation, residual adds, relu2 * up, RoPE; rows split
-between the threads for S > 1), each reproducing NumPy's float32 operations in NumPy's order, so the
-result is bit-identical; attention stays ``model.attention`` (its matmuls are NumPy's BLAS calls).
+``FastPath(config, weights)`` repacks every projection into the kernels' layout (q/k/v fused into one
+[H*HD + 2*KVH*HD, D] matrix and gate/up into one [2F, D], each row with its own weight_scale, so the
+outputs equal the separate projections), and ``forward`` runs the same sequence of ops as
+``refbitnet.model.decoder_layer`` with the elementwise glue between projections compiled (rms_norm in
+NumPy's pairwise summation order, residual add fused with the next norm, relu2 * up fused with ffn_sub_norm,
+RoPE; rows split between threads for a block of tokens). Each compiled op reproduces NumPy's float32
+operations in NumPy's order, so every integer code and every float of the layers is bit-identical to the
+readable path; attention, the embedding and the final norm are refbitnet.model's own ops, and only the
+bf16 LM head (kernels.bf16_matmul) sums in another order. It records the same trace names itself, so a
+trace checks the path that ships. Imports point one way: this module uses refbitnet.model, never the reverse.
 """
 
 from __future__ import annotations
@@ -37,7 +22,10 @@ from .errors import RefBitNetError, RefBitNetTypeError
 from .kernels import v4_maddubs, v5_prefill
 from .kernels.act_quant import quantize_row, quantize_token_blocks
 from .kernels.v3_word_planes import MAX_K, PLANE_FACTOR, matmul_scaled
+from .kv_cache import KVCache
+from .model import attention, embed, lm_head, recorder, rms_norm, rope_tables
 from .quant import absmax_int8
+from .weights import read_private
 
 
 @njit(cache=True)
@@ -405,51 +393,166 @@ def read_kv(cache, layer, end):
     return k32, v32
 
 
-def _workspace(model, s_len):
-    """Buffers for one forward of s_len tokens: made once and kept for S = 1 (decoding), fresh for a block."""
-    ws = getattr(model, "_decode_workspace", None) if s_len == 1 else None
-    if ws is None:
-        cfg = model.config
-        d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-        ws = {name: np.empty((s_len, d), np.float32) for name in ("h", "x", "h_attn", "a_norm", "x2")}
-        ws.update(m=np.empty((s_len, f), np.float32), m_norm=np.empty((s_len, f), np.float32),
-                  q=np.empty((s_len, cfg.num_attention_heads, hd), np.float32),
-                  k=np.empty((s_len, cfg.num_key_value_heads, hd), np.float32))
-        if s_len == 1:
-            model._decode_workspace = ws
-    return ws
 
 
-def forward_layers(model, h, cos, sin, cache, start):
-    """All decoder layers of model (backend="numba") for S tokens at positions start .. start+S-1, with the
-    KV cache: h float32 [S, D] -> [S, D]. The same sequence of ops as model.Model._layer, with the elementwise
-    glue compiled and fused (residual add + next rms_norm, relu2 * up + ffn_sub_norm, RoPE; row-parallel
-    for S > 1); keys and values enter the cache through KVCache.store (NumPy's float16 rounding for a
-    float16 cache) and are read back through read_kv (the exact widening, compiled); attention is
-    model.attention itself. Returns bit-identical results."""
-    from .model import attention
-    cfg, layers, lin = model.config, model.layers, model._linears
-    s_len, n_heads, n_kv, hd = h.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    eps = np.float32(cfg.rms_norm_eps)
-    ws = _workspace(model, s_len)
-    h_cur, x, h_attn, x2, q_rot, k_rot = ws["h"], ws["x"], ws["h_attn"], ws["x2"], ws["q"], ws["k"]
-    h_cur[:] = h
-    _rms_norm(h_cur, layers[0].input_layernorm, eps, x)                           # [S, D]
-    for i in range(cfg.num_hidden_layers):
-        w = layers[i]
-        q, k, v = model._project(i, "q_proj/k_proj/v_proj", lin.qkv, x)            # [S, H*HD], [S, KVH*HD] x2
-        _rope(q.reshape(s_len, n_heads, hd), cos, sin, q_rot)                      # [S, H, HD]
-        _rope(k.reshape(s_len, n_kv, hd), cos, sin, k_rot)                         # [S, KVH, HD]
-        cache.store(i, start, k_rot, v.reshape(s_len, n_kv, hd))   # NumPy's cast, as Model._layer
-        k_all, v_all = read_kv(cache, i, start + s_len)                             # float32 [T, KVH, HD]
-        a = attention(q_rot, k_all, v_all, start)                                   # [S, H, HD]
-        _rms_norm(a.reshape(s_len, -1), w.attn_sub_norm, eps, ws["a_norm"])        # [S, D]
-        o = model._project(i, "o_proj", lin.o, ws["a_norm"])                       # [S, D]
-        _add_rms_norm(h_cur, o, w.post_attention_layernorm, eps, h_attn, x2)
-        gate, up = model._project(i, "gate_proj/up_proj", lin.gate_up, x2)         # [S, F] x2
-        _relu2_mul_rms_norm(gate, up, w.ffn_sub_norm, eps, ws["m"], ws["m_norm"])
-        down = model._project(i, "down_proj", lin.down, ws["m_norm"])              # [S, D]
-        if i + 1 < cfg.num_hidden_layers:                                          # residual + next input norm
-            _add_rms_norm(h_attn, down, layers[i + 1].input_layernorm, eps, h_cur, x)
-        else:
-            return h_attn + down                                                    # [S, D], a new array
+# ----------------------------------------------------------------------------- the fast path
+
+def kernels_fit(config) -> bool:
+    """Whether every projection of config fits the packed kernels (K % 8 == 0, K <= MAX_K) and the
+    q/k/v and gate/up fusions (row counts that are multiples of 4, as the release layout has anyway)."""
+    widths = (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim)
+    return all(k % 8 == 0 and 0 < k <= MAX_K for k in widths)
+
+
+class FusedLinear:
+    """Projections of one layer that read the same input, as one kernel-layout matrix with per-row scales.
+
+    linear: PackedLinear over packed uint8 [sum N_i, K/4] and row_scale float32 [sum N_i];
+    names: the checkpoint names of the parts in row order; rows: their row counts N_i.
+    """
+
+    def __init__(self, weights):                       # weights: ((name, TernaryWeight), ...)
+        self.names = tuple(name for name, _ in weights)
+        self.rows = tuple(w.shape[0] for _, w in weights)
+        packed = kernel_layout_rows([read_private(w.packed) for _, w in weights])    # [sum N_i, K/4]
+        scales = np.concatenate([np.full(w.shape[0], w.weight_scale, np.float32) for _, w in weights])
+        self.linear = PackedLinear(packed, scales)
+
+    def __call__(self, i, x, record=None):
+        """The parts' outputs float32 [S, N_i] for input x float32 [S, K] (views of one buffer, valid until
+        the next call on this matrix). An inf or NaN reaching the quantizer names layer i and the parts."""
+        try:
+            y = self.linear(x)                                                         # [S, sum N_i]
+        except RefBitNetError as e:
+            raise RefBitNetError(f"layers.{i}.{'/'.join(self.names)}: input to the activation quantizer: "
+                                 f"{e}") from None
+        parts, r0 = [], 0
+        for n in self.rows:
+            parts.append(y[:, r0:r0 + n])
+            r0 += n
+        if record is not None:
+            self._record_integers(x, record)
+        return parts
+
+    def _record_integers(self, x, record):
+        """The integer intermediates the kernel computed, for a trace: xq, s of the input (absmax_int8 equals
+        the fused quantizer bit for bit) and each part's int32 accumulators."""
+        xq, s = absmax_int8(x)                                                          # [S, K], [S]
+        acc = kernels.ternary_matmul_acc(np.ascontiguousarray(xq), self.linear.packed)  # [S, sum N_i]
+        r0 = 0
+        for name, n in zip(self.names, self.rows):
+            record(f"{name}.xq", xq), record(f"{name}.s", s), record(f"{name}.acc", acc[:, r0:r0 + n])
+            r0 += n
+
+
+class FastLayer:
+    """One decoder layer for the kernels: its four norms and three fused matrices plus down_proj."""
+
+    def __init__(self, w):
+        self.input_layernorm, self.post_attention_layernorm = w.input_layernorm, w.post_attention_layernorm
+        self.attn_sub_norm, self.ffn_sub_norm = w.attn_sub_norm, w.ffn_sub_norm
+        self.qkv = FusedLinear((("q_proj", w.q_proj), ("k_proj", w.k_proj), ("v_proj", w.v_proj)))
+        self.o = FusedLinear((("o_proj", w.o_proj),))
+        self.gate_up = FusedLinear((("gate_proj", w.gate_proj), ("up_proj", w.up_proj)))
+        self.down = FusedLinear((("down_proj", w.down_proj),))
+
+
+class FastPath:
+    """refbitnet.model.forward on the Numba kernels (see the module docstring). Built once per Model;
+    holds reused decode buffers, so one FastPath serves one thread at a time."""
+
+    def __init__(self, config, weights):
+        self.config = config
+        self.embed_tokens = weights.embed_tokens                # [V, D] bf16 bits (maybe memory-mapped)
+        self.output_table = weights.output_table                # [V, D]
+        self.norm = weights.norm                                # [D]
+        self.layers = [FastLayer(w) for w in weights.layers]
+        self._decode_workspace = None
+
+    def forward(self, ids, cache=None, start=0, trace=None, last_only=False, trace_integers=False):
+        """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers)."""
+        cfg = self.config
+        s_len = ids.shape[0]
+        cos, sin = rope_tables(start + np.arange(s_len), cfg.head_dim, cfg.rope_theta)    # [S, HD] x2
+        record = recorder(trace, trace_integers)
+        h = embed(self.embed_tokens, ids)                                                  # [S, D]
+        if record:
+            record("embed", h)
+        # without a cache: a float32 one for this call only, which holds k and v exactly as computed
+        layer_cache = cache if cache is not None else KVCache(cfg, s_len)
+        h = self.layers_forward(h, cos, sin, layer_cache, start, record)                   # [S, D]
+        if cache is not None:
+            cache.commit(start, ids)
+        x = rms_norm(h, self.norm, cfg.rms_norm_eps)                                       # [S, D]
+        if record:
+            record("norm", x)
+        logits = self.lm_head(x[-1:] if last_only else x)                                  # [S or 1, V]
+        if record:
+            record("logits", logits)
+        return logits
+
+    def lm_head(self, x):
+        """x float32 [S, D] -> logits [S, V]: the bf16 kernel for a bf16 table, refbitnet.model.lm_head otherwise."""
+        if self.output_table.dtype == np.uint16:
+            return kernels.bf16_matmul(np.ascontiguousarray(x, dtype=np.float32), self.output_table)
+        return lm_head(x, self.output_table)
+
+    def layers_forward(self, h, cos, sin, cache, start, record=None, first=0, last=None):
+        """Decoder layers first .. last-1 on h float32 [S, D] at positions start .. start+S-1 -> [S, D]:
+        refbitnet.model.decoder_layer's ops in its order, the glue compiled and fused (residual add with
+        the next layer's input norm, relu2 * up with ffn_sub_norm). Keys and values enter the cache through
+        KVCache.store (NumPy's float16 rounding for a float16 cache) and come back through read_kv."""
+        cfg, layers = self.config, self.layers
+        last = len(layers) if last is None else last
+        s_len, n_heads, n_kv, hd = h.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        eps = np.float32(cfg.rms_norm_eps)
+        ws = self._workspace(s_len)
+        h_cur, x, h_attn, x2, q_rot, k_rot = ws["h"], ws["x"], ws["h_attn"], ws["x2"], ws["q"], ws["k"]
+        h_cur[:] = h
+        _rms_norm(h_cur, layers[first].input_layernorm, eps, x)                        # [S, D]
+        for i in range(first, last):
+            w = layers[i]
+            rec = None if record is None else (lambda name, value, i=i: record(f"layers.{i}.{name}", value))
+            if rec:
+                rec("input_layernorm", x)
+            q, k, v = w.qkv(i, x, rec)                                             # [S, H*HD], [S, KVH*HD] x2
+            _rope(q.reshape(s_len, n_heads, hd), cos, sin, q_rot)                  # [S, H, HD]
+            _rope(k.reshape(s_len, n_kv, hd), cos, sin, k_rot)                     # [S, KVH, HD]
+            v = v.reshape(s_len, n_kv, hd)                                         # [S, KVH, HD]
+            cache.store(i, start, k_rot, v)
+            k_all, v_all = read_kv(cache, i, start + s_len)                        # float32 [T, KVH, HD]
+            a = attention(q_rot, k_all, v_all, start).reshape(s_len, n_heads * hd)  # [S, H*HD]
+            _rms_norm(a, w.attn_sub_norm, eps, ws["a_norm"])                        # [S, D]
+            (o,) = w.o(i, ws["a_norm"], rec)                                       # [S, D]
+            _add_rms_norm(h_cur, o, w.post_attention_layernorm, eps, h_attn, x2)   # h_attn = h + o; x2
+            gate, up = w.gate_up(i, x2, rec)                                       # [S, F] x2
+            _relu2_mul_rms_norm(gate, up, w.ffn_sub_norm, eps, ws["m"], ws["m_norm"])   # [S, F] x2
+            (down,) = w.down(i, ws["m_norm"], rec)                                 # [S, D]
+            if rec:
+                for name, value in (("q", q_rot), ("k", k_rot), ("v", v), ("attn", a),
+                                    ("attn_sub_norm", ws["a_norm"]), ("o_proj", o), ("resid_attn", h_attn),
+                                    ("post_attention_layernorm", x2), ("gate", gate), ("up", up),
+                                    ("ffn_act", ws["m"]), ("ffn_sub_norm", ws["m_norm"]), ("down_proj", down)):
+                    rec(name, value)
+            if i + 1 < last:                                  # out = h_attn + down, and the next input norm
+                _add_rms_norm(h_attn, down, layers[i + 1].input_layernorm, eps, h_cur, x)
+                out = h_cur
+            else:
+                out = h_attn + down                                                # [S, D], a new array
+            if rec:
+                rec("out", out)
+        return out
+
+    def _workspace(self, s_len):
+        """Buffers for one forward of s_len tokens: made once and kept for S = 1 (decoding), fresh for a block."""
+        ws = self._decode_workspace if s_len == 1 else None
+        if ws is None:
+            cfg = self.config
+            d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+            ws = {name: np.empty((s_len, d), np.float32) for name in ("h", "x", "h_attn", "a_norm", "x2")}
+            ws.update(m=np.empty((s_len, f), np.float32), m_norm=np.empty((s_len, f), np.float32),
+                      q=np.empty((s_len, cfg.num_attention_heads, hd), np.float32),
+                      k=np.empty((s_len, cfg.num_key_value_heads, hd), np.float32))
+            if s_len == 1:
+                self._decode_workspace = ws
+        return ws

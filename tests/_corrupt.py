@@ -49,7 +49,7 @@ def tiny_config():
 
 def latent_weights(config, seed=0):
     """Random float weights in the HF names (what a trainer produces)."""
-    from refbitnet.model import NORMS, PROJECTIONS, _name
+    from refbitnet.config import NORMS, PROJECTIONS, tensor_name as _name
     rng = np.random.default_rng(seed)
     d, f = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * config.head_dim

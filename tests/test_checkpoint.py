@@ -60,9 +60,9 @@ def _ids(n=11, seed=0):
 def test_packed_load_is_memory_mapped_and_reports_format(packed_dir):
     model = refbitnet.load(packed_dir)
     assert model.source_format == "packed"
-    assert isinstance(model.embed_tokens, np.memmap) and model.embed_tokens.dtype == np.uint16
-    assert isinstance(model.layers[0].q_proj.packed, np.memmap)
-    assert model.layers[0].q_proj.packed.dtype == np.uint8
+    assert isinstance(model.weights.embed_tokens, np.memmap) and model.weights.embed_tokens.dtype == np.uint16
+    assert isinstance(model.weights.layers[0].q_proj.packed, np.memmap)
+    assert model.weights.layers[0].q_proj.packed.dtype == np.uint8
 
 
 @pytest.mark.parametrize("numerics", ["int", "fake-quant"])
@@ -93,7 +93,7 @@ def test_master_weight_scale_is_bf16_rounded_absmean():
     model = model_from_tensors(numpy_config(SIZES), t, source="master")
     w = bf16_to_f32(t["model.layers.1.mlp.down_proj.weight"])
     codes, gamma = absmean_ternary(w)
-    proj = model.layers[1].down_proj
+    proj = model.weights.layers[1].down_proj
     assert np.array_equal(proj.codes(), codes)
     assert proj.weight_scale == bf16_to_f32(f32_to_bf16(np.float32(gamma)))
 
@@ -348,7 +348,7 @@ def test_float32_tables_and_scales_are_kept_exactly(tmp_path):
     t["model.embed_tokens.weight"] = np.random.default_rng(0).standard_normal((333, 48)).astype(np.float16)
     t["model.layers.0.self_attn.q_proj.weight_scale"] = np.array([0.123456789], np.float32)
     model = model_from_tensors(numpy_config(SIZES), t, source="gguf:test")
-    assert model.layers[0].q_proj.weight_scale == np.float32(0.123456789)
+    assert model.weights.layers[0].q_proj.weight_scale == np.float32(0.123456789)
     refbitnet.save(model, tmp_path / "kept")
     again = refbitnet.load(tmp_path / "kept")
     assert np.array_equal(again.forward(_ids()), model.forward(_ids()))

@@ -58,9 +58,12 @@ def no_kernels(monkeypatch):
     def trip(*args, **kwargs):
         raise Tripwire("a kernel ran before the argument was validated")
     import refbitnet.model as model_module
+    import refbitnet.runtime as runtime_module
     monkeypatch.setattr(model_module, "bitlinear", trip)
-    for name in ("ternary_matmul", "ternary_matmul_acc", "bf16_matmul"):
-        monkeypatch.setattr(kernels, name, trip)
+    monkeypatch.setattr(model_module, "forward", trip)
+    monkeypatch.setattr(runtime_module.FastPath, "forward", trip)
+    monkeypatch.setattr(runtime_module.FusedLinear, "__call__", trip)
+    monkeypatch.setattr(kernels, "bf16_matmul", trip)
 
 
 # ============================================================================ token ids
@@ -115,7 +118,7 @@ def test_text_prompts(model, no_kernels):
         tok.decode([0, 10**9])
     with pytest.raises(RefBitNetTypeError):
         tok.decode(["a"])
-    bare = refbitnet.Model(model.config, model._weights)           # no tokenizer
+    bare = refbitnet.Model(model.config, model.weights)           # no tokenizer
     with pytest.raises(RefBitNetError, match="tokenizer"):
         bare.generate("hello", max_new_tokens=1)
 
@@ -259,7 +262,7 @@ def test_nan_reaching_the_quantizer_directly():
 def overflowing_model(model, backend):
     """The tiny model with o_proj's weight_scale at 3e38: finite on disk, but the residual stream
     overflows to inf inside layer 0."""
-    from refbitnet.checkpoint import model_weights
+    from refbitnet.weights import model_weights
     tensors = model.release_tensors()
     tensors["model.layers.0.self_attn.o_proj.weight_scale"] = np.array([3e38], np.float32)
     return refbitnet.Model(model.config, model_weights(model.config, tensors), backend=backend)
@@ -279,11 +282,11 @@ def test_overflow_inside_the_model_is_an_error(model, backend):
 
 def test_bad_model_arguments(model):
     with pytest.raises(RefBitNetError, match="numerics"):
-        refbitnet.Model(model.config, model._weights, numerics="float")
+        refbitnet.Model(model.config, model.weights, numerics="float")
     with pytest.raises(RefBitNetError, match="backend"):
-        refbitnet.Model(model.config, model._weights, backend="gpu")
+        refbitnet.Model(model.config, model.weights, backend="gpu")
     with pytest.raises(RefBitNetTypeError, match="config"):
-        refbitnet.Model(model.config.to_dict(), model._weights)
+        refbitnet.Model(model.config.to_dict(), model.weights)
 
 
 # ============================================================================ kernel wrappers, fuzzed

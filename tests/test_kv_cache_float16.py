@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from refbitnet.checkpoint import model_from_tensors
 from refbitnet.errors import RefBitNetError, RefBitNetTypeError
 from refbitnet.generate import generate
-from refbitnet.model import KVCache
+from refbitnet.kv_cache import KVCache
 
 from _tiny_bitnet import TINY_CONFIGS, numpy_config, numpy_release_tensors
 

@@ -64,21 +64,3 @@ def test_fake_quant_is_numpy_only():
                            numerics="fake-quant", backend="numba")
     with pytest.raises(RefBitNetError, match="backend"):
         model_from_tensors(numpy_config(sizes), numpy_release_tensors(sizes, 0), source="x", backend="cuda")
-
-
-def test_hf_to_kernel_layout_equals_unpack_then_pack():
-    from refbitnet.layouts import pack_hf, pack_kernel
-    from refbitnet.model import hf_to_kernel_layout
-    rng = np.random.default_rng(4)
-    for n, k in ((4, 4), (8, 12), (160, 48), (24, 120)):
-        codes = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
-        assert np.array_equal(hf_to_kernel_layout(pack_hf(codes)), pack_kernel(codes))
-
-
-def test_unpack_hf_fast_equals_layouts_unpack_hf():
-    from refbitnet.layouts import pack_hf, unpack_hf
-    from refbitnet.model import unpack_hf_fast
-    rng = np.random.default_rng(5)
-    for n, k in ((4, 1), (8, 12), (160, 48), (24, 120)):
-        packed = pack_hf(rng.integers(-1, 2, size=(n, k)).astype(np.int8))
-        assert np.array_equal(unpack_hf_fast(packed), unpack_hf(packed))

@@ -96,13 +96,12 @@ def test_forward_last_only_is_the_last_row(backend):
 
 
 def test_kernel_layout_rows_equals_readable_repack():
-    from refbitnet.layouts import pack_hf
-    from refbitnet.model import hf_to_kernel_layout
+    from refbitnet.layouts import pack_hf, unpack_hf
     rng = np.random.default_rng(8)
     for k, ns in ((4, (4,)), (12, (8, 4)), (48, (160, 40, 40)), (120, (24, 24))):
         parts = [pack_hf(rng.integers(-1, 2, size=(n, k)).astype(np.int8)) for n in ns]
         assert np.array_equal(runtime.kernel_layout_rows(parts),
-                              np.concatenate([hf_to_kernel_layout(p) for p in parts]))
+                              np.concatenate([pack_kernel(unpack_hf(p)) for p in parts]))
     with pytest.raises(RefBitNetError, match="divisible by 4"):
         runtime.kernel_layout_rows([np.zeros((1, 6), np.uint8)])
 
@@ -133,19 +132,32 @@ def test_v4_maddubs_equals_ternary_matmul(seed, s_len, n, blocks, extreme):
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
-def test_forward_layers_equals_the_readable_layers(name, kv_dtype):
-    """backend="numba" without a trace runs runtime.forward_layers (compiled glue, row-parallel for a block);
-    with a trace it runs Model._layer. Logits and cached keys/values must be the same bits, for prefill
-    blocks of several sizes, single decoded tokens, and a forward without a cache."""
+def test_fast_path_equals_the_readable_path_trace_included(name, kv_dtype):
+    """backend="numba" (runtime.FastPath: compiled glue, row-parallel for a block, its own trace) against
+    backend="numpy" (model.forward): cached keys/values and every traced intermediate, integer ones
+    included, are the same bits, for prefill blocks of several sizes, single decoded tokens, and a forward
+    without a cache; logits differ only by the LM head's summation order; a trace never changes the
+    fast path's result."""
     sizes = TINY_CONFIGS[name]
-    model = model_from_tensors(numpy_config(sizes), numpy_release_tensors(sizes, 3), source="tiny", backend="numba")
-    ids = np.random.default_rng(9).integers(0, model.config.vocab_size, 40)
-    fast, slow = model.new_cache(40, kv_dtype=kv_dtype), model.new_cache(40, kv_dtype=kv_dtype)
+    tensors = numpy_release_tensors(sizes, 3)
+    fast_model = model_from_tensors(numpy_config(sizes), tensors, source="tiny", backend="numba")
+    slow_model = model_from_tensors(numpy_config(sizes), tensors, source="tiny", backend="numpy")
+    ids = np.random.default_rng(9).integers(0, fast_model.config.vocab_size, 40)
+    fast, slow = fast_model.new_cache(40, kv_dtype=kv_dtype), slow_model.new_cache(40, kv_dtype=kv_dtype)
+    plain = fast_model.new_cache(40, kv_dtype=kv_dtype)
     for a, b in ((0, 4), (4, 5), (5, 22), (22, 23), (23, 24), (24, 26), (26, 40)):
-        assert np.array_equal(model.forward(ids[a:b], cache=fast),                 # forward_layers
-                              model.forward(ids[a:b], cache=slow, trace={}))       # Model._layer
+        t_fast, t_slow = {}, {}
+        logits_fast = fast_model.forward(ids[a:b], cache=fast, trace=t_fast, trace_integers=True)
+        logits_slow = slow_model.forward(ids[a:b], cache=slow, trace=t_slow, trace_integers=True)
+        assert t_fast.keys() == t_slow.keys()
+        for key in t_slow:
+            if key != "logits":
+                assert t_fast[key].dtype == t_slow[key].dtype and np.array_equal(t_fast[key], t_slow[key]), key
+        assert np.abs(logits_fast - logits_slow).max() <= 1e-5 * np.abs(logits_slow).max()
+        assert np.array_equal(fast_model.forward(ids[a:b], cache=plain), logits_fast)
     assert np.array_equal(fast.k, slow.k) and np.array_equal(fast.v, slow.v)
-    assert np.array_equal(model.forward(ids[:17]), model.forward(ids[:17], trace={}))
+    assert np.array_equal(fast.k, plain.k) and np.array_equal(fast.v, plain.v)
+    assert np.array_equal(fast_model.forward(ids[:17]), fast_model.forward(ids[:17], trace={}))
 
 
 def test_decode_step_names_the_layer_of_a_non_finite_activation():

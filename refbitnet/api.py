@@ -1,0 +1,231 @@
+"""The public ``Model``: every user argument checked once, at the door, then one path chosen once.
+
+``Model(config, weights, numerics, backend)`` holds the weights (``refbitnet.weights.ModelWeights``) and
+picks how to compute, the way microsoft/BitNet's gpu/model.py picks ``BitLinearKernel`` or ``BitLinear``:
+
+- ``backend="numba"``: ``refbitnet.runtime.FastPath``, the packed kernels (numerics "int" only);
+- ``backend="numpy"``: ``refbitnet.model.forward``, the readable path, to read and step through;
+- ``backend="auto"`` (default): numba when it can run this model (Numba importable, numerics "int", every
+  projection's width fitting the kernels), else numpy. Both compute the same integer codes bit for bit.
+
+Behind the door nothing is checked again: refbitnet.model and refbitnet.runtime trust their inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import numpy as np
+
+from . import model as readable
+from .checks import check_choice, check_int, check_token_ids
+from .config import Config
+from .errors import RefBitNetError, RefBitNetTypeError
+from .generate import generate as _generate
+from .kv_cache import KVCache, check_kv_dtype
+from .weights import ModelWeights, model_weights
+
+NUMERICS = ("int", "fake-quant")
+BACKENDS = ("auto", "numba", "numpy")
+
+
+class Model:
+    """BitNet b1.58: ``forward(ids) -> logits``, incremental decoding with a KVCache, ``generate``.
+
+    Model(config, weights, numerics="int", backend="auto"): weights is a ``ModelWeights`` or a mapping of
+    release-format tensors by checkpoint name (checked by ``refbitnet.weights.model_weights``).
+    ``refbitnet.load(dir)`` builds one from a model directory.
+    """
+
+    def __init__(self, config: Config, weights, numerics: str = "int", backend: str = "auto", *,
+                 tokenizer=None, source: str = "weights"):
+        if not isinstance(config, Config):
+            raise RefBitNetTypeError(f"config: expected a refbitnet Config, found {type(config).__name__}")
+        check_choice(numerics, "numerics", NUMERICS)
+        check_choice(backend, "backend", BACKENDS)
+        if not isinstance(weights, ModelWeights):
+            weights = model_weights(config, weights, source=source)
+        self.config = config
+        self.weights = weights
+        self.numerics = numerics
+        self.tokenizer = tokenizer
+        self.source = source                       # where the weights came from (a path or a description)
+        self.backend = _choose_backend(backend, numerics, config)
+        self._fast = None
+        if self.backend == "numba":
+            from .runtime import FastPath
+            self._fast = FastPath(config, weights)
+        self._cache_token = object()               # marks the KV caches this model has filled
+
+    # -- what the weights are --------------------------------------------------------------------
+    @property
+    def source_format(self) -> str:
+        """"packed" (release uint8 + weight_scale) or "bf16-master" (quantized at load)."""
+        return self.weights.source_format
+
+    @property
+    def scale_convention(self) -> str:
+        """"multiply" or "divide": what the checkpoint's weight_scale meant (see refbitnet.weights)."""
+        return self.weights.scale_convention
+
+    def release_tensors(self) -> dict:
+        """The weights as release-format tensors by checkpoint name (what refbitnet.save writes)."""
+        return self.weights.release_tensors()
+
+    # -- computing ---------------------------------------------------------------------------------
+    def new_cache(self, max_tokens: int | None = None, kv_dtype: str = "float32") -> KVCache:
+        """An empty KV cache for up to max_tokens positions (default: the model's context length).
+
+        kv_dtype: "float32" (default, exact) or "float16" (half the memory; keys and values rounded to
+        float16 when stored, see KVCache)."""
+        limit = self.config.max_position_embeddings
+        max_tokens = check_int(limit if max_tokens is None else max_tokens, "max_tokens")
+        if not 1 <= max_tokens <= limit:
+            raise RefBitNetError(f"max_tokens: expected 1 <= max_tokens <= max_position_embeddings = {limit}, "
+                                 f"found {max_tokens}")
+        dtype = check_kv_dtype(kv_dtype)
+        try:
+            return KVCache(self.config, max_tokens, dtype.name)
+        except (MemoryError, ValueError):       # a context length from the file that cannot be allocated
+            cfg = self.config
+            gib = 2 * dtype.itemsize * cfg.num_hidden_layers * max_tokens * cfg.num_key_value_heads \
+                * cfg.head_dim / 2**30
+            raise RefBitNetError(f"max_tokens: a KV cache of {max_tokens} positions needs {gib:.3g} GiB, more than "
+                                 f"can be allocated; pass a smaller max_tokens to new_cache()") from None
+
+    def forward(self, ids, cache: KVCache | None = None, trace: dict | None = None,
+                last_only: bool = False, trace_integers: bool = False) -> np.ndarray:
+        """Logits float32 [S, V] for token ids [S] ([1, V] for the last position only if last_only).
+
+        Without a cache: a full causal forward over ids at positions 0..S-1 that leaves no state behind.
+        With a cache: ids continue after the cache.length positions it holds (prefill: the whole
+        prompt as one block; decode: one token), and their keys/values are appended to it.
+        trace: if a dict, receives every named intermediate as a float32 copy [S, ...]: "embed";
+        per layer i "layers.{i}." + input_layernorm, q, k (after RoPE, [S, heads, HD]), v, attn,
+        attn_sub_norm, o_proj, resid_attn, post_attention_layernorm, gate, up, ffn_act (relu2(gate) * up),
+        ffn_sub_norm, down_proj, out (the layer's output hidden state); then "norm" and "logits".
+        trace_integers: also each projection's integer intermediates "layers.{i}.{proj}.xq" (int8 [S, K]),
+        ".s" (float32 [S]) and ".acc" (int32 [S, N]) (numerics "int"). The trace is recorded by the path
+        that runs (backend), so it checks the code that ships.
+        last_only: apply the LM head to the last position only (prefill before sampling: the head reads
+        the whole V x D table per token, so a 128-token prompt would otherwise spend most of its time there).
+        """
+        cfg = self.config
+        ids = self.check_ids(ids)                                                    # [S]
+        start = 0
+        if cache is not None:
+            self._check_cache(cache)
+            start = cache.length
+            if start + ids.shape[0] > cache.capacity:
+                raise RefBitNetError(f"cache: {ids.shape[0]} new tokens after {start} cached ones exceed its "
+                                     f"capacity {cache.capacity} (make it with new_cache(max_tokens))")
+        elif ids.shape[0] > cfg.max_position_embeddings:
+            raise RefBitNetError(f"ids: {ids.shape[0]} tokens exceed max_position_embeddings = "
+                                 f"{cfg.max_position_embeddings}")
+        self._check_trace(trace, trace_integers)
+        if self._fast is not None:
+            return self._fast.forward(ids, cache, start, trace, bool(last_only), trace_integers)
+        return readable.forward(cfg, self.weights, ids, self.numerics, cache, start, trace, bool(last_only),
+                                trace_integers)
+
+    def forward_layer(self, i: int, h: np.ndarray, trace: dict | None = None) -> np.ndarray:
+        """Decoder layer i alone on hidden states h float32 [S, D] at positions 0..S-1 -> [S, D].
+
+        Stateless; for layer-by-layer checks that feed each layer a reference model's input. trace
+        receives the layer's intermediates as "layers.{i}.<name>", as in forward."""
+        cfg = self.config
+        i = check_int(i, "layer", 0, cfg.num_hidden_layers - 1)
+        h = np.asarray(h, dtype=np.float32)
+        if h.ndim != 2 or h.shape[1] != cfg.hidden_size or h.shape[0] == 0:
+            raise RefBitNetError(f"h: expected shape [S, {cfg.hidden_size}] with S >= 1, found {h.shape}")
+        self._check_trace(trace, False)
+        cos, sin = readable.rope_tables(np.arange(h.shape[0]), cfg.head_dim, cfg.rope_theta)
+        record = readable.recorder(trace)
+        if self._fast is not None:
+            return np.array(self._fast.layers_forward(h, cos, sin, KVCache(cfg, h.shape[0]), 0, record,
+                                                      first=i, last=i + 1))
+        prefixed = None if record is None else (lambda name, value: record(f"layers.{i}.{name}", value))
+        return readable.decoder_layer(i, h, self.weights.layers[i], cfg, cos, sin, self.numerics,
+                                      record=prefixed)
+
+    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed=None, stop=None, stream: bool = False, kv_dtype: str | None = None,
+                 cache: KVCache | None = None, ignore_eos: bool = False):
+        """Continue prompt (text, or a sequence of token ids) by up to max_new_tokens tokens.
+
+        stop: extra stop conditions, a string, a token id, or a sequence of them; the tokenizer's
+        end-of-turn ids (or the config's eos ids without a tokenizer) stop too unless ignore_eos.
+        Returns the list of new ids; with stream=True an iterator yielding them one by one.
+        kv_dtype: the KV cache's element type, "float32" (exact, default) or "float16" (half the memory;
+        see KVCache). cache: a KVCache to continue, e.g. the previous turn's of a chat: the cached
+        positions whose ids match the start of the prompt are kept and only the rest runs (see
+        refbitnet.generate).
+        """
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RefBitNetError("prompt: a text prompt needs a tokenizer (this model has none; pass token ids)")
+            prompt = self.tokenizer.encode(prompt, add_bos=True)
+        else:
+            prompt = self.check_ids(prompt)
+        tokens = _generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, stop=stop, ignore_eos=ignore_eos, kv_dtype=kv_dtype, cache=cache)
+        return tokens if stream else list(tokens)
+
+    # -- the door's checks ------------------------------------------------------------------------
+    def check_ids(self, ids) -> np.ndarray:
+        """Validate token ids: a 1-D integer array/sequence, non-empty, each in [0, vocab_size). -> int64 [S]."""
+        return check_token_ids(ids, self.config.vocab_size)
+
+    def _check_trace(self, trace, trace_integers):
+        if trace is not None and not isinstance(trace, dict):
+            raise RefBitNetTypeError(f"trace: expected a dict to fill, or None, found {type(trace).__name__}")
+        if trace_integers and self.numerics != "int":
+            raise RefBitNetError(f"trace_integers: the integer intermediates exist with numerics='int', "
+                                 f"found numerics={self.numerics!r}")
+
+    def _check_cache(self, cache):
+        if not isinstance(cache, KVCache):
+            raise RefBitNetTypeError(f"cache: expected a KVCache from model.new_cache(), found {type(cache).__name__}")
+        cfg = self.config
+        want = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        found = (cache.k.shape[0], cache.k.shape[2], cache.k.shape[3])
+        if want != found:
+            raise RefBitNetError(f"cache: expected one made for this model (layers, KV heads, head_dim) = {want}, "
+                                 f"found {found}")
+        if cache.length and cache.owner is not self._cache_token:
+            raise RefBitNetError("cache: holds keys and values computed by another model; use this model's "
+                                 "new_cache(), or reset() the cache first")
+        cache.owner = self._cache_token
+
+    def __repr__(self):
+        c = self.config
+        return (f"Model(L={c.num_hidden_layers}, D={c.hidden_size}, F={c.intermediate_size}, "
+                f"H={c.num_attention_heads}, KVH={c.num_key_value_heads}, V={c.vocab_size}, "
+                f"numerics={self.numerics!r}, backend={self.backend!r}, source_format={self.source_format!r})")
+
+
+def _choose_backend(backend: str, numerics: str, config: Config) -> str:
+    """The path that runs: "numba" or "numpy" (see the module docstring)."""
+    if backend == "numpy":
+        return "numpy"
+    if numerics != "int":
+        if backend == "numba":
+            raise RefBitNetError(f"numerics={numerics!r} runs on backend='numpy' only; the Numba kernels "
+                                 f"compute the integer form (numerics='int')")
+        return "numpy"
+    if importlib.util.find_spec("numba") is None:       # the one cheap fallback: Numba not installed
+        if backend == "numba":
+            raise RefBitNetError("backend='numba': the numba package is not installed (pip install numba); "
+                                 "use backend='numpy'")
+        warnings.warn("refbitnet: numba is not installed; running the readable NumPy path (slow; "
+                      "pass backend='numpy' to choose it explicitly)", RuntimeWarning, stacklevel=3)
+        return "numpy"
+    from . import runtime
+    if not runtime.kernels_fit(config):
+        if backend == "numba":
+            raise RefBitNetError(f"backend='numba': the kernels need every projection width (D, F, H*HD) to be a "
+                                 f"positive multiple of 8 up to {runtime.MAX_K}, found D={config.hidden_size}, "
+                                 f"F={config.intermediate_size}; use backend='numpy'")
+        return "numpy"
+    return "numba"
