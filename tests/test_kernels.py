@@ -2,7 +2,9 @@
 
 Numerics: "int" form throughout. Accumulators are int32 and compared for equality; the fused BitLinear
 epilogue and the bf16 LM head are compared bit for bit (uint32 views) with the reference expressions.
-Shapes are small so a run stays fast; the kernels compile once per process (and are cached on disk).
+Every ternary kernel is reached through the door, ``TernaryLinear(..., kernel=name)`` (and the one-call
+``kernels.ternary_matmul(_acc)``, kernel "auto"); the ladder's unchecked v1/v2 functions are also called
+directly. Shapes are small so a run stays fast; the kernels compile once per process (cached on disk).
 """
 
 import os
@@ -18,7 +20,8 @@ from refbitnet import kernels
 from refbitnet.bf16 import bf16_to_f32, f32_to_bf16
 from refbitnet.bitlinear import bitlinear_epilogue, bitlinear_int
 from refbitnet.errors import RefBitNetError, RefBitNetTypeError
-from refbitnet.kernels import reference
+from refbitnet.kernels import KERNELS, TernaryLinear, reference
+from refbitnet.kernels.avx2 import available as avx2_available
 from refbitnet.kernels.v1_unpacked_int8 import ternary_matmul_acc_v1
 from refbitnet.kernels.v2_packed_scalar import ternary_matmul_acc_v2
 from refbitnet.kernels.v3_word_planes import MAX_K
@@ -72,18 +75,31 @@ def test_accumulators_equal_reference_all_versions(problem):
     np.testing.assert_array_equal(kernels.ternary_matmul_acc(xq, packed), expected)          # v3
     np.testing.assert_array_equal(ternary_matmul_acc_v1(xq, codes), expected)
     np.testing.assert_array_equal(ternary_matmul_acc_v2(xq, packed), expected)
+    for name in runnable_kernels(xq.shape[1]):                                     # the door, each kernel
+        np.testing.assert_array_equal(TernaryLinear(packed, kernel=name).acc(xq), expected, err_msg=name)
+
+
+def runnable_kernels(K):
+    """The kernel names TernaryLinear runs for this K on this CPU (v4/v4_blocked/v5: AVX2, K % 128 == 0)."""
+    return [k for k in KERNELS if k not in ("v4", "v4_blocked", "v5") or (avx2_available() and K % 128 == 0)]
 
 
 @pytest.mark.parametrize("K", [2560, 6912, MAX_K])
 @pytest.mark.parametrize("x", [-128, 127])
 @pytest.mark.parametrize("w", [-1, 1])
 def test_extreme_sums_beyond_int16(K, x, w):
-    """All-(+-1) weights and saturated activations: |acc| = 128 K, far beyond int16; at K = MAX_K the
-    kernel's scaled accumulator 64 * sum(c x) reaches -2**31 exactly."""
-    xq = np.full((1, K), x, np.int8)
+    """All-(+-1) weights and saturated activations: |acc| = 128 K, far beyond int16; at K = MAX_K v3's
+    scaled accumulator 64 * sum(c x) reaches -2**31 exactly, and |acc| = 2**24, the largest integer the
+    AVX2 kernels' unit-scale path (acc through float32) returns exactly. Every kernel, S = 1 and S = 5."""
     packed = pack_kernel(np.full((2, K), w, np.int8))
-    acc = kernels.ternary_matmul_acc(xq, packed)
+    acc = kernels.ternary_matmul_acc(np.full((1, K), x, np.int8), packed)
     np.testing.assert_array_equal(acc, np.full((1, 2), x * w * K, np.int64))
+    for name in runnable_kernels(K):
+        if name in ("reference", "v1", "v2") and K == MAX_K:
+            continue                                   # (NumPy int64 / scalar loops: slow at this K, no bound)
+        for S in (1, 5):
+            acc = TernaryLinear(packed, kernel=name).acc(np.full((S, K), x, np.int8))
+            np.testing.assert_array_equal(acc, np.full((S, 2), x * w * K, np.int64), err_msg=name)
 
 
 # --------------------------------------------------------------------------------------- float results
@@ -108,6 +124,9 @@ def test_fused_epilogue_bit_identical(problem, seed, scale_kind):
     y = kernels.ternary_matmul(xq, s, packed, ws)
     np.testing.assert_array_equal(bits(y), bits(expected))
     np.testing.assert_array_equal(bits(y), bits(bitlinear_epilogue(acc, s, ws)))
+    for name in runnable_kernels(xq.shape[1]):
+        y = TernaryLinear(packed, ws, kernel=name).matmul(xq, s)
+        np.testing.assert_array_equal(bits(y), bits(expected), err_msg=name)
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.integers(1, 30), st.integers(1, 20))
@@ -121,6 +140,9 @@ def test_matches_bitlinear_int_from_float_activations(seed, S, N, k_words):
     out = bitlinear_int(x, codes, ws)
     np.testing.assert_array_equal(kernels.ternary_matmul_acc(out.xq, pack_kernel(codes)), out.acc)
     np.testing.assert_array_equal(bits(kernels.ternary_matmul(out.xq, out.s, pack_kernel(codes), ws)), bits(out.y))
+    for name in runnable_kernels(K):                              # from float x: the door's quantizer + kernel
+        np.testing.assert_array_equal(bits(TernaryLinear(pack_kernel(codes), ws, kernel=name)(x)), bits(out.y),
+                                      err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------- LM head
@@ -175,7 +197,9 @@ def test_results_do_not_depend_on_thread_count(problem, head):
         kernels.set_num_threads(n)
         assert kernels.get_num_threads() == n
         results.append((kernels.ternary_matmul_acc(xq, packed), bits(kernels.ternary_matmul(xq, s, packed, ws)),
-                        bits(kernels.bf16_matmul(x, table))))
+                        bits(kernels.bf16_matmul(x, table)))
+                       + tuple(bits(TernaryLinear(packed, ws, kernel=k).matmul(xq, s))
+                               for k in runnable_kernels(xq.shape[1])))
     for got in results[1:]:
         for a, b in zip(results[0], got):
             np.testing.assert_array_equal(a, b)
@@ -255,6 +279,17 @@ def test_bf16_matmul_rejects_bad_input(x, table, error, message):
         kernels.bf16_matmul(x, table)
 
 
+def test_bf16_matmul_kernel_names():
+    x, table = np.ones((1, 24), np.float32), np.zeros((4, 24), np.uint16)
+    with pytest.raises(RefBitNetError, match="K % 16"):                 # v2 reads 16 values per step
+        kernels.bf16_matmul(x, table, kernel="v2")
+    for bad in ("v3", "", None, 2):
+        with pytest.raises(RefBitNetError, match="kernel"):
+            kernels.bf16_matmul(x, table, kernel=bad)
+    for name in ("reference", "v1", "auto"):
+        np.testing.assert_array_equal(kernels.bf16_matmul(x, table, kernel=name), np.zeros((1, 4), np.float32))
+
+
 def test_openmp_threads_wait_passively_unless_told_otherwise():
     code = "import os; from refbitnet import kernels; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -286,7 +321,8 @@ def test_bf16_matmul_v2_bit_identical_to_reference(S, V, blocks, seed, kind):
     table = f32_to_bf16(w)
     with np.errstate(over="ignore", invalid="ignore"):          # "wide"/"special" overflow on purpose
         ref = reference.bf16_matmul_reference(x, table)
-    for got in (bf16_matmul_v2(x, table), bf16_matmul_v1(x, table), kernels.bf16_matmul(x, table)):
+    for got in (bf16_matmul_v2(x, table), bf16_matmul_v1(x, table), kernels.bf16_matmul(x, table),
+                kernels.bf16_matmul(x, table, kernel="v1"), kernels.bf16_matmul(x, table, kernel="v2")):
         nan = np.isnan(ref)
         assert np.array_equal(np.isnan(got), nan)
         np.testing.assert_array_equal(bits(got)[~nan], bits(ref)[~nan])

@@ -1,10 +1,12 @@
 """refbitnet.kernels.v5_prefill (the prefill GEMM) against the NumPy reference and v4, bit for bit.
 
 Numerics: "int". The kernel's integers are checked through its float output with s = 1 and
-weight_scale = 1, where y = float32(acc) is exact (|acc| <= 128 K < 2**24 for K <= 131072); every other
+weight_scale = 1, where y = float32(acc) is exact (|acc| <= 128 K <= 2**24 for K <= 131072); every other
 comparison is of float32 bits (uint32 views) against refbitnet.kernels.reference / bitlinear_int and
-v4_maddubs.matmul_scaled_v4_blocked. Shapes are drawn so that S is not a multiple of the 8-token block,
-N not a multiple of the row tile, and K spans several 15-chunk int16 windows and unpacked panels.
+v4_maddubs.matmul_scaled_v4_blocked. The raw kernel is called directly where a test varies its tiling;
+otherwise through the door, ``TernaryLinear(..., kernel="v5")``. Shapes are drawn so that S is not a
+multiple of the 8-token block, N not a multiple of the row tile, and K spans several 15-chunk int16
+windows and unpacked panels.
 """
 
 import numpy as np
@@ -15,14 +17,15 @@ from hypothesis import strategies as st
 from refbitnet import kernels
 from refbitnet.bitlinear import bitlinear_int
 from refbitnet.errors import RefBitNetError, RefBitNetTypeError
-from refbitnet.kernels import reference, v4_maddubs
+from refbitnet.kernels import TernaryLinear, act_quant, reference, v4_maddubs
+from refbitnet.kernels import v5_prefill as v5
+from refbitnet.kernels.avx2 import available
 from refbitnet.layouts import pack_kernel
-
-from _kernel_testing import MAX_THREADS, bits, restore_threads  # noqa: F401  (restore_threads: autouse fixture)
 from refbitnet.quant import absmax_int8
 
-v5 = pytest.importorskip("refbitnet.kernels.v5_prefill")
-pytestmark = pytest.mark.skipif(not v5.available(), reason="v5_prefill needs AVX2")
+from _kernel_testing import MAX_THREADS, bits, restore_threads  # noqa: F401  (restore_threads: autouse fixture)
+
+pytestmark = pytest.mark.skipif(not available(), reason="v5_prefill needs AVX2")
 
 
 
@@ -48,7 +51,8 @@ def run_v5(xq, packed, s, row_scale, tile_rows=v5.TILE_ROWS, panel_chunks=v5.PAN
     S = xq.shape[0]
     out = np.full((S, packed.shape[0]), np.nan, np.float32)
     xsum = xq.astype(np.int64).sum(1).astype(np.int32)
-    v5.matmul_scaled_v5(packed, v5.pack_token_blocks(xq), xsum, s, row_scale, out, tile_rows, panel_chunks)
+    blocks, _ = act_quant.token_blocks(xq, v5.TOKENS)
+    v5.matmul_scaled_v5(packed, blocks, xsum, s, row_scale, out, tile_rows, panel_chunks)
     return out
 
 
@@ -97,7 +101,7 @@ def test_bit_identical_to_reference_and_v4_blocked(prob, seed):
     ws = (rng.random(N) + 0.01).astype(np.float32)
     packed = pack_kernel(codes)
     expected = reference.ternary_matmul_reference(xq, s, packed, ws)
-    y = v5.ternary_matmul_v5(xq, s, packed, ws)
+    y = TernaryLinear(packed, ws, kernel="v5").matmul(xq, s)
     np.testing.assert_array_equal(bits(y), bits(expected))
     v4 = np.empty((S, N), np.float32)
     xsum = xq.astype(np.int64).sum(1).astype(np.int32)
@@ -108,7 +112,7 @@ def test_bit_identical_to_reference_and_v4_blocked(prob, seed):
 @settings(max_examples=30)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 40), st.integers(1, 24),
        st.sampled_from([1e-3, 1.0, 1e3]), st.sampled_from(["scalar", "rows"]))
-def test_prefill_matmul_equals_bitlinear_int(seed, S, N, chunks, magnitude, scale_kind):
+def test_from_float_x_equals_bitlinear_int(seed, S, N, chunks, magnitude, scale_kind):
     """From float x: quantize_token_blocks + the GEMM == refbitnet.bitlinear.bitlinear_int, bit for bit."""
     K = 128 * chunks
     rng = np.random.default_rng(seed)
@@ -118,7 +122,9 @@ def test_prefill_matmul_equals_bitlinear_int(seed, S, N, chunks, magnitude, scal
     if scale_kind == "scalar":
         ws = ws[0]
     out = bitlinear_int(x, codes, ws)
-    np.testing.assert_array_equal(bits(v5.prefill_matmul(x, pack_kernel(codes), ws)), bits(out.y))
+    linear = TernaryLinear(pack_kernel(codes), ws, kernel="v5")
+    for _ in range(2):                                   # S = 1: the second call reuses the decode buffers
+        np.testing.assert_array_equal(bits(linear(x)), bits(out.y))
 
 
 @settings(max_examples=30)
@@ -129,21 +135,23 @@ def test_quantize_token_blocks_equals_absmax_int8(seed, S, chunks):
     x = (rng.standard_normal((S, K)) * rng.choice([1e-6, 1.0, 1e4])).astype(np.float32)
     x[0, : min(K, 3)] = [127.5 / 127, -0.5, 0.0][: min(K, 3)]          # ties of round-half-even
     xq, s = absmax_int8(x)
-    blocks = v5.empty_token_blocks(S, K)
+    blocks = act_quant.empty_token_blocks(S, K, v5.TOKENS)
     blocks[...] = 99                                                     # padding must be rewritten
     s_got, xsum = np.empty(S, np.float32), np.empty(S, np.int32)
-    assert v5.quantize_token_blocks(x, s_got, blocks, xsum) == -1
-    np.testing.assert_array_equal(blocks, v5.pack_token_blocks(xq))
+    assert act_quant.quantize_token_blocks(x, s_got, blocks, xsum) == -1
+    want, want_xsum = act_quant.token_blocks(xq, v5.TOKENS)
+    np.testing.assert_array_equal(blocks, want)
     np.testing.assert_array_equal(bits(s_got), bits(s))
     np.testing.assert_array_equal(xsum, xq.astype(np.int64).sum(1))
-    assert blocks.ctypes.data % v5.ALIGN == 0
+    np.testing.assert_array_equal(want_xsum, xsum)
+    assert blocks.ctypes.data % act_quant.ALIGN == 0
 
 
-def test_pack_token_blocks_layout():
+def test_token_blocks_layout():
     """blocks[b, c, t, i, j] = xq[8b + t, 4(32c + j) + i], written out element by element."""
     rng = np.random.default_rng(0)
     xq = rng.integers(-128, 128, (11, 256)).astype(np.int8)
-    blocks = v5.pack_token_blocks(xq)
+    blocks, _ = act_quant.token_blocks(xq, v5.TOKENS)
     assert blocks.shape == (2, 2, 8, 4, 32) and v5.TOKENS == 8
     for b, c, t, i, j in np.ndindex(*blocks.shape):
         s = 8 * b + t
@@ -162,7 +170,7 @@ def test_results_do_not_depend_on_thread_count(prob):
     for n in sorted({1, 2, MAX_THREADS}):
         if n <= MAX_THREADS:
             kernels.set_num_threads(n)
-            results.append(bits(v5.ternary_matmul_v5(xq, s, packed, ws)))
+            results.append(bits(TernaryLinear(packed, ws, kernel="v5").matmul(xq, s)))
     for got in results[1:]:
         np.testing.assert_array_equal(got, results[0])
 
@@ -189,11 +197,11 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_prefill_matmul_rejects_bad_input(case):
+def test_v5_door_rejects_bad_input(case):
     make, error, message = BAD[case]
     x, packed, ws = make(*_good())
     with pytest.raises(error, match=message):
-        v5.prefill_matmul(x, packed, ws)
+        TernaryLinear(packed, ws, kernel="v5")(x)
 
 
 @pytest.mark.parametrize("xq, s, error, message", [
@@ -201,7 +209,7 @@ def test_prefill_matmul_rejects_bad_input(case):
     (np.zeros((2, 256), np.int16), np.ones(2, np.float32), RefBitNetTypeError, "xq"),
     (np.zeros((2, 256), np.int8), np.ones(3, np.float32), RefBitNetError, "s"),
 ])
-def test_ternary_matmul_v5_rejects_bad_input(xq, s, error, message):
+def test_v5_door_rejects_bad_int8_input(xq, s, error, message):
     packed = np.zeros((4, xq.shape[1] // 4), np.uint8)
     with pytest.raises(error, match=message):
-        v5.ternary_matmul_v5(xq, s, packed, 1.0)
+        TernaryLinear(packed, 1.0, kernel="v5").matmul(xq, s)

@@ -121,11 +121,10 @@ class TernaryLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x float32 [S, K] -> y float32 [S, N] = BitLinear(x), numerics "int" (bitlinear.bitlinear_int
         bit for bit). A NaN/inf in x raises absmax_int8's error."""
-        x = check_array(x, "x", np.float32, 2, contiguous=True)
+        x = check_array(x, "x", np.float32, 2, contiguous=True, nonempty=True)         # [S, K]
         if x.shape[1] != self.shape[1]:
-            raise RefBitNetError(f"x: expected float32 [S, {self.shape[1]}], found shape {x.shape}")
-        if x.shape[0] == 0:
-            raise RefBitNetError(f"x: expected at least one token, found shape {x.shape}")
+            raise RefBitNetError(f"x: expected float32 [S, K] = [S, {self.shape[1]}] to match packed of shape "
+                                 f"{self.packed.shape}, found shape {x.shape}")
         S = x.shape[0]
         kernel = self.kernel_for(S)
         if kernel in INTEGER_KERNELS:
