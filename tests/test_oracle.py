@@ -230,12 +230,14 @@ def test_comparison_edge_cases(reference):
     ref = {"a": np.ones((2, 3), np.float32), "layers.4.gate": np.zeros(3, np.float32)}
     with pytest.raises(RefBitNetError, match="unknown tensor name"):
         oracle.compare_activations(ref, {"layers.0.qq": np.ones(3)}, print_fn=None)
-    bad_shape = oracle.compare_tensor("a", ref["a"], np.ones(5))
-    assert not bad_shape.ok and bad_shape.max_diff == float("inf") and "shape [5]" in bad_shape.detail
+    with pytest.raises(RefBitNetError, match=r"expected the candidate's shape \[2, 3\].*found \[5\]"):
+        oracle.compare_tensor("a", ref["a"], np.ones(5))                      # never reshaped silently
+    bad_shape = oracle.compare_activations(ref, {"a": np.ones(6)}, print_fn=None).checks[0]
+    assert not bad_shape.ok and bad_shape.max_diff == float("inf") and "shape [6]" in bad_shape.detail
     nan = oracle.compare_tensor("a", ref["a"], np.array([[1, np.nan, 1], [1, 1, 1]]))
-    assert not nan.ok and "NaN at index (0, 1)" in nan.detail
+    assert not nan.ok and "at (0, 1): reference 1, candidate nan" in nan.detail
     exact = oracle.compare_tensor("a", ref["a"], ref["a"] + 1e-7, atol=0, rtol=0)
-    assert not exact.ok
+    assert not exact.ok and exact.mode == "exact" and exact.n_differ == 6
     loose = oracle.compare_activations(ref, {"layers.4.gate": np.full(3, 0.5)}, print_fn=None,
                                        tolerances={"gate": (1.0, 0.0)})
     assert loose.ok and loose.checks[0].layer == 4 and loose.checks[0].tensor == "gate"
