@@ -64,6 +64,7 @@ PROJECTIONS = {
     "down_proj (w2)": dict(k=F, parts={"down": D}, ws_num=1),
 }
 WS_SLOTS = 4                                     # their converter stores 4 bf16 scales per projection
+THEIR_FILES = ("pack_weight.py", "model.py", "convert_checkpoint.py")
 
 
 class CaseStudyError(Exception):
@@ -176,10 +177,10 @@ def find_gpu_dir(path: str) -> str:
     if not path or not os.path.isdir(path):
         raise CaseStudyError(f"--bitnet-dir: expected a checkout of microsoft/BitNet, found no folder {path!r}")
     for cand in (os.path.join(path, "gpu"), path):
-        if all(os.path.isfile(os.path.join(cand, f)) for f in ("pack_weight.py", "model.py", "convert_checkpoint.py")):
+        if all(os.path.isfile(os.path.join(cand, f)) for f in THEIR_FILES):
             return os.path.abspath(cand)
-    raise CaseStudyError(f"--bitnet-dir: expected a checkout of microsoft/BitNet (gpu/pack_weight.py, gpu/model.py, "
-                         f"gpu/convert_checkpoint.py), found none of them under {path!r}")
+    raise CaseStudyError(f"--bitnet-dir: expected a checkout of microsoft/BitNet (gpu/pack_weight.py, "
+                         f"gpu/model.py, gpu/convert_checkpoint.py), found none of them under {path!r}")
 
 
 def checkout_commit(gpu_dir: str) -> str:
@@ -192,7 +193,8 @@ def checkout_commit(gpu_dir: str) -> str:
 
 def load_packer(gpu_dir: str):
     """gpu/pack_weight.py imported from the user's checkout -> convert_weight_int8_to_int2."""
-    spec = importlib.util.spec_from_file_location("bitnet_gpu_pack_weight", os.path.join(gpu_dir, "pack_weight.py"))
+    path = os.path.join(gpu_dir, "pack_weight.py")
+    spec = importlib.util.spec_from_file_location("bitnet_gpu_pack_weight", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "convert_weight_int8_to_int2"):
@@ -232,7 +234,8 @@ def load_kernel(path: str):
         lib = ctypes.CDLL(os.path.abspath(path))
         fn = lib.bitlinear_int8xint2
     except (OSError, AttributeError) as e:
-        raise CaseStudyError(f"--kernel-lib: expected a library exporting bitlinear_int8xint2, found {path!r} ({e})")
+        raise CaseStudyError(f"--kernel-lib: expected a library exporting bitlinear_int8xint2, "
+                             f"found {path!r} ({e})")
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
     return fn
@@ -297,8 +300,8 @@ def check_quantizers(quant_weight, quant_input, torch, rng) -> bool:
 
 
 def run_kernel(kernel, torch, xq, packed, s, scales, n: int, k: int) -> np.ndarray:
-    """One call of their decode kernel for one token, xq int8 [1, K] -> bf16 bits uint16 [1, N]. Output prefilled with NaN: the kernel
-    returns without writing for a shape it has no instance for."""
+    """One call of their decode kernel for one token, xq int8 [1, K] -> bf16 bits uint16 [1, N]. The output
+    is prefilled with NaN: the kernel returns without writing for a shape it has no instance for."""
     dev = torch.device("cuda")
     a = torch.from_numpy(np.ascontiguousarray(xq)).to(dev)                     # int8 [1, K]
     b = torch.from_numpy(np.ascontiguousarray(packed)).to(dev)                 # int8 [N, K/4]
@@ -309,7 +312,8 @@ def run_kernel(kernel, torch, xq, packed, s, scales, n: int, k: int) -> np.ndarr
     ws_t = torch.from_numpy(ws).to(torch.bfloat16).to(dev)                    # [4]
     assert float(s_t[0]) == float(s) and np.array_equal(ws_t.float().cpu().numpy(), ws)   # both exact in bf16
     stream = torch.cuda.current_stream()
-    kernel(a.data_ptr(), b.data_ptr(), out.data_ptr(), s_t.data_ptr(), ws_t.data_ptr(), 1, n, k, stream.cuda_stream)
+    kernel(a.data_ptr(), b.data_ptr(), out.data_ptr(), s_t.data_ptr(), ws_t.data_ptr(), 1, n, k,
+           stream.cuda_stream)
     torch.cuda.synchronize()
     bits = out.view(torch.int16).cpu().numpy().view(np.uint16)
     if np.isnan(out.float().cpu().numpy()).any():
@@ -326,7 +330,7 @@ def check_kernel(kernel, packer, torch, rng, tokens: int = 4) -> bool:
         n = sum(parts.values())
         codes, scales = ternary_weights(rng, parts, k)                  # [N, K], [parts]
         x = input_with_bf16_scale(rng, k, tokens)                       # [T, K]
-        packed = packer(torch.from_numpy(codes)).numpy()                # their packer, as their model loads weights
+        packed = packer(torch.from_numpy(codes)).numpy()                # their packer, as their converter
         variants = [("weight scales " + ", ".join(f"{q}={v:.6g}" for q, v in zip(parts, scales)), scales)]
         if len(parts) > 1:
             variants.append(("every weight scale 1 (as gpu/test.py sets them)", np.ones_like(scales)))
@@ -367,7 +371,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--bitnet-dir", required=True, help="your checkout of microsoft/BitNet (root or gpu/)")
     p.add_argument("--kernel-lib", default=None,
-                   help="libbitnet.so you built from gpu/bitnet_kernels (needs a CUDA GPU); omit to skip the kernel")
+                   help="libbitnet.so you built from gpu/bitnet_kernels (needs a CUDA GPU); "
+                        "omit to skip the kernel")
     p.add_argument("--seed", type=int, default=0, help="seed of the random codes, weights and inputs")
     return p.parse_args(argv)
 
@@ -406,7 +411,8 @@ def main(argv=None) -> int:
         print("decode kernel: skipped (no --kernel-lib)")
     else:
         ok &= check_kernel(kernel, packer, torch, rng)
-    print("all checks agree with the reference" if ok else "the oracle found differences (see DIFFERENT / DIFFERS)")
+    print("all checks agree with the reference" if ok else
+          "the oracle found differences (see DIFFERENT / DIFFERS)")
     return 0 if ok else 1
 
 
