@@ -1,16 +1,22 @@
 """Kernel speed on the BitNet b1.58 2B4T shapes, against this machine's memory bandwidth (not a test).
 
-    python benchmarks/bench_kernels.py [--rounds 5] [--pool-mb 160] [--quick]
+    python benchmarks/bench_kernels.py [--rounds 5] [--pool-mb 160] [--quick] [--results PATH]
 
-For each projection shape (N x K) at 1 and 2 threads it prints the time of one GEMV (S = 1, decode),
-the weight bytes read, GB/s, and that as a fraction of two bandwidths measured in the same run:
-"copy" (np.copyto of 512 MiB: bytes read + written / time) and "sum" (a Numba prange sum over 512 MiB at
-the same thread count: bytes read / time). Beside it, in the same run: the NumPy reference path
-(refbitnet.bitlinear: float32 BLAS on int8 codes + epilogue) and torch F.linear on the dequantized float32
-weights (bf16 for the LM head). The headline GEMV row of a projection is the kernel refbitnet.runtime runs
-(v4_maddubs when K % 128 == 0, v3 beside it). Then a 128-token GEMM per shape (v3, v4 pairs / blocked, v5_prefill)
-as 'x GEMV' = tokens/s over the runtime GEMV's, and the first-call compile time and the cached start time of
-a fresh process.
+Every ternary kernel is reached through the one door the model uses, ``refbitnet.kernels.TernaryLinear``,
+forced by name where versions are compared; a timing of ``door(x)`` is what the runtime pays (the fused
+quantize-and-lay-out pass plus the kernel), a timing of ``door.acc(xq)`` the integer kernel from int8
+activations. For each projection shape (N x K) at 1 and 2 threads it prints the time of one GEMV (S = 1,
+decode) of the kernel "auto" picks (v4 on AVX2 with K % 128 == 0, else v3) and of v3 beside it, the weight
+bytes read, GB/s, and that as a fraction of two bandwidths measured in the same run: "copy" (np.copyto of
+512 MiB: bytes read + written / time) and "sum" (a Numba prange sum over 512 MiB at the same thread count:
+bytes read / time). Beside it, in the same run: the NumPy reference path (refbitnet.bitlinear: float32 BLAS
+on int8 codes + epilogue) and torch F.linear on the dequantized float32 weights (bf16 for the LM head).
+Then a 128-token GEMM per shape (v3, v4_blocked, v5) as 'x GEMV' = tokens/s over the GEMV's, the compute
+floor of that GEMM, the two LM head kernels, the ladder of versions, the first-call compile time and the
+cached start time of a fresh process, and the instruction mix of each kernel's hottest loop.
+
+Everything printed is also written, with the machine, the command and the date, to --results
+(default benchmarks/results/kernels.md).
 
 Noise: the machine has 2 cores shared with other jobs. Every figure is the best of --rounds rounds, and
 the rounds interleave all variants (each round runs every shape/thread/kernel once), so a busy moment
@@ -33,12 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from refbitnet import kernels  # noqa: E402  (sets the LLVM option before anything compiles)
 from refbitnet.bf16 import f32_to_bf16  # noqa: E402
 from refbitnet.bitlinear import bitlinear_epilogue, ternary_matmul_exact  # noqa: E402
-from refbitnet.kernels import reference  # noqa: E402
-from refbitnet.kernels.v1_unpacked_int8 import ternary_matmul_acc_v1  # noqa: E402
-from refbitnet.kernels.v2_packed_scalar import ternary_matmul_acc_v2  # noqa: E402
-from refbitnet.kernels import v4_maddubs  # noqa: E402
-from refbitnet.kernels import v5_prefill  # noqa: E402
-from refbitnet.kernels.lm_head import bf16_matmul_v1  # noqa: E402
+from refbitnet.kernels import TernaryLinear, reference  # noqa: E402
+from refbitnet.kernels.avx2 import available as avx2_available, madd_intrinsics  # noqa: E402
 from refbitnet.layouts import pack_kernel  # noqa: E402
 from refbitnet.quant import absmax_int8  # noqa: E402
 
@@ -46,8 +48,8 @@ from llvmlite import ir  # noqa: E402
 from numba import njit, prange  # noqa: E402
 from numba.core import cgutils, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
-from refbitnet.kernels.v4_maddubs import _avx2_madd_intrinsics  # noqa: E402
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.md")
 SHAPES = [  # name, N (out), K (in)
     ("q/o", 2560, 2560),
     ("k/v", 640, 2560),
@@ -78,7 +80,7 @@ def _madd_add_chains(typingctx, n):
 
     def codegen(context, builder, signature, args):
         v32i8, v16i16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16)
-        maddubs, _ = _avx2_madd_intrinsics(builder.module)
+        maddubs, _ = madd_intrinsics(builder.module)
         ones = ir.Constant(v32i8, [1] * 32)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(v16i16, [c] * 16)) for c in range(PROBE_CHAINS)]
         with cgutils.for_range(builder, args[0]):
@@ -149,9 +151,9 @@ def compile_times():
         "from refbitnet.layouts import pack_kernel\n"
         "t = time.perf_counter()\n"
         "p = pack_kernel(np.zeros((64, 256), np.int8))\n"
-        "for S in (1, 4):\n"
-        "    xq = np.zeros((S, 256), np.int8); s = np.ones(S, np.float32)\n"
-        "    kernels.ternary_matmul(xq, s, p, np.float32(1)); kernels.ternary_matmul_acc(xq, p)\n"
+        "door = kernels.TernaryLinear(p, np.float32(1))\n"
+        "for S in (1, 4, 8):\n"
+        "    door(np.ones((S, 256), np.float32)); door.acc(np.zeros((S, 256), np.int8))\n"
         "    kernels.bf16_matmul(np.ones((S, 256), np.float32), np.zeros((64, 256), np.uint16))\n"
         "print(t - t0, time.perf_counter() - t)\n")
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -168,16 +170,14 @@ _ASM_PROBE = r"""
 import re, numpy as np
 from collections import Counter
 from refbitnet import kernels
-from refbitnet.kernels import v3_word_planes as v3, lm_head_v2
+from refbitnet.kernels import lm_head_v2, v3_word_planes as v3, v4_maddubs as v4, v5_prefill as v5
 from refbitnet.layouts import pack_kernel
-kernels.ternary_matmul(np.zeros((2, 256), np.int8), np.ones(2, np.float32), pack_kernel(np.zeros((8, 256), np.int8)), 1.0)
+p, x = pack_kernel(np.zeros((8, 256), np.int8)), np.ones((5, 256), np.float32)
+for name in ("v3", "v4", "v4_blocked", "v5"):
+    kernels.TernaryLinear(p, 1.0, kernel=name)(x)
 kernels.bf16_matmul(np.ones((1, 256), np.float32), np.zeros((8, 256), np.uint16))
-from refbitnet.kernels import v4_maddubs as v4, v5_prefill as v5
-xq, p = np.zeros((5, 256), np.int8), pack_kernel(np.zeros((8, 256), np.int8))
-s, rows, xsum, out = np.ones(5, np.float32), np.ones(8, np.float32), np.zeros(5, np.int32), np.empty((5, 8), np.float32)
-v4.matmul_scaled_v4_blocked(p, np.zeros((2, 2, 4, 4, 32), np.int8), xsum, s, rows, out)   # [ceil(5/4), K/128, 4, 4, 32]
-v5.ternary_matmul_v5(xq, s, p, 1.0)
 for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), ("lm_head v2", lm_head_v2.bf16_matmul_kernel_v2, "vmulps"),
+                           ("v4 GEMV (1 token x 1 row per chunk)", v4.matmul_scaled_v4, "vpmaddubsw"),
                            ("v4 blocked (4 tokens x 1 row per chunk)", v4.matmul_scaled_v4_blocked, "vpmaddubsw"),
                            ("v5 (8 tokens x 1 row per chunk)", v5._tile, "vpmaddubsw")):
     asm = next(iter(disp.inspect_asm().values()))
@@ -202,6 +202,45 @@ def inner_loop_mix():
     return r.stdout.strip()
 
 
+class Report:
+    """Lines printed as they come and kept, for the results file."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, text=""):
+        print(text, flush=True)
+        self.lines.extend(str(text).split("\n"))
+
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, AVX2 {'yes' if avx2_available() else 'no'}"
+
+
+def write_results(path, args, out):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("# Kernel benchmark (written by benchmarks/bench_kernels.py; regenerate, do not edit)\n\n")
+        f.write(f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n- machine: {machine()}\n")
+        f.write(f"- command: `python benchmarks/bench_kernels.py {' '.join(sys.argv[1:])}`"
+                f" (rounds {args.rounds}, GEMM {args.gemm_tokens} tokens)\n\n```\n")
+        f.write("\n".join(out.lines).rstrip() + "\n```\n")
+
+
+def pooled_time(fn, pool):
+    """Seconds per call of fn(item) over a pool of weight copies (each call reads another copy from DRAM)."""
+    t = time.perf_counter()
+    for item in pool:
+        fn(item)
+    return (time.perf_counter() - t) / len(pool)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -209,12 +248,14 @@ def main():
     ap.add_argument("--gemm-tokens", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="fewer rounds, no torch, no compile-time subprocesses")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--results", default=RESULTS, help="the results file (markdown); '' writes none")
     args = ap.parse_args()
     if args.quick:
         args.rounds = 2
+    out = Report()
     rng = np.random.default_rng(0)
-    use_v4 = v4_maddubs.available() and all(K % (4 * v4_maddubs.CHUNK) == 0 for _, _, K in SHAPES)
-    v4_gemv, v4_gemm, v4_gemm_blocked, v5_gemm = {}, {}, {}, {}
+    use_avx2 = avx2_available() and all(K % 128 == 0 for _, _, K in SHAPES)
+    gemm_kernels = ("v3", "v4_blocked", "v5") if use_avx2 else ("v3",)
     torch = None
     if not args.quick:
         try:
@@ -224,42 +265,30 @@ def main():
             torch = None
 
     bw = Bandwidth()
-    # ---- operands for every shape
+    # ---- operands for every shape: a door per weight copy ("auto" and v3 for the GEMV, one per GEMM kernel)
     cases = {}
     for name, N, K in SHAPES:
         codes = random_ternary(rng, N, K)
         packed = pack_kernel(codes)
+        ws = np.float32(0.0123)
         copies = max(2, -(-args.pool_mb * 2**20 // packed.nbytes))
         pool = [packed.copy() for _ in range(copies)]
         x = rng.standard_normal((1, K)).astype(np.float32)
         xq, s = absmax_int8(x)
         xg = rng.standard_normal((args.gemm_tokens, K)).astype(np.float32)
-        xqg, sg = absmax_int8(xg)
-        ws = np.float32(0.0123)
-        cases[name] = dict(N=N, K=K, codes=codes, packed=packed, pool=pool, x=x, xq=xq, s=s, xqg=xqg, sg=sg, ws=ws)
-        if use_v4:   # v4 operands: int8 byte planes [S, 4, K/4] (planes[s, i, j] = xq[s, 4j + i]), xsum, row scales
-            for tag, q in (("", xq), ("g", xqg)):
-                cases[name]["v4planes" + tag] = np.ascontiguousarray(q.reshape(q.shape[0], K // 4, 4).transpose(0, 2, 1))
-                cases[name]["v4xsum" + tag] = q.astype(np.int64).sum(1).astype(np.int32)
-                cases[name]["v4out" + tag] = np.empty((q.shape[0], N), np.float32)
-            cases[name]["rows"] = np.full(N, ws, np.float32)
-            t4 = v4_maddubs.TOKENS_PER_PASS       # prefill layout: [ceil(S/4), K/128, 4 tokens, 4 planes, 32]
-            S = xqg.shape[0]
-            blocks = np.zeros((-(-S // t4) * t4, K // 128, 4, 32), np.int8)
-            blocks[:S] = xqg.reshape(S, K // 128, 32, 4).transpose(0, 1, 3, 2)
-            cases[name]["v4blocks"] = np.ascontiguousarray(blocks.reshape(-1, t4, K // 128, 4, 32).transpose(0, 2, 1, 3, 4))
-            cases[name]["v4outb"] = np.empty((S, N), np.float32)
-            cases[name]["v5blocks"] = v5_prefill.pack_token_blocks(xqg)   # [ceil(S/8), K/128, 8, 4, 32], aligned
-            cases[name]["v5out"] = np.empty((S, N), np.float32)
-            c4 = cases[name]
-            v4_maddubs.matmul_scaled_v4(packed, c4["v4planes"], c4["v4xsum"], s, c4["rows"], c4["v4out"])
-            assert np.array_equal(c4["v4out"].view(np.uint32),
-                                  reference.ternary_matmul_reference(xq, s, packed, ws).view(np.uint32))
-        assert np.array_equal(kernels.ternary_matmul(xq, s, packed, ws).view(np.uint32),
-                              reference.ternary_matmul_reference(xq, s, packed, ws).view(np.uint32))
+        c = dict(N=N, K=K, codes=codes, packed=packed, x=x, xq=xq, s=s, xg=xg, ws=ws,
+                 auto=[TernaryLinear(p, ws) for p in pool], v3=[TernaryLinear(p, ws, kernel="v3") for p in pool],
+                 gemm={k: TernaryLinear(packed, ws, kernel=k) for k in gemm_kernels})
+        want = reference.ternary_matmul_reference(xq, s, packed, ws)
+        for door in (c["auto"][0], c["v3"][0]):
+            assert np.array_equal(door(x).view(np.uint32), want.view(np.uint32)), door
+        want_g = reference.ternary_matmul_reference(*absmax_int8(xg), packed, ws)
+        for door in c["gemm"].values():
+            assert np.array_equal(door(xg).view(np.uint32), want_g.view(np.uint32)), door
         if torch is not None:
-            cases[name]["w_torch"] = torch.from_numpy(codes.astype(np.float32) * ws)
-            cases[name]["x_torch"] = torch.from_numpy(x)
+            c["w_torch"] = torch.from_numpy(codes.astype(np.float32) * ws)
+            c["x_torch"] = torch.from_numpy(x)
+        cases[name] = c
     name, V, K = HEAD
     table = f32_to_bf16((rng.standard_normal((V, K)) * 0.02).astype(np.float32))    # uint16 [V, K], 656 MB
     xh = rng.standard_normal((1, K)).astype(np.float32)
@@ -267,57 +296,34 @@ def main():
     if torch is not None:
         head["w_torch"] = torch.from_numpy(table.view(np.int16)).view(torch.bfloat16)
         head["x_torch"] = torch.from_numpy(xh).to(torch.bfloat16)
-    kernels.bf16_matmul(xh, table[:64])
+    for k in ("v1", "v2"):
+        kernels.bf16_matmul(xh, table[:64], kernel=k)
 
-    gemv = {}      # (shape, threads) -> seconds per call
-    gemm = {}
-    head_t = {}
-    head_v1_t = {}
-    numpy_t = {}
-    torch_t = {}
+    gemv, gemv_v3, gemm, head_t, numpy_t, torch_t = {}, {}, {}, {}, {}, {}   # (shape, threads[, kernel]) -> s
     for r in range(args.rounds):
         bw.measure()
         for nt in THREADS:
             kernels.set_num_threads(nt)
             for name, c in cases.items():
-                pool = c["pool"]
-                t = time.perf_counter()
-                for p in pool:
-                    kernels.ternary_matmul(c["xq"], c["s"], p, c["ws"])
-                t = (time.perf_counter() - t) / len(pool)
+                x = c["x"]
+                t = pooled_time(lambda door: door(x), c["auto"])
                 gemv[name, nt] = min(gemv.get((name, nt), 1e9), t)
-                t = best_time(lambda: kernels.ternary_matmul(c["xqg"], c["sg"], c["packed"], c["ws"]))
-                gemm[name, nt] = min(gemm.get((name, nt), 1e9), t)
-                if use_v4:
-                    t = time.perf_counter()
-                    for p in pool:
-                        v4_maddubs.matmul_scaled_v4(p, c["v4planes"], c["v4xsum"], c["s"], c["rows"], c["v4out"])
-                    t = (time.perf_counter() - t) / len(pool)
-                    v4_gemv[name, nt] = min(v4_gemv.get((name, nt), 1e9), t)
-                    t = best_time(lambda: v4_maddubs.matmul_scaled_v4_pairs(c["packed"], c["v4planesg"], c["v4xsumg"],
-                                                                            c["sg"], c["rows"], c["v4outg"]))
-                    v4_gemm[name, nt] = min(v4_gemm.get((name, nt), 1e9), t)
-                    for _ in range(3):        # the two prefill kernels the issue compares, alternated
-                        t = best_time(lambda: v4_maddubs.matmul_scaled_v4_blocked(c["packed"], c["v4blocks"], c["v4xsumg"],
-                                                                                  c["sg"], c["rows"], c["v4outb"]))
-                        v4_gemm_blocked[name, nt] = min(v4_gemm_blocked.get((name, nt), 1e9), t)
-                        t = best_time(lambda: v5_prefill.matmul_scaled_v5(c["packed"], c["v5blocks"], c["v4xsumg"],
-                                                                          c["sg"], c["rows"], c["v5out"]))
-                        v5_gemm[name, nt] = min(v5_gemm.get((name, nt), 1e9), t)
-                    if r == 0:
-                        assert np.array_equal(c["v4outb"].view(np.uint32), c["v4outg"].view(np.uint32))
-                        assert np.array_equal(c["v5out"].view(np.uint32), c["v4outg"].view(np.uint32))
+                t = pooled_time(lambda door: door(x), c["v3"])
+                gemv_v3[name, nt] = min(gemv_v3.get((name, nt), 1e9), t)
+                for _ in range(2 if use_avx2 else 1):         # the GEMM kernels alternated
+                    for k, door in c["gemm"].items():
+                        t = best_time(lambda: door(c["xg"]))
+                        gemm[name, nt, k] = min(gemm.get((name, nt, k), 1e9), t)
                 if torch is not None and r < 3:
                     torch.set_num_threads(nt)
                     t = best_time(lambda: F.linear(c["x_torch"], c["w_torch"]), 3)
                     torch_t[name, nt] = min(torch_t.get((name, nt), 1e9), t)
-            t = best_time(lambda: kernels.bf16_matmul(head["x"], head["table"]))
-            head_t[nt] = min(head_t.get(nt, 1e9), t)
-            t = best_time(lambda: bf16_matmul_v1(head["x"], head["table"]))         # the scratch-buffer version
-            head_v1_t[nt] = min(head_v1_t.get(nt, 1e9), t)
+            for k in ("v1", "v2"):
+                t = best_time(lambda: kernels.bf16_matmul(head["x"], head["table"], kernel=k))
+                head_t[nt, k] = min(head_t.get((nt, k), 1e9), t)
             if r == 0:
                 t = best_time(lambda: kernels.bf16_matmul(head["xg"], head["table"]))
-                gemm[HEAD[0], nt] = t
+                gemm[HEAD[0], nt, "v2"] = t
             if torch is not None and r < 2:
                 torch.set_num_threads(nt)
                 t = best_time(lambda: F.linear(head["x_torch"], head["w_torch"]))
@@ -327,117 +333,123 @@ def main():
                 t = best_time(lambda: bitlinear_epilogue(ternary_matmul_exact(c["xq"], c["codes"]), c["s"], c["ws"]))
                 numpy_t[name] = min(numpy_t.get(name, 1e9), t)
 
-    # ---- the ladder of versions on one shape (gate/up), 1 thread (least disturbed by neighbours)
+    # ---- the ladder of versions on one shape (gate/up), S = 1, 1 thread (least disturbed by neighbours):
+    # door.acc(xq), the integer kernel from int8 activations (v4 through its unit-scale epilogue)
     ladder = {}
     c = cases["gate/up"]
     kernels.set_num_threads(1)
-    ternary_matmul_acc_v1(c["xq"], c["codes"]), ternary_matmul_acc_v2(c["xq"], c["packed"])
+    ladder_kernels = [("reference", "numpy reference (int64 unpack+matmul)", c["packed"].nbytes),
+                      ("v1", "v1 unpacked int8", c["codes"].nbytes),
+                      ("v2", "v2 packed, scalar decode", c["packed"].nbytes),
+                      ("v3", "v3 word planes (vpmaddwd)", c["packed"].nbytes)]
+    if use_avx2:
+        ladder_kernels.append(("v4", "v4 byte planes (vpmaddubsw)", c["packed"].nbytes))
+    doors = {k: TernaryLinear(c["packed"], c["ws"], kernel=k) for k, _, _ in ladder_kernels}
+    want = reference.ternary_matmul_acc_reference(c["xq"], c["packed"])
+    for k, door in doors.items():
+        assert np.array_equal(door.acc(c["xq"]), want), k
     for _ in range(2):
-        for label, fn, nbytes in (
-                ("numpy reference (int64 unpack+matmul)", lambda: reference.ternary_matmul_acc_reference(c["xq"], c["packed"]), c["packed"].nbytes),
-                ("v1 unpacked int8", lambda: ternary_matmul_acc_v1(c["xq"], c["codes"]), c["codes"].nbytes),
-                ("v2 packed, scalar decode", lambda: ternary_matmul_acc_v2(c["xq"], c["packed"]), c["packed"].nbytes),
-                ("v3 word planes (vpmaddwd)", lambda: kernels.ternary_matmul_acc(c["xq"], c["packed"]), c["packed"].nbytes)):
-            t = best_time(fn, 3)
+        for k, label, nbytes in ladder_kernels:
+            t = best_time(lambda: doors[k].acc(c["xq"]), 3)
             ladder[label] = (min(ladder.get(label, (1e9,))[0], t), nbytes)
 
     # ---- report
-    print(f"load average during the run: {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs "
-          f"(anything above ~0.5 means neighbours share the cores and the 2-thread rows suffer most)")
-    print(f"bandwidth (best of {args.rounds} rounds, same run): copy {bw.copy:.1f} GB/s (read+write), "
-          f"prange sum " + ", ".join(f"{n} thr {bw.sum[n]:.1f} GB/s" for n in THREADS))
-    print("\nGEMV, S = 1 (decode), weights cycled from a pool larger than L3; times are best of the rounds. 'kernel' is "
-          "what refbitnet.runtime runs (v4_maddubs when K % 128 == 0 on AVX2, else v3; the bf16 head: lm_head_v2); "
-          "%copy / %sum: its GB/s over the copy / same-thread prange-sum bandwidth; 'v3 ms' the public "
-          "kernels.ternary_matmul (v3 word planes) in the same rounds")
-    hdr = (f"{'shape':8} {'N x K':>13} {'thr':>3} {'kernel':>7} {'bytes':>9} {'ms':>8} {'GB/s':>6} {'%copy':>6} {'%sum':>5}"
-           f" {'v3 ms':>7} {'x v3':>5} {'numpy ms':>9} {'x numpy':>8} {'torch ms':>9} {'x torch':>8}")
-    print(hdr)
+    out(f"machine: {machine()}")
+    out(f"load average during the run: {' '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs "
+        f"(anything above ~0.5 means neighbours share the cores and the 2-thread rows suffer most)")
+    out(f"bandwidth (best of {args.rounds} rounds, same run): copy {bw.copy:.1f} GB/s (read+write), "
+        f"prange sum " + ", ".join(f"{n} thr {bw.sum[n]:.1f} GB/s" for n in THREADS))
+    out("\nGEMV, S = 1 (decode), weights cycled from a pool larger than L3; times are best of the rounds, of "
+        "door(x) (fused quantizer + kernel, what the model runs). 'kernel' is TernaryLinear's choice (v4 when "
+        "K % 128 == 0 on AVX2, else v3; the bf16 head: lm_head_v2); %copy / %sum: its GB/s over the copy / "
+        "same-thread prange-sum bandwidth; 'v3 ms' the same door forced to v3, in the same rounds")
+    out(f"{'shape':8} {'N x K':>13} {'thr':>3} {'kernel':>7} {'bytes':>9} {'ms':>8} {'GB/s':>6} {'%copy':>6} {'%sum':>5}"
+        f" {'v3 ms':>7} {'x v3':>5} {'numpy ms':>9} {'x numpy':>8} {'torch ms':>9} {'x torch':>8}")
     rows = []
     runtime_gemv = {}           # (shape, threads) -> seconds of the GEMV the runtime uses
     for name, N, K in SHAPES + [HEAD]:
         for nt in THREADS:
             nbytes = N * K // 4 if name != HEAD[0] else N * K * 2
             if name == HEAD[0]:
-                kernel, t, t3 = "bf16 v2", head_t[nt], None
+                kernel, t, t3 = "bf16 v2", head_t[nt, "v2"], None
             else:
-                kernel, t, t3 = ("v4", v4_gemv[name, nt], gemv[name, nt]) if use_v4 else ("v3", gemv[name, nt], None)
+                kernel, t = cases[name]["auto"][0].kernel_for(1), gemv[name, nt]
+                t3 = gemv_v3[name, nt] if kernel != "v3" else None
             runtime_gemv[name, nt] = t
             gbs = nbytes / t / 1e9
             npt = numpy_t.get(name)
             tt = torch_t.get((name, nt))
-            row = dict(shape=name, N=N, K=K, threads=nt, kernel=kernel, bytes=nbytes, ms=t * 1e3, gbs=gbs,
-                       frac_copy=gbs / bw.copy, frac_sum=gbs / bw.sum[nt], v3_ms=t3 * 1e3 if t3 else None,
-                       numpy_ms=npt * 1e3 if npt else None, torch_ms=tt * 1e3 if tt else None)
-            rows.append(row)
-            print(f"{name:8} {N:>6}x{K:<6} {nt:>3} {kernel:>7} {nbytes / 1e6:>7.2f}MB {t * 1e3:>8.3f} {gbs:>6.1f} "
-                  f"{100 * gbs / bw.copy:>5.0f}% {100 * gbs / bw.sum[nt]:>4.0f}% "
-                  + (f"{t3 * 1e3:>7.3f} {t3 / t:>4.1f}x " if t3 else f"{'-':>7} {'-':>5} ")
-                  + (f"{npt * 1e3:>9.2f} {npt / t:>7.1f}x " if npt else f"{'-':>9} {'-':>8} ")
-                  + (f"{tt * 1e3:>9.3f} {tt / t:>7.1f}x" if tt else f"{'-':>9} {'-':>8}"))
-    print(f"\nGEMM, S = {args.gemm_tokens} tokens (prefill), one weight copy; 'x GEMV' = tokens/s relative to the "
-          f"runtime's GEMV above, i.e. {args.gemm_tokens} x GEMV time / GEMM time (the issue's target: >= 4x at 2 threads)."
-          f"\n  v3: the public kernels.ternary_matmul (checks + planes included)"
-          + ("; v4 'pairs' (2 tokens per weight pass), v4 'blocked' (4 tokens, what the runtime ran before v5) and "
-             "v5 (v5_prefill: unpacked code panels, 1 row x 8 tokens): kernel call only, activations quantized outside"
-             if use_v4 else ""))
-    print(f"{'shape':8} {'thr':>3} {'v3 ms':>8} {'x GEMV':>7}"
-          + (f" {'pairs ms':>8} {'x GEMV':>7} {'blocked':>8} {'x GEMV':>7} {'v5 ms':>8} {'x GEMV':>7} {'v5 gain':>7}"
-             if use_v4 else ""))
+            rows.append(dict(shape=name, N=N, K=K, threads=nt, kernel=kernel, bytes=nbytes, ms=t * 1e3, gbs=gbs,
+                             frac_copy=gbs / bw.copy, frac_sum=gbs / bw.sum[nt], v3_ms=t3 * 1e3 if t3 else None,
+                             numpy_ms=npt * 1e3 if npt else None, torch_ms=tt * 1e3 if tt else None))
+            out(f"{name:8} {N:>6}x{K:<6} {nt:>3} {kernel:>7} {nbytes / 1e6:>7.2f}MB {t * 1e3:>8.3f} {gbs:>6.1f} "
+                f"{100 * gbs / bw.copy:>5.0f}% {100 * gbs / bw.sum[nt]:>4.0f}% "
+                + (f"{t3 * 1e3:>7.3f} {t3 / t:>4.1f}x " if t3 else f"{'-':>7} {'-':>5} ")
+                + (f"{npt * 1e3:>9.2f} {npt / t:>7.1f}x " if npt else f"{'-':>9} {'-':>8} ")
+                + (f"{tt * 1e3:>9.3f} {tt / t:>7.1f}x" if tt else f"{'-':>9} {'-':>8}"))
+    out(f"\nGEMM, S = {args.gemm_tokens} tokens (prefill), one weight copy, door(x) forced to each kernel "
+        f"(fused quantizer + kernel); 'x GEMV' = tokens/s relative to the GEMV above, i.e. {args.gemm_tokens} x "
+        f"GEMV time / GEMM time; 'v5 gain' = v4_blocked time / v5 time. TernaryLinear runs v4_blocked for 2-4 "
+        f"tokens and v5 beyond.")
+    out(f"{'shape':8} {'thr':>3}" + "".join(f" {k + ' ms':>13} {'x GEMV':>7}" for k in gemm_kernels)
+        + (f" {'v5 gain':>7}" if use_avx2 else ""))
     for name, N, K in SHAPES + [HEAD]:
         for nt in THREADS:
             t1 = runtime_gemv[name, nt]
-            t = gemm[name, nt]
-            row = dict(shape=name, threads=nt, gemm_tokens=args.gemm_tokens, gemm_ms=t * 1e3,
-                       gemm_vs_gemv=args.gemm_tokens * t1 / t)
-            line = f"{name:8} {nt:>3} {t * 1e3:>8.2f} {args.gemm_tokens * t1 / t:>6.2f}x"
-            if use_v4 and name != HEAD[0]:
-                tg, tb, t5 = v4_gemm[name, nt], v4_gemm_blocked[name, nt], v5_gemm[name, nt]
-                row.update(v4_gemm_pairs_ms=tg * 1e3, v4_gemm_blocked_ms=tb * 1e3, v5_gemm_ms=t5 * 1e3,
-                           v4_blocked_vs_gemv=args.gemm_tokens * t1 / tb, v5_vs_gemv=args.gemm_tokens * t1 / t5)
-                line += "".join(f" {tk * 1e3:>8.2f} {args.gemm_tokens * t1 / tk:>6.2f}x" for tk in (tg, tb, t5))
-                line += f" {tb / t5:>6.2f}x"
+            ks = ("v2",) if name == HEAD[0] else gemm_kernels
+            row = dict(shape=name, threads=nt, gemm_tokens=args.gemm_tokens,
+                       **{f"gemm_{k}_ms": gemm[name, nt, k] * 1e3 for k in ks})
+            line = f"{name:8} {nt:>3}" + "".join(f" {gemm[name, nt, k] * 1e3:>13.2f} "
+                                                 f"{args.gemm_tokens * t1 / gemm[name, nt, k]:>6.2f}x" for k in ks)
+            if use_avx2 and name != HEAD[0]:
+                line += f" {gemm[name, nt, 'v4_blocked'] / gemm[name, nt, 'v5']:>6.2f}x"
             rows.append(row)
-            print(line)
-    if use_v4:
+            out(line + ("   (bf16 head, lm_head_v2)" if name == HEAD[0] else ""))
+    if use_avx2:
         rates = {nt: madd_pair_rate(nt) for nt in THREADS}
-        print(f"\nCompute floor of the prefill GEMM: each 32 int8 products cost one vpmaddubsw + one vpaddw. A probe of "
-              f"{PROBE_CHAINS} independent (vpmaddubsw, vpaddw) chains runs "
-              + ", ".join(f"{rates[nt] / 1e9:.2f} G pairs/s per core at {nt} thread{'s' if nt > 1 else ''}" for nt in THREADS)
-              + f". 'needed' = the rate per core that a {args.gemm_tokens}-token GEMM must sustain to reach 4x the GEMV above;"
-              " it is out of reach wherever it exceeds the probe.")
-        print(f"{'shape':8} {'thr':>3} {'v5 G/s':>8} {'% probe':>8} {'needed':>8} {'% probe':>8}")
+        out(f"\nCompute floor of the prefill GEMM: each 32 int8 products cost one vpmaddubsw + one vpaddw. A probe "
+            f"of {PROBE_CHAINS} independent (vpmaddubsw, vpaddw) chains runs "
+            + ", ".join(f"{rates[nt] / 1e9:.2f} G pairs/s per core at {nt} thread{'s' if nt > 1 else ''}"
+                        for nt in THREADS)
+            + f". 'needed' = the rate per core that a {args.gemm_tokens}-token GEMM must sustain to reach 4x the "
+              "GEMV above; it is out of reach wherever it exceeds the probe.")
+        out(f"{'shape':8} {'thr':>3} {'v5 G/s':>8} {'% probe':>8} {'needed':>8} {'% probe':>8}")
         for name, N, K in SHAPES:
             for nt in THREADS:
                 pairs = args.gemm_tokens * N * K / 32
-                have = pairs / v5_gemm[name, nt] / nt
+                have = pairs / gemm[name, nt, "v5"] / nt
                 need = pairs / (args.gemm_tokens * runtime_gemv[name, nt] / 4) / nt
                 rows.append(dict(shape=name, threads=nt, probe_pairs_per_s=rates[nt], v5_pairs_per_s=have,
                                  needed_pairs_per_s_for_4x=need))
-                print(f"{name:8} {nt:>3} {have / 1e9:>8.2f} {100 * have / rates[nt]:>7.0f}% {need / 1e9:>8.2f} "
-                      f"{100 * need / rates[nt]:>7.0f}%")
-    print("\nLM head GEMV, 656 MB bf16: v1 (widened through a uint32 scratch row) vs v2 (in registers; "
-          "kernels.bf16_matmul's path for K % 16 == 0), same rounds")
+                out(f"{name:8} {nt:>3} {have / 1e9:>8.2f} {100 * have / rates[nt]:>7.0f}% {need / 1e9:>8.2f} "
+                    f"{100 * need / rates[nt]:>7.0f}%")
+    out("\nLM head GEMV, 656 MB bf16: kernels.bf16_matmul forced to v1 (widened through a uint32 scratch row) and "
+        "v2 (in registers; 'auto' for K % 16 == 0), same rounds")
     for nt in THREADS:
         tb = HEAD[1] * HEAD[2] * 2
-        rows.append(dict(shape="lm_head", threads=nt, v1_ms=head_v1_t[nt] * 1e3, v2_ms=head_t[nt] * 1e3))
-        print(f"  {nt} thr: v1 {head_v1_t[nt] * 1e3:7.2f} ms {tb / head_v1_t[nt] / 1e9:5.1f} GB/s   "
-              f"v2 {head_t[nt] * 1e3:7.2f} ms {tb / head_t[nt] / 1e9:5.1f} GB/s ({100 * tb / head_t[nt] / 1e9 / bw.sum[nt]:.0f}% of sum)")
-    print("\nVersions on gate/up 6912x2560, S = 1, 1 thread, one weight copy (partly cache-resident), best of 6")
+        t1, t2 = head_t[nt, "v1"], head_t[nt, "v2"]
+        rows.append(dict(shape="lm_head", threads=nt, v1_ms=t1 * 1e3, v2_ms=t2 * 1e3))
+        out(f"  {nt} thr: v1 {t1 * 1e3:7.2f} ms {tb / t1 / 1e9:5.1f} GB/s   "
+            f"v2 {t2 * 1e3:7.2f} ms {tb / t2 / 1e9:5.1f} GB/s ({100 * tb / t2 / 1e9 / bw.sum[nt]:.0f}% of sum)")
+    out("\nVersions on gate/up 6912x2560, S = 1, 1 thread, one weight copy (partly cache-resident), best of 6: "
+        "door.acc(xq) forced to each kernel")
     for label, (t, nbytes) in ladder.items():
-        print(f"  {label:40} {t * 1e3:8.3f} ms  {nbytes / t / 1e9:6.2f} GB/s of its own weight bytes")
+        rows.append(dict(ladder=label, ms=t * 1e3, gbs=nbytes / t / 1e9))
+        out(f"  {label:40} {t * 1e3:8.3f} ms  {nbytes / t / 1e9:6.2f} GB/s of its own weight bytes")
     if not args.quick:
         (imp1, first), (imp2, cached) = compile_times()
-        print(f"\ncompile (a fresh process calling each public kernel at S = 1 and S = 4): empty Numba cache "
-              f"{first:.2f} s of first calls (+{imp1:.2f} s imports); second process on that cache {cached:.2f} s "
-              f"(+{imp2:.2f} s imports)")
+        out(f"\ncompile (a fresh process calling a door at S = 1, 4, 8 and the LM head): empty Numba cache "
+            f"{first:.2f} s of first calls (+{imp1:.2f} s imports); second process on that cache {cached:.2f} s "
+            f"(+{imp2:.2f} s imports)")
         rows.append(dict(compile_first_s=first, compile_cached_s=cached, import_s=[imp1, imp2]))
-    if not args.quick:
-        print("\nhottest loop of each kernel (instruction count, most frequent mnemonics):")
-        print("  " + inner_loop_mix().replace("\n", "\n  "))
+        out("\nhottest loop of each kernel (instruction count, most frequent mnemonics):")
+        out("  " + inner_loop_mix().replace("\n", "\n  "))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=dict(copy=bw.copy, sum=bw.sum), rows=rows), f, indent=1)
+    if args.results:
+        write_results(args.results, args, out)
+        print(f"\nwritten: {args.results}")
 
 
 if __name__ == "__main__":
