@@ -6,6 +6,9 @@
 # (S = 1 token), so the question is not how fast the CPU computes but how fast it can **read**.
 # This notebook follows `refbitnet.kernels` up its ladder (each step validated exactly against the
 # NumPy reference) and places each step on the roofline of the machine that runs the notebook.
+# Every step is reached through the same door the model uses, `kernels.TernaryLinear(packed,
+# weight_scale, kernel=...)`, with the kernel forced by name; `kernel="auto"` (the default) is the
+# choice the model makes.
 #
 # | step | module | bytes per weight |
 # |---|---|---|
@@ -13,11 +16,11 @@
 # | NumPy path of the model | `bitlinear.ternary_matmul_exact` (float32 BLAS on int8 codes) | 1 |
 # | v1 | `kernels.v1_unpacked_int8` (Numba, one int8 per weight) | 1 |
 # | v2 | `kernels.v2_packed_scalar` (Numba, 2-bit codes decoded one by one) | 0.25 |
-# | v3 | `kernels.v3_word_planes` (Numba, 16-bit words, int16 multiply-adds; behind `kernels.ternary_matmul`) | 0.25 |
+# | v3 | `kernels.v3_word_planes` (Numba, 16-bit words, int16 multiply-adds; any K % 8 == 0) | 0.25 |
 # | v4 | `kernels.v4_maddubs` (AVX2 `vpmaddubsw` on byte planes: the GEMV of the model's Numba decode, and a 4-token blocked GEMM) | 0.25 |
 # | v5 | `kernels.v5_prefill` (the prefill GEMM: each tile of codes unpacked once, 8 tokens per pass; the model's Numba prefill of more than 4 tokens) | 0.25 |
 #
-# The decode ladder (reference to v3) comes first; v4 and v5, the kernels `refbitnet.runtime` runs,
+# The decode ladder (reference to v3) comes first; v4 and v5, the kernels the model runs (with AVX2),
 # appear where prefill turns the problem from memory-bound to compute-bound.
 #
 # Timings depend on the machine and on whatever else runs on it; every figure is the best of a few
@@ -36,10 +39,8 @@ import numpy as np
 
 from refbitnet import BITNET_2B4T, kernels
 from refbitnet.bitlinear import ternary_matmul_exact
+from refbitnet.kernels import TernaryLinear
 from refbitnet.kernels.reference import bf16_matmul_reference, ternary_matmul_acc_reference
-from refbitnet.kernels.v1_unpacked_int8 import ternary_matmul_acc_v1
-from refbitnet.kernels.v2_packed_scalar import ternary_matmul_acc_v2
-from refbitnet.kernels.v3_word_planes import ternary_matmul_acc_v3
 from refbitnet.layouts import pack_kernel
 from refbitnet.quant import absmax_int8
 
@@ -86,7 +87,9 @@ print(f"read bandwidth, one core: {bw_probe:.1f} GB/s")
 #
 # gate_proj of 2B4T: N = 6912 outputs, K = 2560 inputs, 17.7 M weights, 4.4 MB packed. To make the
 # weights come from DRAM rather than from a cache, each timing cycles through 8 different copies
-# (35 MB packed).
+# (35 MB packed), each behind its own door per kernel (`TernaryLinear` keeps a reference to the packed
+# array, no copy; the v1 door unpacks its copy once into one byte per weight, the layout v1 reads).
+# `door.acc(xq)` runs the integer kernel on int8 activations: the whole step's work for one token.
 
 # %%
 cfg = BITNET_2B4T
@@ -106,13 +109,14 @@ def cycling(fn, pool):
     return run
 
 
+doors = {k: [TernaryLinear(p, kernel=k) for p in packed_pool] for k in ("reference", "v1", "v2", "v3")}
 want = ternary_matmul_acc_reference(xq, packed_pool[0])                            # int32 [1, N]
 ladder = {  # name: (function of one weight matrix, pool, bytes of weights read per call)
-    "reference (NumPy)": (lambda p: ternary_matmul_acc_reference(xq, p), packed_pool, N * K // 4),
+    "reference (NumPy)": (lambda d: d.acc(xq), doors["reference"], N * K // 4),
     "NumPy float32 BLAS": (lambda c: ternary_matmul_exact(xq, c), codes_pool, N * K),
-    "v1 unpacked int8": (lambda c: ternary_matmul_acc_v1(xq, c), codes_pool, N * K),
-    "v2 packed scalar": (lambda p: ternary_matmul_acc_v2(xq, p), packed_pool, N * K // 4),
-    "v3 word planes": (lambda p: ternary_matmul_acc_v3(xq, p), packed_pool, N * K // 4),
+    "v1 unpacked int8": (lambda d: d.acc(xq), doors["v1"], N * K),
+    "v2 packed scalar": (lambda d: d.acc(xq), doors["v2"], N * K // 4),
+    "v3 word planes": (lambda d: d.acc(xq), doors["v3"], N * K // 4),
 }
 results = {}
 for name, (fn, pool, nbytes) in ladder.items():
@@ -145,7 +149,7 @@ for name, (fn, pool, nbytes) in ladder.items():
 
 # %%
 xq64, _ = absmax_int8(rng.standard_normal((64, K)).astype(np.float32))            # [64, K]
-t64 = best_time(lambda: ternary_matmul_acc_v3(xq64, packed_pool[0]), repeats=3)
+t64 = best_time(lambda: doors["v3"][0].acc(xq64), repeats=3)
 gops = {name: 2 * N * K / t / 1e9 for name, (t, _) in results.items()}
 gops_prefill = 2 * 64 * N * K / t64 / 1e9
 peak = max(gops["v3 word planes"], gops_prefill)                                   # Gop/s
@@ -200,15 +204,15 @@ for name, (x, y) in points.items():
 #
 # A prompt of S tokens multiplies every weight by S activations: at S = 64 that is 512 operations per
 # byte of weights, far right of the ridge. The memory has time to spare; what sets the speed is how
-# many instructions the core spends per multiply-add. The model's Numba path (`refbitnet.runtime`)
-# builds on the AVX2 instruction `vpmaddubsw`: it multiplies 32 unsigned bytes by 32 signed bytes and
+# many instructions the core spends per multiply-add. The kernels the model runs on AVX2 (v4, v5)
+# build on the instruction `vpmaddubsw`: it multiplies 32 unsigned bytes by 32 signed bytes and
 # adds neighbouring products pairwise into 16 int16 lanes. The unsigned operand is the weight's code
 # c = w + 1 ∈ {0, 1, 2} (what the packed byte stores), the signed one the int8 activation; at the end
 # Σ c·x − Σ x = Σ w·x. A chunk of 128 weights (32 packed bytes, 4 two-bit fields per byte) times one
 # token is 4 `vpmaddubsw`, whatever the kernel; the kernels differ in what they do around them.
 #
-# - **v4 blocked** (`v4_maddubs.matmul_scaled_v4_blocked`, 2-4 tokens in the runtime): 4 tokens per
-#   pass over a row. For every chunk it extracts the 4 fields of the packed bytes again (a load, 3
+# - **v4 blocked** (`v4_maddubs.matmul_scaled_v4_blocked`, what `kernel="auto"` runs for 2-4
+#   tokens): 4 tokens per pass over a row. For every chunk it extracts the 4 fields of the packed bytes again (a load, 3
 #   shifts, 4 ands), work shared by only 4 tokens, and every 15 chunks it reduces each token's int16
 #   accumulator to a scalar.
 # - **v5** (`v5_prefill`, more than 4 tokens): *unpack once, reuse S times.* A tile of 64 rows × 20
@@ -221,18 +225,17 @@ for name, (x, y) in points.items():
 #
 # **The int16 bound.** `vpmaddubsw` sums pairs: |c₀x₀ + c₁x₁| ≤ 2·2·128 = 512, so a chunk (4 fields)
 # adds at most 2048 to a lane, and 15 chunks at most 30720 < 2¹⁵ = 32768. Both kernels therefore widen
-# the int16 accumulators to int32 after every 15 chunks (`WIDEN_CHUNKS`; v5 with `vpmaddwd` by ones,
+# the int16 accumulators to int32 after every 15 chunks (`kernels.avx2.WIDEN_CHUNKS`; v5 with `vpmaddwd` by ones,
 # exact, and it sums the int32 lanes horizontally only once per 20-chunk panel). The check below runs
 # the worst case — every weight +1, every activation −128 — and shows what one lane would hold without
 # the widening. Every step stays in integers, and the epilogue is the same float32
 # `(acc / s) * weight_scale`, so v5 must equal the reference bit for bit, not approximately.
 
 # %%
-from refbitnet.kernels import v4_maddubs, v5_prefill
+from refbitnet.kernels.avx2 import available
 from refbitnet.kernels.reference import ternary_matmul_reference
-from refbitnet.runtime import PackedLinear
 
-assert v4_maddubs.available(), "v4 and v5 use AVX2 (x86-64); without it refbitnet.runtime runs v3"
+assert available(), "v4 and v5 use AVX2 (x86-64); without it TernaryLinear runs v3"
 
 # A small shape with every edge: S = 11 tokens (an 8-token block and a partial one), N = 70 rows (a 64-row
 # tile and a partial one), K = 23 chunks of 128 weights (a 20-chunk panel, widened after 15, then 3 chunks).
@@ -242,59 +245,51 @@ x_small = rng.standard_normal((S_small, K_small)).astype(np.float32)            
 xq_small, s_small = absmax_int8(x_small)                                                   # [11, 2944] int8, [11]
 scale_small = rng.uniform(0.5, 2.0, N_small).astype(np.float32)                            # one scale per row [70]
 y_ref_small = ternary_matmul_reference(xq_small, s_small, packed_small, scale_small)       # [11, 70]
-y5_small = v5_prefill.ternary_matmul_v5(xq_small, s_small, packed_small, scale_small)      # [11, 70]
+y5_small = TernaryLinear(packed_small, scale_small, kernel="v5").matmul(xq_small, s_small)  # [11, 70]
 print("v5 == reference, bit for bit:", np.array_equal(y5_small, y_ref_small))
 
 # The worst case for an int16 lane: code c = 2 (w = +1) times x = -128 in every product.
 xq_worst = np.full((S_small, K_small), -128, np.int8)
 packed_worst = pack_kernel(np.ones((N_small, K_small), np.int8))
-y_worst = v5_prefill.ternary_matmul_v5(xq_worst, np.ones(S_small, np.float32), packed_worst, np.float32(1.0))
+y_worst = TernaryLinear(packed_worst, kernel="v5").matmul(xq_worst, np.ones(S_small, np.float32))
 print(f"worst case: outputs {np.unique(y_worst)}, expected sum w x = -128 K = {-128 * K_small}")
 lane = np.cumsum(np.full(17, -2048))                 # one int16 lane after 1 .. 17 worst-case chunks
 print("one lane after 15, 16, 17 chunks:", lane[14:].tolist(), "-> held in int16:", lane[14:].astype(np.int16).tolist())
 
-layer = PackedLinear(packed_small, scale_small)      # the runtime's choice of kernel by number of tokens
-print("PackedLinear's kernel for S tokens:", {S_tok: layer._kernel(S_tok) for S_tok in (1, 2, 4, 5, 8, 64)})
+layer = TernaryLinear(packed_small, scale_small)    # kernel="auto": the model's choice by number of tokens
+print("kernel for S tokens:", {S_tok: layer.kernel_for(S_tok) for S_tok in (1, 2, 4, 5, 8, 64)})
 
 # %% [markdown]
 # The 15 is the simple bound (|pair| ≤ 512 in both directions); the true extremes are −512 and
 # +508, so 16 chunks would still fit — the 17th wraps around, as the last line shows.
 #
 # Now the speeds, on gate_proj with S = 64 tokens, one thread, the weights cycling through the 8
-# copies as above. The three contenders compute the same numbers: the prompt run as 64 separate
-# decode steps (v4's GEMV, each step reading the weights from memory again), v4's blocked GEMM, and
-# v5. Only the kernels are timed; the activations are quantized once, into each kernel's layout
-# (NumPy transposes here; the runtime's quantizers write these layouts directly).
+# copies as above. The contenders compute the same numbers: the prompt run as 64 separate decode
+# steps (v4's GEMV, each step reading the weights from memory again), v4's GEMV kernel called once on
+# all 64 tokens, v4's blocked GEMM, and v5. Each is timed as the model runs it, `door(x)` on float32
+# activations: one compiled pass that quantizes and writes the kernel's activation layout
+# (`kernels.act_quant`), then the kernel.
 
 # %%
 S = 64
 x_prompt = rng.standard_normal((S, K)).astype(np.float32)                    # [64, K]
-xq_prompt, s_prompt = absmax_int8(x_prompt)                                  # [64, K] int8, [64]
-xsum_prompt = xq_prompt.sum(axis=1, dtype=np.int32)                          # [64]: Σ x, for Σ w x = Σ c x - Σ x
 row_scale = np.full(N, 0.02, np.float32)                                     # [N]
-planes = np.ascontiguousarray(xq_prompt.reshape(S, K // 4, 4).transpose(0, 2, 1))   # v4 GEMV: [S, 4, K/4], [t, i, j] = xq[t, 4j + i]
-blocks4 = np.ascontiguousarray(                                              # v4 blocked: [S/4, K/128, 4, 4, 32]
-    xq_prompt.reshape(S // 4, 4, K // 128, 32, 4).transpose(0, 2, 1, 4, 3))  # [b, c, t, i, j] = xq[4b + t, 4(32c + j) + i]
-blocks8 = v5_prefill.pack_token_blocks(xq_prompt)                            # v5: [S/8, K/128, 8, 4, 32], 64-byte aligned
-out = np.empty((S, N), np.float32)                                           # [S, N]
+xq_prompt, s_prompt = absmax_int8(x_prompt)                                  # [64, K] int8, [64]
 want_prompt = ternary_matmul_reference(xq_prompt, s_prompt, packed_pool[0], row_scale)   # [S, N]
 
-gemms = {  # name: one call on one weight matrix
-    "v4 GEMV, all tokens": lambda p: v4_maddubs.matmul_scaled_v4(p, planes, xsum_prompt, s_prompt, row_scale, out),
-    "v4 blocked": lambda p: v4_maddubs.matmul_scaled_v4_blocked(p, blocks4, xsum_prompt, s_prompt, row_scale, out),
-    "v5": lambda p: v5_prefill.matmul_scaled_v5(p, blocks8, xsum_prompt, s_prompt, row_scale, out),
+gemm_doors = {  # name: one door per weight copy, the kernel forced
+    "v4 GEMV, all tokens": [TernaryLinear(p, row_scale, kernel="v4") for p in packed_pool],
+    "v4 blocked": [TernaryLinear(p, row_scale, kernel="v4_blocked") for p in packed_pool],
+    "v5": [TernaryLinear(p, row_scale, kernel="v5") for p in packed_pool],
 }
 gemm_exact = {}
-for name, fn in gemms.items():                       # the first call also compiles (or loads the cache)
-    out.fill(np.nan)                                 # so that an output left unwritten cannot pass
-    fn(packed_pool[0])
-    gemm_exact[name] = np.array_equal(out, want_prompt)
+for name, pool in gemm_doors.items():                # the first call also compiles (or loads the cache)
+    gemm_exact[name] = np.array_equal(pool[0](x_prompt), want_prompt)
 print("bit for bit equal to the reference:", gemm_exact)
 
-one_token = lambda p: v4_maddubs.matmul_scaled_v4(p, planes[:1], xsum_prompt[:1], s_prompt[:1], row_scale, out[:1])
-t_gemv = best_time(cycling(one_token, packed_pool), repeats=8)
-t_blocked = best_time(cycling(gemms["v4 blocked"], packed_pool), repeats=5)
-t_v5 = best_time(cycling(gemms["v5"], packed_pool), repeats=5)
+t_gemv = best_time(cycling(lambda d: d(x_prompt[:1]), gemm_doors["v4 GEMV, all tokens"]), repeats=8)
+t_blocked = best_time(cycling(lambda d: d(x_prompt), gemm_doors["v4 blocked"]), repeats=5)
+t_v5 = best_time(cycling(lambda d: d(x_prompt), gemm_doors["v5"]), repeats=5)
 prefill_times = {f"{S} x v4 GEMV (decode)": S * t_gemv, f"v3 GEMM (timed above)": t64,
                  "v4 blocked GEMM, 4 tokens/pass": t_blocked, "v5 GEMM, 8 tokens/pass": t_v5}
 for name, t in prefill_times.items():
@@ -307,13 +302,14 @@ print(f"v5 / v4 blocked: {t_blocked / t_v5:.2f}x faster; v5 reaches {2 * S * N *
 # Reading the numbers: 64 GEMVs read and decode the weights 64 times; a GEMM reads them once, so
 # only the instructions around each `vpmaddubsw` are left to limit it, and those are what v4 blocked
 # and v5 cut (the v3 docstring explains why its word-plane GEMM gains little over its GEMV). On the
-# development machine (AMD Zen 3 at 3.2 GHz, AVX2 without VNNI, one thread, 128 tokens), the
-# `v5_prefill` docstring records 0.95-1.07 cycles per `vpmaddubsw` for v4 blocked and 0.73-0.77 for v5
-# (1.2-1.5x), against 0.63 for a probe that does nothing but independent `vpmaddubsw` + add pairs:
-# the adds share the vector ports with the multiplies, so that probe is about the ceiling for this
-# instruction pair on that core. Few tokens are another matter: a v5 call pays for unpacking the
-# tiles and for a whole 8-token block however many tokens it has, so `PackedLinear` (printed above)
-# keeps v4's GEMV for one token and v4 blocked for 2-4, and runs v5 from 5 tokens on.
+# development machine (AMD Zen 3 at 3.2 GHz, AVX2 without VNNI, one thread, 128 tokens),
+# benchmarks/results/kernels_history.md records 0.95-1.07 cycles per `vpmaddubsw` for v4 blocked and
+# 0.73-0.77 for v5 (1.2-1.5x), against 0.63 for a probe that does nothing but independent
+# `vpmaddubsw` + add pairs: the adds share the vector ports with the multiplies, so that probe is about
+# the ceiling for this instruction pair on that core (`python benchmarks/bench_kernels.py` measures
+# the probe and v5's share of it on your machine). Few tokens are another matter: a v5 call pays for
+# unpacking the tiles and for a whole 8-token block however many tokens it has, so `kernel="auto"`
+# (printed above) keeps v4's GEMV for one token and v4 blocked for 2-4, and runs v5 from 5 tokens on.
 #
 # ## What this means for decoding 2B4T here
 #
@@ -345,14 +341,14 @@ for name, (fn, pool, _) in ladder.items():                    # every step equal
     for i in (0, 3):
         assert np.array_equal(fn(pool[i]), ternary_matmul_acc_reference(xq, packed_pool[i])), name
 acc64 = ternary_matmul_acc_reference(xq64, packed_pool[0])
-assert np.array_equal(ternary_matmul_acc_v3(xq64, packed_pool[0]), acc64)
-assert np.array_equal(kernels.ternary_matmul_acc(xq64, packed_pool[0]), acc64)   # the public, checked API
-y = kernels.ternary_matmul(xq64, s.repeat(64), packed_pool[0], np.float32(0.02))
+assert np.array_equal(doors["v3"][0].acc(xq64), acc64)
+assert np.array_equal(kernels.ternary_matmul_acc(xq64, packed_pool[0]), acc64)   # kernel="auto", one call
+y = TernaryLinear(packed_pool[0], np.float32(0.02)).matmul(xq64, s.repeat(64))
 assert np.array_equal(y, (acc64.astype(np.float32) / s.repeat(64)[:, None]) * np.float32(0.02))
 assert head_exact
 assert np.array_equal(y5_small, y_ref_small)                                     # v5, every edge of the tiling
-assert np.array_equal(v5_prefill.prefill_matmul(x_small, packed_small, scale_small), y_ref_small)   # from float x
-assert np.array_equal(layer(x_small), y_ref_small) and layer._kernel(S_small) == "v5"   # the runtime's path
+assert np.array_equal(TernaryLinear(packed_small, scale_small, kernel="v5")(x_small), y_ref_small)  # from float x
+assert np.array_equal(layer(x_small), y_ref_small) and layer.kernel_for(S_small) == "v5"   # the model's path
 assert np.all(y_worst == -128 * K_small)                                          # the int16 worst case
 assert all(gemm_exact.values())                                                   # GEMV, v4 blocked, v5 at S = 64
 assert bw_read >= bw_probe > 0 and peak > 0 and floor > 0
