@@ -212,9 +212,9 @@ for name, (x, y) in points.items():
 # token is 4 `vpmaddubsw`, whatever the kernel; the kernels differ in what they do around them.
 #
 # - **v4 blocked** (`v4_maddubs.matmul_scaled_v4_blocked`, what `kernel="auto"` runs for 2-4
-#   tokens): 4 tokens per pass over a row. For every chunk it extracts the 4 fields of the packed bytes again (a load, 3
-#   shifts, 4 ands), work shared by only 4 tokens, and every 15 chunks it reduces each token's int16
-#   accumulator to a scalar.
+#   tokens): 4 tokens per pass over a row. For every chunk it extracts the 4 fields of the packed
+#   bytes again (a load, 3 shifts, 4 ands), work shared by only 4 tokens, and every 15 chunks it
+#   reduces each token's int16 accumulator to a scalar.
 # - **v5** (`v5_prefill`, more than 4 tokens): *unpack once, reuse S times.* A tile of 64 rows × 20
 #   chunks (2560 weights) is unpacked once into a scratch of one byte per code (160 KB, which stays
 #   in the L2 cache); every token of the prompt then reads the codes from there, so the unpacking
@@ -225,11 +225,11 @@ for name, (x, y) in points.items():
 #
 # **The int16 bound.** `vpmaddubsw` sums pairs: |c₀x₀ + c₁x₁| ≤ 2·2·128 = 512, so a chunk (4 fields)
 # adds at most 2048 to a lane, and 15 chunks at most 30720 < 2¹⁵ = 32768. Both kernels therefore widen
-# the int16 accumulators to int32 after every 15 chunks (`kernels.avx2.WIDEN_CHUNKS`; v5 with `vpmaddwd` by ones,
-# exact, and it sums the int32 lanes horizontally only once per 20-chunk panel). The check below runs
-# the worst case — every weight +1, every activation −128 — and shows what one lane would hold without
-# the widening. Every step stays in integers, and the epilogue is the same float32
-# `(acc / s) * weight_scale`, so v5 must equal the reference bit for bit, not approximately.
+# the int16 accumulators to int32 after every 15 chunks (`kernels.avx2.WIDEN_CHUNKS`; v5 with
+# `vpmaddwd` by ones, exact, and it sums the int32 lanes horizontally only once per 20-chunk panel).
+# The check below runs the worst case — every weight +1, every activation −128 — and shows what one
+# lane would hold without the widening. Every step stays in integers, and the epilogue is the same
+# float32 `(acc / s) * weight_scale`, so v5 must equal the reference bit for bit, not approximately.
 
 # %%
 from refbitnet.kernels.avx2 import available
@@ -245,7 +245,7 @@ x_small = rng.standard_normal((S_small, K_small)).astype(np.float32)            
 xq_small, s_small = absmax_int8(x_small)                                                   # [11, 2944] int8, [11]
 scale_small = rng.uniform(0.5, 2.0, N_small).astype(np.float32)                            # one scale per row [70]
 y_ref_small = ternary_matmul_reference(xq_small, s_small, packed_small, scale_small)       # [11, 70]
-y5_small = TernaryLinear(packed_small, scale_small, kernel="v5").matmul(xq_small, s_small)  # [11, 70]
+y5_small = TernaryLinear(packed_small, scale_small, kernel="v5").matmul(xq_small, s_small)   # [11, 70]
 print("v5 == reference, bit for bit:", np.array_equal(y5_small, y_ref_small))
 
 # The worst case for an int16 lane: code c = 2 (w = +1) times x = -128 in every product.

@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")   # read by libgomp when Num
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")       # ... a short spin before sleeping (see above)
 
 # Must run before the first kernel is compiled: without it LLVM picks 128-bit
-# vectors for the int16 multiply-adds and the GEMV is about 2x slower. It is process-wide. Numba's
+# vectors for the int16 multiply-adds and the GEMV runs at about half speed. It is process-wide. Numba's
 # on-disk cache does not record it; since this package always sets it before compiling, every cached
 # kernel of ours was built with it (clear __pycache__/*.nbi|*.nbc if you ever change it).
 import llvmlite.binding as _llvm

@@ -7,13 +7,14 @@ oracle entry ``TernaryLinear.matmul(xq, s)`` uses, and what the tests take as th
 fused with the quantization in a single compiled pass from float32 x (what runs: during decoding the
 eight NumPy passes of absmax_int8 cost more than the GEMV they feed):
 
-    kernel            layout, act [...]                                        readable          fused
-    v3                word planes int16 [S, 8, K/8]                            word_planes       quantize_word_planes
-                          planes[r, t, w] = xq[r, 8w + t] * 4**(3 - t % 4)
-    v4                byte planes int8 [S, 4, K/4]                             byte_planes       quantize_byte_planes
-                          planes[r, i, j] = xq[r, 4j + i]
-    v4_blocked (T=4)  token blocks int8 [ceil(S/T), K/128, T, 4, 32]           token_blocks      quantize_token_blocks
-    v5 (T=8)              blocks[b, c, t, i, j] = xq[T b + t, 4 (32 c + j) + i]   (tokens past S: zeros)
+    kernel             layout                                   readable (NumPy)  fused (compiled)
+    v3                 word planes int16 [S, 8, K/8]            word_planes       quantize_word_planes
+                         planes[r, t, w] = xq[r, 8w + t] * 4**(3 - t % 4)
+    v4                 byte planes int8 [S, 4, K/4]             byte_planes       quantize_byte_planes
+                         planes[r, i, j] = xq[r, 4j + i]
+    v4_blocked (T=4)   token blocks int8                        token_blocks      quantize_token_blocks
+    v5 (T=8)             [ceil(S/T), K/128, T, 4, 32]
+                         blocks[b, c, t, i, j] = xq[T b + t, 4 (32 c + j) + i]   (tokens past S: zeros)
 
 Every layout comes with xsum int32 [S] = sum_k xq[r, k] (the kernels compute sum c x with the stored codes
 c = w + 1, then subtract sum x) and the fused passes also write s float32 [S]. The fused passes share one

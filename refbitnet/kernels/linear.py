@@ -43,7 +43,8 @@ def _row_scale(weight_scale, n: int) -> np.ndarray:
     array of shape (), [1] (broadcast) or [n] (one scale per row: fused projections keep their own)."""
     if isinstance(weight_scale, np.generic):
         if not isinstance(weight_scale, np.float32):
-            raise RefBitNetTypeError(f"weight_scale: expected a float32 scalar, found {type(weight_scale).__name__}")
+            raise RefBitNetTypeError(f"weight_scale: expected a float32 scalar, found "
+                                     f"{type(weight_scale).__name__}")
         return np.full(n, weight_scale, np.float32)
     if isinstance(weight_scale, (float, int)) and not isinstance(weight_scale, bool):
         return np.full(n, weight_scale, np.float32)
@@ -86,16 +87,18 @@ class TernaryLinear:
         packed = check_array(packed, "packed", np.uint8, 2, contiguous=True, nonempty=True)   # [N, K/4]
         n, k = packed.shape[0], 4 * packed.shape[1]
         if k % 8:
-            raise RefBitNetError(f"packed: expected K = 4 * {packed.shape[1]} = {k} to be a multiple of 8 (the "
-                                 f"kernels read 8 codes per uint16 word: K % 8 == 0), found shape {packed.shape}")
+            raise RefBitNetError(f"packed: expected K = 4 * {packed.shape[1]} = {k} to be a multiple of 8 "
+                                 f"(the kernels read 8 codes per uint16 word: K % 8 == 0), found shape "
+                                 f"{packed.shape}")
         if k > MAX_K:
             raise RefBitNetError(f"packed: K = {k} exceeds {MAX_K}, beyond which the int32 accumulator could "
                                  f"overflow")
         self.kernel = check_choice(kernel, "kernel", ("auto",) + KERNELS)
         self._avx2 = k % CHUNK_WEIGHTS == 0 and available()
         if kernel in AVX2_KERNELS and not self._avx2:
-            raise RefBitNetError(f"kernel: {kernel!r} needs AVX2 and K % {CHUNK_WEIGHTS} == 0, found K = {k} on a "
-                                 f"CPU {'with' if available() else 'without'} AVX2 (kernel='v3' runs anywhere)")
+            raise RefBitNetError(f"kernel: {kernel!r} needs AVX2 and K % {CHUNK_WEIGHTS} == 0, found K = {k} "
+                                 f"on a CPU {'with' if available() else 'without'} AVX2 (kernel='v3' runs "
+                                 f"anywhere)")
         self.packed = packed                                         # uint8 [N, K/4]
         self.row_scale = _row_scale(weight_scale, n)                 # float32 [N]
         self.shape = (n, k)
@@ -204,7 +207,8 @@ class TernaryLinear:
         xq = self._check_xq(xq)
         s = check_array(s, "s", np.float32, 1, contiguous=True)
         if s.shape[0] != xq.shape[0]:
-            raise RefBitNetError(f"s: expected shape [{xq.shape[0]}] (one scale per token of xq), found {s.shape}")
+            raise RefBitNetError(f"s: expected shape [{xq.shape[0]}] (one scale per token of xq), found "
+                                 f"{s.shape}")
         kernel = self.kernel_for(xq.shape[0])
         if kernel in INTEGER_KERNELS:
             return epilogue_reference(self._acc(kernel, xq), s, self.row_scale)

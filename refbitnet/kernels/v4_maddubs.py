@@ -27,8 +27,8 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .avx2 import (CHUNK, V16I16, V32I8, WIDEN_CHUNKS, available, code_fields, load32,  # noqa: F401 (available:
-                   madd_intrinsics, sum_i16_lanes)                                       # runtime.py uses it here)
+from .avx2 import (CHUNK, V16I16, V32I8, WIDEN_CHUNKS, available, code_fields, load32,  # noqa: F401
+                   madd_intrinsics, sum_i16_lanes)              # (available: runtime.py reads it from here)
 
 __all__ = ["available", "matmul_scaled_v4", "matmul_scaled_v4_blocked", "CHUNK", "TOKENS_PER_PASS"]
 

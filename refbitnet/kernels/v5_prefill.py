@@ -56,7 +56,7 @@ from .avx2 import (CHUNK, CHUNK_WEIGHTS, V8I32, V16I16, V32I8, WIDEN_CHUNKS, cod
 FIELDS = 4                 # 2-bit codes per packed byte
 ROWS = 1                   # register tile: rows ...
 TOKENS = 8                 # ... x tokens (8 int16 accumulators; ROWS * TOKENS == 8)
-TILE_ROWS = 64             # rows per tile (48-96 rows x 20-chunk panels measured best)
+TILE_ROWS = 64             # rows per tile: more rows reuse the 8-token activation panel in L1 longer
 PANEL_CHUNKS = 20          # chunks per unpacked panel: 64 x 2560 bytes of codes (160 KB, in L2)
 
 
@@ -234,7 +234,8 @@ def matmul_scaled_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows=TILE
     """packed uint8 [N, K/4] (kernel layout), blocks int8 [ceil(S/8), K/128, 8, 4, 32] (see above), xsum
     int32 [S], s_act f32 [S], row_scale f32 [N] -> out f32 [S, N] = fl(fl(float32(acc) / s_act[s]) *
     row_scale[n]), acc = xq @ w.T exactly, on get_num_threads() threads. tile_rows >= 1 rows per tile,
-    panels of panel_chunks >= 1 chunks (the defaults are the measured best). No checks: call
+    panels of panel_chunks >= 1 chunks (the defaults were the fastest tried, see
+    benchmarks/results/kernels_history.md). No checks: call
     ``refbitnet.kernels.TernaryLinear`` unless the operands are known good."""
     _matmul_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows, panel_chunks, get_num_threads())
 
@@ -251,8 +252,8 @@ def _matmul_v5(packed, blocks, xsum, s_act, row_scale, out, tile_rows, panel_chu
     n_tiles = (N + tile_rows - 1) // tile_rows
     workers = max(1, min(threads, n_tiles))
     # One parallel task per thread, each over a contiguous range of tiles with its own scratch, allocated
-    # once per call (a 120 KB allocation per tile costs its zeroing, and, depending on the allocator's
-    # state, page faults: measured up to 2x slower).
+    # once per call (an allocation per tile costs, depending on the allocator's state, page faults that
+    # can double the time).
     for w in prange(workers):
         buf = np.empty(pad_rows * width + ALIGN, np.uint8)
         a0 = (ALIGN - buf.ctypes.data % ALIGN) % ALIGN                          # 64-byte aligned codes
