@@ -111,7 +111,9 @@ class TernaryLinear:
 
     def kernel_for(self, S: int) -> str:
         """The kernel that runs S tokens: the forced one, or "auto"'s choice (see the module docstring)."""
-        S = check_int(S, "S", lo=1)
+        return self._choose(check_int(S, "S", lo=1))
+
+    def _choose(self, S):
         if self.kernel != "auto":
             return self.kernel
         if not self._avx2:
@@ -129,14 +131,12 @@ class TernaryLinear:
             raise RefBitNetError(f"x: expected float32 [S, K] = [S, {self.shape[1]}] to match packed of shape "
                                  f"{self.packed.shape}, found shape {x.shape}")
         S = x.shape[0]
-        kernel = self.kernel_for(S)
+        kernel = self._choose(S)
         if kernel in INTEGER_KERNELS:
             xq, s = absmax_int8(x)                                   # [S, K] int8, [S] float32
             return epilogue_reference(self._acc(kernel, xq), s, self.row_scale)
         s, act, xsum, y = self._buffers(S, kernel)
-        quantize = {"v3": act_quant.quantize_word_planes, "v4": act_quant.quantize_byte_planes}.get(
-            kernel, act_quant.quantize_token_blocks)
-        if quantize(x, s, act, xsum) >= 0:
+        if _QUANTIZE[kernel](x, s, act, xsum) >= 0:
             absmax_int8(x)                      # raises the quantizer's own error naming the NaN/inf
             raise RefBitNetError("x: expected finite values")    # (not reached)
         self._run(kernel, act, xsum, s, self.row_scale, y)
@@ -180,7 +180,7 @@ class TernaryLinear:
     def acc(self, xq: np.ndarray) -> np.ndarray:
         """xq int8 [S, K] -> acc int32 [S, N] = xq @ w.T, exact."""
         xq = self._check_xq(xq)
-        return self._acc(self.kernel_for(xq.shape[0]), xq)
+        return self._acc(self._choose(xq.shape[0]), xq)
 
     def _acc(self, kernel, xq):
         if kernel == "reference":
@@ -209,7 +209,7 @@ class TernaryLinear:
         if s.shape[0] != xq.shape[0]:
             raise RefBitNetError(f"s: expected shape [{xq.shape[0]}] (one scale per token of xq), found "
                                  f"{s.shape}")
-        kernel = self.kernel_for(xq.shape[0])
+        kernel = self._choose(xq.shape[0])
         if kernel in INTEGER_KERNELS:
             return epilogue_reference(self._acc(kernel, xq), s, self.row_scale)
         act, xsum = _LAYOUT[kernel](xq)
@@ -219,6 +219,12 @@ class TernaryLinear:
 
 
 _TOKENS = {"v4_blocked": v4_maddubs.TOKENS_PER_PASS, "v5": v5_prefill.TOKENS}
+_QUANTIZE = {  # kernel -> the fused quantize-and-lay-out pass that writes its activations (act_quant)
+    "v3": act_quant.quantize_word_planes,
+    "v4": act_quant.quantize_byte_planes,
+    "v4_blocked": act_quant.quantize_token_blocks,
+    "v5": act_quant.quantize_token_blocks,
+}
 _LAYOUT = {  # kernel -> the readable layout of int8 codes it reads (act_quant), for the xq entry points
     "v3": act_quant.word_planes,
     "v4": act_quant.byte_planes,
