@@ -13,8 +13,8 @@ import pytest
 
 import gguf
 from refbitnet import layouts
-from refbitnet.gguf import (gguf_to_tensors, load_gguf, main, read_gguf, save_gguf, tokenizer_json_from_metadata,
-                            tokenizer_metadata, write_gguf)
+from refbitnet.gguf import (gguf_to_tensors, load_gguf, main, read_gguf, save_gguf,
+                            tokenizer_json_from_metadata, tokenizer_metadata, write_gguf)
 from refbitnet.gguf.mapping import gguf_to_hf_name, layer_norms, layer_projections
 from refbitnet.gguf.reader import BF16, F16, F32, I2_S, TQ1_0, TQ2_0
 from refbitnet.gguf.writer import LAYOUT_TYPES
@@ -121,7 +121,7 @@ def _expected_tensors(config, layout):
 @pytest.mark.parametrize("layout", ["tq2_0", "tq1_0"])
 def test_llama_cpp_files_open_with_gguf_reader(written, tensors, layout):
     reader = gguf.GGUFReader(written[layout])
-    arch = "bitnet"
+    arch = "bitnet-b1.58"                     # 2B4T's graph in the engines (tests/test_gguf_arch.py)
     fields = {name: f for name, f in reader.fields.items()}
     for key in EXPECTED_KEYS:
         assert key.format(a=arch) in fields, key
@@ -322,7 +322,8 @@ def hand_built_model(config, seed=1):
     codes, scales = {}, {}
     for i in range(config.num_hidden_layers):
         for name, _, width in layer_norms(config, i):
-            tensors.append((name, [width], 0, (1 + 0.1 * rng.standard_normal(width)).astype(np.float32).tobytes()))
+            norm = (1 + 0.1 * rng.standard_normal(width)).astype(np.float32)
+            tensors.append((name, [width], 0, norm.tobytes()))
         for name, _, (n, k) in layer_projections(config, i):
             codes[name] = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
             scales[name] = np.float32(rng.uniform(0.5, 2.0))
@@ -374,8 +375,8 @@ def test_unknown_tensor_type(tmp_path, hand_file):
 
 def test_unsupported_known_type(tmp_path, hand_file):
     kv, tensors, *_ = hand_file
-    bad = [(n, ne, 12 if n == "blk.1.ffn_up.weight" else t, d) for n, ne, t, d in tensors]
-    with pytest.raises(GGUFError, match=r"blk\.1\.ffn_up\.weight.*Q4_K"):
+    bad = [(n, ne, 2 if n == "blk.1.ffn_up.weight" else t, d) for n, ne, t, d in tensors]
+    with pytest.raises(GGUFError, match=r"blk\.1\.ffn_up\.weight.*Q4_0"):
         gguf_to_tensors(_write(tmp_path, kv, bad))
 
 
@@ -614,7 +615,7 @@ def test_command_line(tmp_path, checkpoint_dir, capsys):
     assert "14 TQ1_0" in capsys.readouterr().out
     assert main(["info", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "architecture: 'bitnet'" in printed and "hidden_size=256" in printed
+    assert "architecture: 'bitnet-b1.58'" in printed and "hidden_size=256" in printed
     assert main(["info", str(tmp_path / "missing.gguf")]) == 1
     assert "file not found" in capsys.readouterr().err
     # an output path that cannot be written: "error: <path>: ..." and exit status 1, no traceback

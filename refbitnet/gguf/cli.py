@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 from ..errors import GGUFError
-from .mapping import gguf_config
+from .mapping import ARCH_2B4T, BITNET_ARCHS, EngineGraphWarning, engine_graphs, gguf_config
 from .reader import read_gguf
 from .writer import EMBEDDING_TYPES, LAYOUT_TYPES, save_gguf
 
 
 def describe(path) -> str:
-    """A short human-readable summary of a GGUF file: architecture, sizes, tensor types."""
+    """A short human-readable summary of a GGUF file: architecture and the graph it selects in each
+    engine, sizes, tensor types."""
     gf = read_gguf(path)
     counts: dict[str, int] = {}
     for t in gf.tensors.values():
@@ -19,6 +20,12 @@ def describe(path) -> str:
     lines = [f"{gf.path}: GGUF v{gf.version}, {len(gf.metadata)} metadata keys, {len(gf.tensors)} tensors "
              f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})",
              f"architecture: {gf.get('general.architecture')!r}"]
+    arch = gf.get("general.architecture")
+    if arch in BITNET_ARCHS:
+        lines[-1] += ", which selects in each engine:"
+    if arch in BITNET_ARCHS:
+        types = {t.type_id for t in gf.tensors.values()}
+        lines += [f"  {engine:13s} {what}" for engine, what in engine_graphs(arch, types).items()]
     try:
         lines.append(f"config: {gguf_config(gf)}")
     except GGUFError as e:
@@ -32,6 +39,7 @@ def describe(path) -> str:
 def main(argv=None) -> int:
     import argparse
     import sys
+    import warnings
 
     from ..errors import RefBitNetError
 
@@ -45,16 +53,24 @@ def main(argv=None) -> int:
     export.add_argument("model_dir")
     export.add_argument("out")
     export.add_argument("--layout", choices=sorted(LAYOUT_TYPES), default="i2_s",
-                        help="i2_s for bitnet.cpp (default), tq2_0 / tq1_0 for llama.cpp")
+                        help="i2_s (default; bitnet.cpp, ik_llama.cpp), tq2_0 / tq1_0 (also llama.cpp's ggml)")
     export.add_argument("--embedding-type", choices=list(EMBEDDING_TYPES), default="f16")
+    export.add_argument("--arch", choices=list(BITNET_ARCHS), default=ARCH_2B4T,
+                        help=f"general.architecture (default {ARCH_2B4T}: 2B4T's graph in bitnet.cpp and "
+                             f"ik_llama.cpp; 'bitnet' loads in upstream llama.cpp, which then computes a "
+                             f"SiLU-gated FFN, not 2B4T)")
     export.add_argument("--tokenizer", help="tokenizer.json to embed (default: the model directory's)")
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
             print(describe(args.file))
         else:
-            save_gguf(args.model_dir, args.out, layout=args.layout, tokenizer_file=args.tokenizer,
-                      embedding_type=args.embedding_type)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", EngineGraphWarning)
+                save_gguf(args.model_dir, args.out, layout=args.layout, tokenizer_file=args.tokenizer,
+                          embedding_type=args.embedding_type, arch=args.arch)
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
             print(describe(args.out))
     except RefBitNetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,10 +30,11 @@ import os
 
 import numpy as np
 
-from ..bf16 import bf16_to_f32, f32_to_bf16
+from ..bf16 import bf16_to_f32
 from ..config import NORMS, PROJECTIONS, Config, projection_shapes, tensor_name
 from ..errors import GGUFError
-from .reader import BF16, F16, F32, I2_S, TERNARY_TYPES, TQ1_0, TQ2_0, GGUFFile, read_gguf
+from .reader import BF16, F16, F32, I2_S, TERNARY_TYPES, TQ1_0, TQ2_0, GGUFFile, read_gguf, type_name
+from .tables import check_finite, exact_bf16, float_table
 
 # ---- names -------------------------------------------------------------------------------------------
 # GGUF's per-layer suffix (blk.{i}.{suffix}.weight) for each of refbitnet.config's projections and norms.
@@ -45,8 +46,47 @@ GGUF_NORMS = {"input_layernorm": "attn_norm", "attn_sub_norm": "attn_sub_norm",
 _PROJECTION_BY_SUFFIX = {GGUF_PROJECTIONS[name]: (name, module) for name, module in PROJECTIONS}
 _NORM_BY_SUFFIX = {GGUF_NORMS[name]: (name, module) for name, module in NORMS}
 
-# bitnet.cpp's llama.cpp fork runs "bitnet-25" files with the same graph as "bitnet-b1.58".
+# ---- architecture names and the graph each engine builds for them -------------------------------------
+# general.architecture picks the compute graph in an engine, whatever the tensors hold. Three names
+# carry BitNet weights, and they select two different graphs (read from the engines' sources:
+# bitnet.cpp 3rdparty/llama.cpp/src/llama.cpp build_bitnet / build_bitnet_158, ik_llama.cpp
+# src/llama-build-context.cpp the same two, upstream llama.cpp src/models/bitnet.cpp):
+#   "bitnet"                    the 2024 BitNet models: SubLN norms, but a SiLU-gated FFN,
+#                               silu(gate) * up. Not 2B4T's function.
+#   "bitnet-b1.58", "bitnet-25" 2B4T's graph: SubLN norms and a ReLU²-gated FFN, relu(gate)² * up.
+# Upstream llama.cpp knows only "bitnet" (its converter maps BitNetForCausalLM onto it) and refuses
+# the other two names; its ggml also has no I2_S (type 36).
 BITNET_ARCHS = ("bitnet-b1.58", "bitnet-25", "bitnet")
+ARCH_2B4T = "bitnet-b1.58"            # what refbitnet writes unless asked otherwise
+ENGINES = ("bitnet.cpp", "ik_llama.cpp", "llama.cpp")
+GRAPH_2B4T = "ReLU²-gated FFN with SubLN: 2B4T's graph"
+GRAPH_SILU = "SiLU-gated FFN with SubLN: the 2024 BitNet graph, not 2B4T's function"
+ARCH_GRAPHS = {          # arch -> engine -> the graph it builds (None: the engine refuses the name)
+    "bitnet-b1.58": {"bitnet.cpp": GRAPH_2B4T, "ik_llama.cpp": GRAPH_2B4T, "llama.cpp": None},
+    "bitnet-25": {"bitnet.cpp": GRAPH_2B4T, "ik_llama.cpp": GRAPH_2B4T, "llama.cpp": None},
+    "bitnet": {"bitnet.cpp": GRAPH_SILU, "ik_llama.cpp": GRAPH_SILU, "llama.cpp": GRAPH_SILU},
+}
+UNKNOWN_TYPES = {"llama.cpp": {I2_S}}   # tensor types an engine's ggml cannot load
+
+
+class EngineGraphWarning(UserWarning):
+    """A file is written under an architecture name whose engine graph is not 2B4T's function."""
+
+
+def engine_graphs(arch: str, type_ids=()) -> dict[str, str]:
+    """engine -> what it does with a file of this architecture and these tensor types, in words."""
+    out = {}
+    for engine in ENGINES:
+        graph = ARCH_GRAPHS.get(arch, {}).get(engine)
+        unknown = sorted(set(type_ids) & UNKNOWN_TYPES.get(engine, set()))
+        if graph is None:
+            out[engine] = f"refuses the file: architecture {arch!r} is unknown to it"
+        elif unknown:
+            names = ", ".join(f"{type_name(t)} (type {t})" for t in unknown)
+            out[engine] = f"refuses the file: tensor type {names} is unknown to it"
+        else:
+            out[engine] = graph
+    return out
 
 
 def layer_projections(config: Config, i: int) -> list[tuple[str, str, tuple[int, int]]]:
@@ -153,8 +193,8 @@ def gguf_config(gf: GGUFFile) -> Config:
             raise GGUFError(f"{gf.path}: {arch}.{suffix}: per-layer values are not supported (BitNet b1.58 "
                             f"layers are all alike), found an array of {value.size}")
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-            raise GGUFError(f"{gf.path}: {arch}.{suffix}: expected {'a number' if kind is float else 'an integer'}, "
-                            f"found {value!r}")
+            wanted = "a number" if kind is float else "an integer"
+            raise GGUFError(f"{gf.path}: {arch}.{suffix}: expected {wanted}, found {value!r}")
         return kind(value)
 
     d = key("embedding_length")
@@ -171,7 +211,8 @@ def gguf_config(gf: GGUFFile) -> Config:
         tokens = gf.get("tokenizer.ggml.tokens")
         vocab = embd.shape[0] if embd is not None else (len(tokens) if tokens is not None else None)
     if vocab is None:
-        raise GGUFError(f"{gf.path}: cannot tell the vocabulary size (no {arch}.vocab_size, no token_embd.weight)")
+        raise GGUFError(f"{gf.path}: cannot tell the vocabulary size (no {arch}.vocab_size, "
+                        f"no token_embd.weight)")
     special = {}
     for k in ("bos", "eos", "eot"):
         value = gf.get(f"tokenizer.ggml.{k}_token_id")
@@ -204,8 +245,9 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
     """Read a BitNet GGUF file (path or GGUFFile) into (Config, tensors in the released HF naming).
 
     Projections come out as the released packed layout (uint8 [N/4, K], SPEC §4) with a float32 [1]
-    ``weight_scale``; the embedding as it is stored (float16, float32, or bf16 bits as uint16: a view of
-    the memory-mapped file, never widened as a whole); norms as float32.
+    ``weight_scale``; norms as float32; the embedding (and an untied output head) as
+    refbitnet.gguf.tables.float_table gives it: F32/F16/BF16 as stored (a view of the memory-mapped
+    file, never widened as a whole), Q8_0/Q6_K/Q4_K dequantized by the gguf package into bf16 bits.
     """
     from .. import layouts
 
@@ -213,8 +255,8 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
     config = gguf_config(gf)
     per_layer = len(NORMS) + len(PROJECTIONS)
     if config.num_hidden_layers * per_layer > len(gf.tensors):     # before listing millions of names
-        raise GGUFError(f"{gf.path}: block_count {config.num_hidden_layers} needs {per_layer} tensors per layer, "
-                        f"but the file has {len(gf.tensors)} tensors in all")
+        raise GGUFError(f"{gf.path}: block_count {config.num_hidden_layers} needs {per_layer} tensors per "
+                        f"layer, but the file has {len(gf.tensors)} tensors in all")
     expected = expected_tensor_names(config)
     if not config.tie_word_embeddings:
         expected.append("output.weight")
@@ -257,16 +299,15 @@ def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
             scale = _fold_scale_tensor(gf, name[: -len("weight")] + "scale", scale)
             tensors[hf] = layouts.pack_hf(codes)
             tensors[hf + "_scale"] = np.array([scale], dtype=np.float32)
+        elif name in ("token_embd.weight", "output.weight"):
+            tensors[hf] = float_table(gf, name)                  # [V, D] float32 / float16 / bf16 bits
+            check_finite(tensors[hf], f"{gf.path}: tensor {name!r} ({t.type_name})")
         else:
             if t.type_id not in (F32, F16, BF16):
                 raise GGUFError(f"{gf.path}: tensor {name!r}: expected F32, F16 or BF16, found {t.type_name}")
-            if name in ("token_embd.weight", "output.weight"):
-                raw = gf.raw(name)
-                tensors[hf] = raw.view({F32: "<f4", F16: "<f2", BF16: "<u2"}[t.type_id]).reshape(t.shape)
-            else:
-                arr = gf.array(name)
-                tensors[hf] = bf16_to_f32(arr) if arr.dtype == np.uint16 else np.asarray(arr, dtype=np.float32)
-            _check_finite(tensors[hf], f"{gf.path}: tensor {name!r} ({t.type_name})")
+            arr = gf.array(name)
+            tensors[hf] = bf16_to_f32(arr) if arr.dtype == np.uint16 else np.asarray(arr, dtype=np.float32)
+            check_finite(tensors[hf], f"{gf.path}: tensor {name!r} ({t.type_name})")
     return config, tensors
 
 
@@ -282,31 +323,6 @@ def _fold_scale_tensor(gf: GGUFFile, name: str, scale: np.float32) -> np.float32
     if not (np.isfinite(factor) and factor > 0):
         raise GGUFError(f"{gf.path}: tensor {name!r}: expected a positive scale, found {factor}")
     return np.float32(scale * factor)
-
-
-def _check_finite(a: np.ndarray, what: str, rows: int = 8192) -> None:
-    """GGUFError at the first row holding a NaN or inf (checked a block of rows at a time)."""
-    for r in range(0, a.shape[0], rows):
-        block = a[r:r + rows]
-        block = bf16_to_f32(block) if block.dtype == np.uint16 else block
-        if not np.isfinite(block).all():
-            where = tuple(int(i) for i in np.argwhere(~np.isfinite(block))[0])
-            where = (where[0] + r,) + where[1:]
-            raise GGUFError(f"{what}: expected finite values, found {block[tuple([where[0] - r, *where[1:]])]} "
-                            f"at index {where}")
-
-
-def _exact_bf16(table: np.ndarray, what: str, rows: int = 8192) -> np.ndarray:
-    """float16/float32 [V, D] -> bf16 bits uint16, converted a block of rows at a time; GGUFError if a
-    value is not exactly a bf16 value (an F16 file made from the bf16 release converts exactly)."""
-    bits = np.empty(table.shape, dtype=np.uint16)
-    for r in range(0, table.shape[0], rows):
-        block = np.asarray(table[r:r + rows], dtype=np.float32)
-        bits[r:r + rows] = f32_to_bf16(block)
-        if not np.array_equal(bf16_to_f32(bits[r:r + rows]), block):
-            raise GGUFError(f"{what} holds values bf16 cannot represent; backend='numba' reads the LM head "
-                            f"as bf16 (use backend='numpy')")
-    return bits
 
 
 def load_gguf(path, *, numerics: str = "int", backend: str = "numpy", tokenizer: bool = True):
@@ -329,6 +345,6 @@ def load_gguf(path, *, numerics: str = "int", backend: str = "numpy", tokenizer:
     if backend == "numba":           # the Numba LM head reads bf16 bits; F16/F32 tables convert if exact
         for hf in ("model.embed_tokens.weight", "lm_head.weight"):
             if hf in tensors and tensors[hf].dtype != np.uint16:
-                tensors[hf] = _exact_bf16(tensors[hf], f"{os.fspath(path)}: {hf}")
+                tensors[hf] = exact_bf16(tensors[hf], f"{os.fspath(path)}: {hf}")
     return model_from_tensors(config, tensors, source=os.fspath(path), numerics=numerics, backend=backend,
                               tokenizer=tok)

@@ -29,15 +29,18 @@ import numpy as np
 from ..errors import GGUFError
 
 # ---- GGML tensor types refbitnet reads -------------------------------------------------------------
-F32, F16, BF16 = 0, 1, 30
+F32, F16, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 8, 12, 14, 30
 TQ1_0, TQ2_0 = 34, 35
 I2_S = 36                      # bitnet.cpp's ggml fork only
-TYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", I2_S: "I2_S"}
+TYPE_NAMES = {F32: "F32", F16: "F16", Q8_0: "Q8_0", Q4_K: "Q4_K", Q6_K: "Q6_K", BF16: "BF16",
+              TQ1_0: "TQ1_0", TQ2_0: "TQ2_0", I2_S: "I2_S"}
 TERNARY_TYPES = (I2_S, TQ1_0, TQ2_0)
 FLOAT_TYPES = (F32, F16, BF16)
-# Block types: type -> (elements per block, bytes per block), as ggml defines them. A block never
-# straddles a row, so a row's length must be a multiple of the block.
-BLOCK_TYPES = {TQ1_0: (256, 54), TQ2_0: (256, 66)}
+QUANTIZED_FLOAT_TYPES = (Q8_0, Q6_K, Q4_K)   # what llama-quantize writes for embeddings and output heads
+# Block types: type -> (elements per block, bytes per block), as ggml defines them (the gguf package's
+# GGML_QUANT_SIZES holds the same numbers; a test checks they agree). A block never straddles a row, so
+# a row's length must be a multiple of the block.
+BLOCK_TYPES = {Q8_0: (32, 34), Q4_K: (256, 144), Q6_K: (256, 210), TQ1_0: (256, 54), TQ2_0: (256, 66)}
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

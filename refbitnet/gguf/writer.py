@@ -1,11 +1,17 @@
 """refbitnet -> GGUF: write a BitNet b1.58 model as a file bitnet.cpp (I2_S) or llama.cpp (TQ2_0,
 TQ1_0) loads.
 
-What the two runtimes expect (SPEC §5, and their converters)::
+What the engines read (SPEC §5, and their converters)::
 
-    runtime      arch name        projections              embedding   norms   tied LM head
-    bitnet.cpp   "bitnet-b1.58"   I2_S  (type id 36)       F16         F32     yes, no output.weight
-    llama.cpp    "bitnet"         TQ2_0 (35) / TQ1_0 (34)  F16         F32     yes, no output.weight
+    layout   projections          engines that know the type           embedding   norms   LM head
+    i2_s     I2_S  (type id 36)   bitnet.cpp, ik_llama.cpp             F16         F32     tied
+    tq2_0    TQ2_0 (35)           bitnet.cpp, ik_llama.cpp, llama.cpp  F16         F32     tied
+    tq1_0    TQ1_0 (34)           bitnet.cpp, ik_llama.cpp, llama.cpp  F16         F32     tied
+
+Every layout is written with the architecture name "bitnet-b1.58", the name under which engines build
+2B4T's graph (ReLU²-gated FFN). The name "bitnet", the only one upstream llama.cpp loads, selects a
+SiLU-gated FFN in every engine (refbitnet.gguf.mapping.ARCH_GRAPHS): such a file loads there and
+computes another function, so it is written only when asked (arch="bitnet"), with a warning.
 
 Scales. I2_S keeps the float32 weight_scale exactly. TQ1_0/TQ2_0 store it as an fp16 block scale:
 writing rounds it to fp16 once, a relative error of at most 2**-11 (half an fp16 ulp) for scales in
@@ -30,26 +36,29 @@ import numpy as np
 from ..bf16 import bf16_to_f32, f32_to_bf16
 from ..config import Config
 from ..errors import GGUFError
-from .mapping import layer_norms, layer_projections
+from .mapping import ARCH_2B4T, BITNET_ARCHS, GRAPH_2B4T, EngineGraphWarning, engine_graphs, layer_norms, \
+    layer_projections
 from .reader import I2_S, TQ1_0, TQ2_0
 from .tokenizer_meta import CHAT_TEMPLATE, tokenizer_metadata
 
 LAYOUT_TYPES = {"i2_s": I2_S, "tq2_0": TQ2_0, "tq1_0": TQ1_0}
 # general.file_type (llama_ftype) written for each layout: bitnet.cpp's MOSTLY_I2_S is 40 in its fork.
 FILE_TYPES = {"i2_s": 40, "tq1_0": 36, "tq2_0": 37}
-ARCH_BY_LAYOUT = {"i2_s": "bitnet-b1.58", "tq2_0": "bitnet", "tq1_0": "bitnet"}
 EMBEDDING_TYPES = ("f16", "bf16", "f32")
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14
 
 
 def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layout: str = "i2_s",
-               tokenizer_file=None, name: str = "refbitnet", embedding_type: str = "f16") -> None:
+               tokenizer_file=None, name: str = "refbitnet", embedding_type: str = "f16",
+               arch: str = ARCH_2B4T) -> None:
     """Write a BitNet b1.58 model given as (Config, tensors in the released HF naming) as GGUF.
 
-    layout "i2_s": bitnet.cpp (arch "bitnet-b1.58", projections I2_S); "tq2_0" / "tq1_0": llama.cpp
-    (arch "bitnet"). Norms F32. embedding_type "f16" (default, what the official bitnet.cpp file uses;
-    exact for bf16 values with |x| >= 2**-14, absolute error <= 2**-25 below), "bf16" (exact; both
+    layout "i2_s" (projections I2_S: bitnet.cpp, ik_llama.cpp), "tq2_0" or "tq1_0" (also upstream
+    llama.cpp's ggml). arch: "bitnet-b1.58" (default, 2B4T's graph in bitnet.cpp and ik_llama.cpp),
+    "bitnet-25" (the same graph), or "bitnet" (upstream llama.cpp loads it, but every engine computes a
+    SiLU-gated FFN for it: an EngineGraphWarning says so). Norms F32.
+    embedding_type "f16" (default, what the official bitnet.cpp file uses; exact for bf16 values with |x| >= 2**-14, absolute error <= 2**-25 below), "bf16" (exact; both
     runtimes' ggml read BF16 rows) or "f32". tensors: what ``model_from_tensors`` takes (packed uint8
     [N/4, K] projections with ``.weight_scale``; embedding and norms as bf16 bits or float).
     tokenizer_file: a HF tokenizer.json to embed (runtimes need it; refbitnet's reader does not).
@@ -58,6 +67,8 @@ def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layou
 
     if layout not in LAYOUT_TYPES:
         raise GGUFError(f"layout: expected one of {list(LAYOUT_TYPES)}, found {layout!r}")
+    if arch not in BITNET_ARCHS:
+        raise GGUFError(f"arch: expected one of {list(BITNET_ARCHS)}, found {arch!r}")
     if embedding_type not in EMBEDDING_TYPES:
         raise GGUFError(f"embedding_type: expected 'f16', 'bf16' or 'f32', found {embedding_type!r}")
     if not config.tie_word_embeddings:
@@ -67,7 +78,7 @@ def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layou
         if getattr(config, key) % block:
             raise GGUFError(f"layout {layout!r}: every projection's input width must be a multiple of its "
                             f"{block}-element block, found {key} = {getattr(config, key)}")
-    arch = ARCH_BY_LAYOUT[layout]
+    _warn_if_not_2b4t(arch)
     w = gguf.GGUFWriter(os.fspath(path), arch)
     w.add_name(name)
     _add_hyperparameters(w, config, arch, layout)
@@ -98,6 +109,17 @@ def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layou
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _warn_if_not_2b4t(arch: str) -> None:
+    import warnings
+
+    other = {e: g for e, g in engine_graphs(arch).items() if g != GRAPH_2B4T and not g.startswith("refuses")}
+    if other:
+        warnings.warn(EngineGraphWarning(
+            f"arch {arch!r}: {', '.join(other)} compute a SiLU-gated FFN (silu(gate) * up) for this file, "
+            f"not 2B4T's ReLU²-gated FFN (relu(gate)² * up): it loads and computes another function. "
+            f"Write arch {ARCH_2B4T!r} for bitnet.cpp and ik_llama.cpp."), stacklevel=3)
 
 
 def _add_hyperparameters(w, config: Config, arch: str, layout: str) -> None:
@@ -151,7 +173,8 @@ def _pack_projection(packed: np.ndarray, scale: np.float32, hf: str, n: int, k: 
     from .. import layouts
 
     if packed.dtype != np.uint8 or packed.shape != (n // 4, k):
-        raise GGUFError(f"{hf}: expected packed uint8 [{n // 4}, {k}], found {packed.dtype} {list(packed.shape)}")
+        raise GGUFError(f"{hf}: expected packed uint8 [{n // 4}, {k}], found {packed.dtype} "
+                        f"{list(packed.shape)}")
     codes = layouts.unpack_hf(np.asarray(packed))                       # [N, K] int8
     if layout == "i2_s":
         return layouts.pack_i2s(codes, scale)
@@ -191,10 +214,10 @@ def _convert_table(table: np.ndarray, kind: str, rows: int = 8192) -> np.ndarray
 
 
 def save_gguf(source, path, *, layout: str = "i2_s", tokenizer_file=None, name: str = "refbitnet",
-              embedding_type: str = "f16") -> None:
+              embedding_type: str = "f16", arch: str = ARCH_2B4T) -> None:
     """Export a refbitnet Model, a model directory (packed release or bf16 master; what refbitnet.load
-    reads) or a (Config, tensors) pair as a GGUF file for bitnet.cpp (layout "i2_s") or llama.cpp
-    ("tq2_0", "tq1_0"). The model's tokenizer.json is embedded unless tokenizer_file says otherwise."""
+    reads) or a (Config, tensors) pair as a GGUF file (layout and arch: see write_gguf). The model's
+    tokenizer.json is embedded unless tokenizer_file says otherwise."""
     if isinstance(source, tuple) and len(source) == 2:
         config, tensors = source
     else:
@@ -206,4 +229,4 @@ def save_gguf(source, path, *, layout: str = "i2_s", tokenizer_file=None, name: 
             candidate = getattr(source.tokenizer, "path", None)
             tokenizer_file = candidate if candidate is not None and os.path.isfile(candidate) else None
     write_gguf(path, config, tensors, layout=layout, tokenizer_file=tokenizer_file, name=name,
-               embedding_type=embedding_type)
+               embedding_type=embedding_type, arch=arch)
