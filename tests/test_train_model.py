@@ -103,8 +103,14 @@ def run_torch_twin(trainer_cfg, train, init_params, batch_fn, steps):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_ten_step_loss_trajectory_matches_torch_twin(reduction):
+    # Why seed 6 (seed 5 until numpy 2.4): at position 0 attention returns v itself, whose row is integer
+    # multiples of one number (acc * gamma / s), and with norm weights of one the next quantizer can meet an
+    # exact tie 127 * n_j / n_max = k + 0.5; numpy's and torch's float64 reductions (1 ulp apart) then round
+    # it to different int8 codes and the trajectories part by ~3e-4 (seed 5, step 0, second micro-batch:
+    # the unquantized losses agree to 9e-16). That flip is the boundary case, not the training loop this
+    # test checks; the quantizers themselves are checked bit for bit in test_train_ops and test_quant.
     train = TrainConfig(seq_len=12, batch_size=2, grad_accum=2, total_steps=10, peak_lr=1e-2, cooldown_peak_lr=4e-3,
-                        warmup_steps=2, weight_decay_peak=0.1, grad_clip=1.0, seed=5, reduction=reduction,
+                        warmup_steps=2, weight_decay_peak=0.1, grad_clip=1.0, seed=6, reduction=reduction,
                         init_std=0.1)
     batch_fn = random_batch_fn(TINY.vocab_size, 2, 12, sft=reduction == "sum")
     trainer = Trainer(TINY, train, batch_fn, dtype=np.float64)

@@ -14,6 +14,7 @@ import torch
 
 from refbitnet import quant
 from refbitnet.train import ops
+from refbitnet.model import rope_tables
 
 import torch_twin_train as twin
 
@@ -142,7 +143,7 @@ def test_bitlinear_ste_is_identity_through_quantizers(rng):
 
 def test_rope(rng):
     x = rng.standard_normal((2, 7, 3, 16))
-    cos, sin = ops.rope_tables(np.arange(7), 16, 10000.0, np.float64)
+    cos, sin = (t.astype(np.float64) for t in rope_tables(np.arange(7), 16, 10000.0))
     out, cache = ops.rope_forward(x, cos, sin)
     dout = rng.standard_normal(out.shape)
     tx = leaf(x)
@@ -159,7 +160,7 @@ def test_rope_pairs_i_with_i_plus_half():
     """Half-split layout: a unit vector in slot 0 rotates into slot HD/2, not slot 1."""
     x = np.zeros((1, 2, 1, 8))
     x[..., 0] = 1.0
-    cos, sin = ops.rope_tables(np.arange(2), 8, 10000.0, np.float64)
+    cos, sin = (t.astype(np.float64) for t in rope_tables(np.arange(2), 8, 10000.0))
     out, _ = ops.rope_forward(x, cos, sin)
     assert np.allclose(out[0, 1, 0], [np.cos(1), 0, 0, 0, np.sin(1), 0, 0, 0])
 

@@ -43,10 +43,11 @@ def rope(x, cos, sin):
 
 
 def rope_tables(T, head_dim, theta, dtype):
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angle = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    angle = torch.cat([angle, angle], dim=-1)
-    return angle.cos().to(dtype), angle.sin().to(dtype)
+    """transformers' table: inv_freq and the angle in float32; cos/sin rounded to float32, then widened."""
+    inv_freq = (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float()
+    angle = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angle = torch.cat([angle, angle], dim=-1).double()
+    return angle.cos().float().to(dtype), angle.sin().float().to(dtype)
 
 
 def attention(q, k, v):

@@ -11,6 +11,7 @@ Shapes: B sequences, T tokens each, D hidden, F intermediate, H heads, KVH kv he
 import numpy as np
 
 from . import ops
+from ..model import rope_tables
 from ..errors import ConfigError, RefBitNetError
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -80,7 +81,7 @@ def forward(config, params, ids, targets, *, quantize=True, reduction="mean"):
                              f"{config.max_position_embeddings}")
     H, KVH, HD, eps = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.rms_norm_eps
     dtype = params["model.embed_tokens.weight"].dtype
-    cos, sin = ops.rope_tables(np.arange(T), HD, config.rope_theta, dtype)     # [T, HD]
+    cos, sin = (t.astype(dtype) for t in rope_tables(np.arange(T), HD, config.rope_theta))   # [T, HD] x2
     caches = {}
 
     h, caches["embed"] = ops.embedding_forward(ids, params["model.embed_tokens.weight"])   # [B, T, D]

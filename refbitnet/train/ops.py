@@ -43,7 +43,8 @@ def absmax_fake_quant(x):
         xq, s = quant.absmax_int8(x)
     else:
         absmax = np.max(np.abs(x), axis=-1)                                     # [...]
-        s = x.dtype.type(127.0) / np.maximum(absmax, x.dtype.type(quant.ACT_ABSMAX_MIN))
+        # 127 / m as torch evaluates it, 127 * (1/m) (two roundings), like quant.absmax_int8 in float32
+        s = x.dtype.type(127.0) * (x.dtype.type(1.0) / np.maximum(absmax, x.dtype.type(quant.ACT_ABSMAX_MIN)))
         xq = np.clip(np.round(x * s[..., None]), -128, 127)                     # [..., K]
     return xq.astype(x.dtype) / s[..., None].astype(x.dtype)
 
@@ -118,15 +119,9 @@ def bitlinear_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------------
-# RoPE, half-split ("rotate_half", NeoX layout): element i pairs with i + HD/2
-
-
-def rope_tables(positions, head_dim, theta, dtype=np.float32):
-    """positions int [T] -> (cos, sin) [T, HD], computed in float64 then cast."""
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # [HD/2]
-    angle = positions.astype(np.float64)[:, None] * inv_freq[None, :]           # [T, HD/2]
-    angle = np.concatenate([angle, angle], axis=-1)                             # [T, HD]
-    return np.cos(angle).astype(dtype), np.sin(angle).astype(dtype)
+# RoPE, half-split ("rotate_half", NeoX layout): element i pairs with i + HD/2. The cos/sin tables are
+# the serving model's (refbitnet.model.rope_tables: float32 angle, as transformers computes it), so the
+# model is trained with exactly the rotation it is served with.
 
 
 def _rotate_half(x):
