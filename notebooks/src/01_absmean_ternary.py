@@ -126,10 +126,10 @@ import refbitnet
 shipped = refbitnet.load()
 names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 shares = np.array([[np.mean(getattr(layer, n).codes() == c) for c in (-1, 0, 1)]
-                   for layer in shipped.layers for n in names])            # [L*7, 3]
+                   for layer in shipped.weights.layers for n in names])            # [L*7, 3]
 entropy = -(shares * np.log2(shares)).sum(axis=1)                          # bits per weight, per matrix
 fig, ax = plt.subplots(figsize=(11, 3))
-labels = [f"{i}.{n[:-5]}" for i in range(len(shipped.layers)) for n in names]
+labels = [f"{i}.{n[:-5]}" for i in range(len(shipped.weights.layers)) for n in names]
 ax.bar(range(len(labels)), shares[:, 0], label="-1")
 ax.bar(range(len(labels)), shares[:, 1], bottom=shares[:, 0], label="0")
 ax.bar(range(len(labels)), shares[:, 2], bottom=shares[:, :2].sum(1), label="+1")

@@ -48,10 +48,10 @@ for name, value in trace.items():
 # ## The layer by hand
 #
 # Every line below is one line of SPEC §2, using the model's own functions and weights
-# (`model.layers[0]` holds the norm weights and the packed projections).
+# (`model.weights.layers[0]` holds the norm weights and the packed projections).
 
 # %%
-w, eps = model.layers[0], cfg.rms_norm_eps
+w, eps = model.weights.layers[0], cfg.rms_norm_eps
 H, KVH, HD = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
 
