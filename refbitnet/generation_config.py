@@ -110,7 +110,8 @@ class GenerationDefaults:
         """What the file alone asks for, in refbitnet's terms (transformers' rules, module docstring)."""
         if not self.do_sample:
             return Sampling(seed=self.seed, max_new_tokens=self.max_new_tokens)
-        pick = {k: getattr(self, k) if getattr(self, k) is not None else v for k, v in HF_SAMPLING_DEFAULTS.items()}
+        pick = {k: getattr(self, k) if getattr(self, k) is not None else default
+                for k, default in HF_SAMPLING_DEFAULTS.items()}
         return Sampling(temperature=pick["temperature"], top_k=pick["top_k"], top_p=pick["top_p"],
                         seed=self.seed, max_new_tokens=self.max_new_tokens)
 

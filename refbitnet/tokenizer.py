@@ -103,7 +103,8 @@ class Tokenizer:
         self.add_bos = (True if add_bos is None else bool(add_bos)) and self.bos_id is not None
         self.chat_template = chat_template
         if template_tokens is None:         # tokenizer.json alone: the specials found by name
-            template_tokens = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.end_of_text_id)}
+            template_tokens = {"bos_token": self._token(self.bos_id),
+                               "eos_token": self._token(self.end_of_text_id)}
         self.template_tokens = {k: v for k, v in template_tokens.items() if isinstance(v, str)}
         self.files = dict(files or {})                  # the JSON of the files read, for save_pretrained
 

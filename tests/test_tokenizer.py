@@ -248,8 +248,8 @@ def hf_from_dir(directory):
 
 def test_specials_named_in_tokenizer_config_as_transformers_reads_them(tmp_path):
     d = write_model_files(tmp_path / "m", ["<unk>", "<s>", "</s>"],
-                          tokenizer_config={"bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True},
-                                            "unk_token": "<unk>"},
+                          tokenizer_config={"bos_token": "<s>", "unk_token": "<unk>", "eos_token": {
+                              "__type": "AddedToken", "content": "</s>", "special": True}},
                           config={"bos_token_id": 1, "eos_token_id": 2})
     tok = load_tokenizer(d)
     hf = hf_from_dir(d)
@@ -335,7 +335,8 @@ def test_too_many_tokens_for_the_config(tmp_path):
 
 def test_save_pretrained_round_trips_specials_and_template(tmp_path):
     d = write_model_files(tmp_path / "m", ["<s>", "</s>"], tokenizer_config={
-        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False, "chat_template": "{{ messages[0].content }}"})
+        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
+        "chat_template": "{{ messages[0].content }}"})
     tok = load_tokenizer(d)
     tok.save_pretrained(tmp_path / "out")
     again = load_tokenizer(tmp_path / "out")
@@ -345,4 +346,5 @@ def test_save_pretrained_round_trips_specials_and_template(tmp_path):
     bare = Tokenizer.from_file(llama3_tokenizer_json())
     bare.save_pretrained(tmp_path / "bare")
     back = load_tokenizer(tmp_path / "bare")
-    assert (back.bos_id, back.end_of_text_id, back.eot_id, back.eos_ids) == (128000, 128001, 128009, (128009, 128001))
+    assert (back.bos_id, back.end_of_text_id, back.eot_id) == (128000, 128001, 128009)
+    assert back.eos_ids == (128009, 128001)
