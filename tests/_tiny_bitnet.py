@@ -114,7 +114,7 @@ def run_transformers(model, ids):
         hooks.append(layer.register_forward_hook(
             lambda mod, args, out, i=i: keep(f"layers.{i}.out", out[0] if isinstance(out, tuple) else out)))
         for name, module in layer.named_modules():
-            if type(module).__name__ == "AutoBitLinear":
+            if type(module).__name__ in ("AutoBitLinear", "BitLinear"):          # release and legacy classes
                 hooks.append(module.register_forward_hook(
                     lambda mod, args, out, key=f"layers.{i}.{name}": keep(key, args[0])))
     hooks.append(model.model.norm.register_forward_hook(lambda mod, args, out: keep("norm", out)))
