@@ -235,9 +235,11 @@ def compare_tensor(name: str, reference, candidate, *, mode: str | None = None, 
     if mode == "ulp":
         parts.append(f"max {extra['max_ulp']} ulp ({fmt}), {extra['n_beyond_ulp']} beyond {ulps}")
     if n_bad:
-        what = "real differences" if benign is not None else ("differ" if mode == "exact" else "outside tolerance")
-        parts.append(f"{n_bad} of {ref.size} {what}; first " + ", ".join(
-            f"at {ix}: reference {r:.9g}, candidate {c:.9g}" for ix, r, c in mism))
+        first = "first " + ", ".join(f"at {ix}: reference {r:.9g}, candidate {c:.9g}" for ix, r, c in mism)
+        if benign is not None:
+            parts.append(f"{n_bad} of {ref.size} real; {first}")
+        else:
+            parts.append(f"{n_bad} of {ref.size} {'differ' if mode == 'exact' else 'outside tolerance'}; {first}")
     elif mode != "exact" and differ.any() and benign is None:
         parts.append(f"{int(differ.sum())} of {ref.size} not bit-equal")
     return TensorCheck(name, max_diff, n_bad == 0, "; ".join(parts), mode, int(differ.sum()), int(ref.size),
