@@ -296,7 +296,7 @@ def run_generate(args, chat_mode: bool) -> int:
 
 def run_perplexity(args) -> int:
     from refbitnet.errors import RefBitNetError
-    from refbitnet.perplexity import DEFAULT_CTX, ProgressBar, perplexity, tokenize_file_text
+    from refbitnet.perplexity import DEFAULT_CTX, ProgressBar, chunk_starts, perplexity, tokenize_file_text
     if args.numerics != "int" and args.backend == "numba":
         args.backend = "numpy"   # the kernels compute the integer form only
         print("note: --numerics fake-quant runs on the numpy backend", file=sys.stderr)
@@ -317,12 +317,9 @@ def run_perplexity(args) -> int:
     print(f"[{model!r}]", file=sys.stderr)
     print(f"[{args.file}: {len(text)} characters, {len(ids)} tokens; chunks of {n_ctx} tokens, "
           f"BOS {'on' if model.tokenizer.add_bos else 'off'}, the second half of each scored]", file=sys.stderr)
-    bar = None
+    bar = ProgressBar(len(chunk_starts(len(ids), n_ctx, args.chunks)), "perplexity")   # checks ctx and length
 
     def on_chunk(done, total, running):
-        nonlocal bar
-        if bar is None:
-            bar = ProgressBar(total, "perplexity")
         bar.update(done, f"PPL {running:.4f}")
 
     bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
