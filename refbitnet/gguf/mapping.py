@@ -325,11 +325,14 @@ def _fold_scale_tensor(gf: GGUFFile, name: str, scale: np.float32) -> np.float32
     return np.float32(scale * factor)
 
 
-def load_gguf(path, *, numerics: str = "int", backend: str = "numpy", tokenizer: bool = True):
-    """Load a bitnet.cpp (I2_S) or llama.cpp (TQ1_0/TQ2_0) BitNet b1.58 GGUF file as a refbitnet Model.
+def load_gguf(path, *, numerics: str = "int", backend: str = "auto", tokenizer: bool = True):
+    """Load a BitNet b1.58 GGUF file (I2_S, TQ1_0 or TQ2_0 projections) as a refbitnet Model.
 
-    With tokenizer=True the file's vocabulary becomes ``model.tokenizer`` (None if the file has none,
-    or if it lacks <|begin_of_text|>, <|end_of_text|>, <|eot_id|>)."""
+    numerics and backend as refbitnet.load. The Numba LM head reads bf16 bits: with backend "numba" an
+    F16/F32 table is converted to bf16 if every value is a bf16 value (GGUFError otherwise); with "auto"
+    it is converted when exact and kept as it is otherwise. With tokenizer=True the file's vocabulary
+    becomes ``model.tokenizer`` (None if the file has none, or if it lacks <|begin_of_text|>,
+    <|end_of_text|>, <|eot_id|>)."""
     from ..checkpoint import model_from_tensors
     from ..errors import TokenizerError
     from .tokenizer_meta import gguf_tokenizer
@@ -342,9 +345,13 @@ def load_gguf(path, *, numerics: str = "int", backend: str = "numpy", tokenizer:
             tok = gguf_tokenizer(gf)
         except TokenizerError:
             tok = None
-    if backend == "numba":           # the Numba LM head reads bf16 bits; F16/F32 tables convert if exact
+    if backend == "numba" or (backend == "auto" and numerics == "int"):
         for hf in ("model.embed_tokens.weight", "lm_head.weight"):
             if hf in tensors and tensors[hf].dtype != np.uint16:
-                tensors[hf] = exact_bf16(tensors[hf], f"{os.fspath(path)}: {hf}")
+                try:
+                    tensors[hf] = exact_bf16(tensors[hf], f"{os.fspath(path)}: {hf}")
+                except GGUFError:
+                    if backend == "numba":
+                        raise
     return model_from_tensors(config, tensors, source=os.fspath(path), numerics=numerics, backend=backend,
                               tokenizer=tok)
