@@ -182,14 +182,16 @@ for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), (
                            ("v5 (8 tokens x 1 row per chunk)", v5._tile, "vpmaddubsw")):
     asm = next(iter(disp.inspect_asm().values()))
     blocks = re.split(r"\n(?=\.LBB)", asm)                     # basic blocks
-    loop = max(blocks, key=lambda b: len(re.findall(marker + r"\s[^\n]*ymm", b)))
+    loop = max(blocks, key=lambda b: len(re.findall(marker + r"\s[^\n]*[xyz]mm", b)))   # any vector width
+    width = sorted(set(re.findall(marker + r"\s[^\n]*?([xyz]mm)", loop)))
     ops = []
     for ln in loop.splitlines()[1:]:                             # up to the loop's closing jump
         if ln.strip() and not ln.strip().startswith((".", "#")):
             ops.append(ln.split()[0])
             if ops[-1].startswith("j"):
                 break
-    print(f"{name}: {len(ops)} instructions per iteration", dict(Counter(ops).most_common(6)))
+    print(f"{name}: {len(ops)} instructions per iteration, {marker} on {'/'.join(width) or 'no vector'} registers",
+          dict(Counter(ops).most_common(6)))
 """
 
 
