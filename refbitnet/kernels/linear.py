@@ -67,8 +67,9 @@ class TernaryLinear:
     packed:       uint8 [N, K/4], ``layouts.pack_kernel`` (byte j of row n: codes + 1 of k = 4j .. 4j+3),
                   C-contiguous, K % 8 == 0, K <= MAX_K (the int32 bound). Kept by reference, not copied.
                   Byte values are not checked (that would be a pass over the weights): a field 3, which
-                  pack_kernel never writes, gives an unspecified result; check untrusted weights once with
-                  layouts.unpack_kernel (kernel="reference" and "v1" do, as they unpack).
+                  pack_kernel never writes, is read in bounds as code 3 (w = +2), but v4/v5's int16 bound
+                  assumes codes <= 2, so many such fields can wrap their sums. Check untrusted weights once
+                  with layouts.unpack_kernel (kernel="reference" and "v1" do, as they unpack).
     weight_scale: float32 scalar / [1] / [N], or a Python number; stored as ``row_scale`` float32 [N].
     kernel:       "auto" (the fastest for each S, see the module docstring) or one of KERNELS.
 
