@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--ctx", "-c", type=int, default=None,
                      help="tokens per chunk (default: 512, or the model's context if shorter)")
     ppl.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
+    ppl.add_argument("--kv-cache", choices=("float32", "float16"), default="float32",
+                     help="KV cache element type: float32 (exact, default) or float16 (llama.cpp's default)")
 
     gguf = sub.add_parser("gguf", help="GGUF files: info, export")
     gsub = gguf.add_subparsers(dest="gguf_command", required=True, metavar="ACTION")
@@ -323,7 +325,8 @@ def run_perplexity(args) -> int:
         bar.update(done, f"PPL {running:.4f}")
 
     bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
-    result = perplexity(model, ids, n_ctx=n_ctx, bos_id=bos, max_chunks=args.chunks, on_chunk=on_chunk)
+    result = perplexity(model, ids, n_ctx=n_ctx, bos_id=bos, max_chunks=args.chunks, kv_dtype=args.kv_cache,
+                        on_chunk=on_chunk)
     print("".join(f"[{i}]{p:.4f}," for i, p in enumerate(result.running, 1)), file=sys.stderr)
     print(result.summary())                             # the command's result: stdout
     return 0

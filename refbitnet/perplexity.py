@@ -80,11 +80,12 @@ def prediction_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return peak[:, 0].astype(np.float64) + np.log(sums) - picked.astype(np.float64)
 
 
-def chunk_logits(model, chunk_ids: np.ndarray, first: int, block: int = FORWARD_BLOCK) -> np.ndarray:
+def chunk_logits(model, chunk_ids: np.ndarray, first: int, block: int = FORWARD_BLOCK,
+                 kv_dtype: str = "float32") -> np.ndarray:
     """Logits float32 [n_ctx - first - 1, V] at positions first .. n_ctx - 2 of one chunk (ids [n_ctx]),
     run from an empty cache in blocks of at most `block` tokens; blocks before `first` skip the LM head."""
     n_ctx = len(chunk_ids)
-    cache = model.new_cache(n_ctx)
+    cache = model.new_cache(n_ctx, kv_dtype=kv_dtype)
     rows = []
     for start in range(0, n_ctx - 1, block):          # the last position predicts nothing inside the chunk
         stop = min(start + block, n_ctx - 1)
@@ -97,11 +98,12 @@ def chunk_logits(model, chunk_ids: np.ndarray, first: int, block: int = FORWARD_
 
 
 def perplexity(model, ids: Sequence[int], n_ctx: int = DEFAULT_CTX, bos_id: int | None = None,
-               max_chunks: int | None = None, block: int = FORWARD_BLOCK,
+               max_chunks: int | None = None, block: int = FORWARD_BLOCK, kv_dtype: str = "float32",
                on_chunk: Callable[[int, int, float], None] | None = None) -> PerplexityResult:
     """Perplexity of the ids of a whole file (already tokenized, with its BOS) by llama-perplexity's method.
 
     bos_id: the id each chunk starts with (None: the chunk's own first id, as llama.cpp without add_bos).
+    kv_dtype: the KV cache's element type, "float32" (exact) or "float16" (llama.cpp's default cache).
     on_chunk(done, total, running_ppl) is called after each chunk (progress reports).
     """
     ids = model.check_ids(ids)                          # int64 [N], each in [0, V)
@@ -119,7 +121,7 @@ def perplexity(model, ids: Sequence[int], n_ctx: int = DEFAULT_CTX, bos_id: int 
         chunk = ids[start:start + n_ctx].copy()
         if bos_id is not None:
             chunk[0] = bos_id                           # every chunk starts like a document
-        logits = chunk_logits(model, chunk, first, block)                             # [n_ctx - first - 1, V]
+        logits = chunk_logits(model, chunk, first, block, kv_dtype)                   # [n_ctx - first - 1, V]
         nll = prediction_nll(logits, chunk[first + 1:])                               # [n_ctx - first - 1]
         nll_sum += float(nll.sum())
         nll2_sum += float((nll * nll).sum())

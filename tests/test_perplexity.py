@@ -100,3 +100,11 @@ def test_progress_callback_and_bar(model):
         bar.update(d, f"PPL {ppl:.4f}")
     lines = out.getvalue().splitlines()
     assert len(lines) == 5 and lines[-1].startswith("perplexity [#") and f"PPL {seen[-1][2]:.4f}" in lines[-1]
+
+
+def test_float16_kv_cache_as_llama_cpp_stores_it(model):
+    # keys and values rounded to float16 when stored: the same chunks, a nearby figure (not the same bits)
+    ids = np.random.default_rng(5).integers(0, 256, size=48)
+    exact = perplexity(model, ids, n_ctx=16, bos_id=1)
+    half = perplexity(model, ids, n_ctx=16, bos_id=1, kv_dtype="float16")
+    assert half.count == exact.count and half.ppl == pytest.approx(exact.ppl, rel=1e-2)
