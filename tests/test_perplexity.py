@@ -107,4 +107,4 @@ def test_float16_kv_cache_as_llama_cpp_stores_it(model):
     ids = np.random.default_rng(5).integers(0, 256, size=48)
     exact = perplexity(model, ids, n_ctx=16, bos_id=1)
     half = perplexity(model, ids, n_ctx=16, bos_id=1, kv_dtype="float16")
-    assert half.count == exact.count and half.ppl == pytest.approx(exact.ppl, rel=1e-2)
+    assert half.count == exact.count and half.nll_mean == pytest.approx(exact.nll_mean, rel=1e-2)
