@@ -359,9 +359,9 @@ def run_gguf(args) -> int:
                 bar = ProgressBar(total, "export")
             bar.update(done)
         options["progress"] = progress
-    else:
-        print(f"[exporting {source} -> {args.out} ({args.layout}) ...]", file=sys.stderr, flush=True)
-    with warnings.catch_warnings(record=True) as caught:
+    print(f"[exporting {source} -> {args.out} ({args.layout})]", file=sys.stderr, flush=True)
+    with warnings.catch_warnings(record=True) as caught, _watch_output(args.out, "export", bar is None
+                                                                      and "progress" not in options):
         warnings.simplefilter("always")
         gguf.save_gguf(source, args.out, **options)
     for w in caught:
@@ -370,6 +370,39 @@ def run_gguf(args) -> int:
           file=sys.stderr)
     print(gguf.describe(args.out))
     return 0
+
+
+class _watch_output:
+    """While a long write runs without progress reports of its own: a status line on stderr every
+    half second (a terminal) or ten seconds (a pipe) with the elapsed time and the MiB written so far."""
+
+    def __init__(self, path, label: str, active: bool = True):
+        self.path, self.label, self.active = path, label, active
+
+    def __enter__(self):
+        import threading
+        self.stop = threading.Event()
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        if self.active:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop.wait(0.5 if self.tty else 10.0):
+            size = os.path.getsize(self.path) / 2**20 if os.path.isfile(self.path) else 0.0
+            line = f"{self.label}: {time.perf_counter() - self.start:.0f} s, {size:.0f} MiB written"
+            print(("\r\x1b[K" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr,
+                  flush=True)
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.stop.set()
+            self.thread.join()
+            if self.tty:
+                print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+        return False
 
 
 def run_dump(args) -> int:
