@@ -248,6 +248,63 @@ def ffn_activation_evidence(engine: dict, layer: int = 0) -> dict:
             "relu2_rel": float(np.abs(relu2 - out).max() / scale)}
 
 
+# ---------------------------------------------------------------------------------------- ggml's tables
+TABLE_TYPES = {"Q8_0": 8, "Q6_K": 14, "Q4_K": 12}     # ggml type ids
+FTYPE_TQ2_0 = 37
+
+
+def ggml_quantized_tables(runner: Path, model, workdir: Path) -> list[dict]:
+    """The engine's own quantizer (llama_model_quantize) rewrites an export's embedding in each of
+    TABLE_TYPES; refbitnet imports each file. Reports whether the ternary codes and scales came back
+    identical, whether the table is exactly gguf.quants.dequantize of the file's bytes rounded to bf16,
+    and its error against the model's bf16 embedding (max |err|, and max |err| / the 32-value block's
+    max |x|). For Q8_0 ggml's quantizer is the reference one gguf.quants reproduces, so the bound of
+    tests/test_gguf_tables.py holds: |err| <= d/2 + 127 max(2**-11 d, 2**-25) + 2**-8 |y|, d = amax/127,
+    plus 2**-25 for the F16 table the quantizer starts from."""
+    import warnings
+
+    import gguf
+    from refbitnet.bf16 import bf16_to_f32, f32_to_bf16
+    from refbitnet.gguf import gguf_to_tensors, read_gguf, save_gguf
+    from refbitnet.gguf.mapping import EngineGraphWarning
+
+    source = workdir / "tables-source.gguf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EngineGraphWarning)
+        save_gguf(model, source, layout="tq2_0", arch="bitnet")   # upstream's quantizer loads "bitnet" only
+    _, original = gguf_to_tensors(source)
+    x = bf16_to_f32(np.asarray(model.release_tensors()["model.embed_tokens.weight"]))     # [V, D]
+    blocks = np.abs(x).reshape(-1, 32).max(axis=-1, keepdims=True)                        # [V*D/32, 1]
+    rows = []
+    for name, type_id in TABLE_TYPES.items():
+        out = workdir / f"tables-{name}.gguf"
+        args = [str(runner), "--quantize", str(source), str(out), str(FTYPE_TQ2_0), str(type_id)]
+        proc = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=600)
+        row = {"type": name, "quantized": proc.returncode == 0}
+        if proc.returncode != 0:
+            row["reason"] = refusal_reason(proc.stderr)
+            rows.append(row)
+            continue
+        _, back = gguf_to_tensors(out)
+        row["codes_identical"] = all(np.array_equal(np.asarray(back[k]), np.asarray(v))
+                                     for k, v in original.items() if k != "model.embed_tokens.weight")
+        raw = np.asarray(read_gguf(out).raw("token_embd.weight")).reshape(x.shape[0], -1)
+        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(type_id))          # float32 [V, D]
+        y = back["model.embed_tokens.weight"]
+        row["table_dtype"] = str(y.dtype)
+        row["exactly_gguf_dequantize"] = bool(np.array_equal(y, f32_to_bf16(values)))
+        err = np.abs(bf16_to_f32(y) - x)
+        row["max_abs_err"] = float(err.max())
+        row["max_err_over_block_amax"] = float((err.reshape(-1, 32) / np.maximum(blocks, 1e-30)).max())
+        if name == "Q8_0":
+            d = blocks / 127
+            bound = (d / 2 + 127 * np.maximum(2.0 ** -11 * d, 2.0 ** -25) + 2.0 ** -25
+                     + 2.0 ** -8 * np.abs(values).reshape(-1, 32) + 2.0 ** -20 * blocks)
+            row["within_q8_0_bound"] = bool(np.all(err.reshape(-1, 32) <= bound))
+        rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- the check
 def run_conformance(runner: Path, n_tokens: int = 32, workdir: Path | None = None) -> dict:
     """Export the shipped model, run every file, return the results (see the module docstring)."""
@@ -284,6 +341,7 @@ def run_conformance(runner: Path, n_tokens: int = 32, workdir: Path | None = Non
             entry["tensors"] = compare_tensors(model.config, trace, run["tensors"])
             entry["ffn_activation"] = ffn_activation_evidence(run["tensors"])
         results["files"].append(entry)
+    results["tables"] = ggml_quantized_tables(runner, model, workdir)
     return results
 
 
@@ -308,6 +366,14 @@ def expectations(results: dict) -> list[str]:
             problems.append(f"{name}: expected a SiLU-gated FFN in the engine, found {act}")
         if all(p["first_divergence"] is None for p in f["prompts"]):
             problems.append(f"{name}: expected greedy text to diverge in some prompt, found none")
+    for t in results.get("tables", []):
+        wanted = {"quantized": True, "codes_identical": True, "exactly_gguf_dequantize": True,
+                  "table_dtype": "uint16"}
+        if t["type"] == "Q8_0":
+            wanted["within_q8_0_bound"] = True
+        found = {k: t.get(k) for k in wanted}
+        if found != wanted:
+            problems.append(f"{t['type']} table from the engine's quantizer: expected {wanted}, found {found}")
     return problems
 
 
@@ -338,6 +404,18 @@ def markdown(results: dict, version: str, n_tokens: int) -> str:
             if act:
                 lines.append(f"- the engine's layer-0 FFN output vs its own gate/up: silu(gate)*up rel "
                              f"{act['silu_rel']:.2g}, relu(gate)²*up rel {act['relu2_rel']:.2g}")
+    if results.get("tables"):
+        lines += ["", "Embeddings written by the engine's own quantizer (llama_model_quantize) and imported by "
+                      "refbitnet (bf16 bits, exactly gguf.quants.dequantize rounded to bf16):", "",
+                  "| type | ternary codes and scales | table = gguf dequantize | max abs err vs bf16 source "
+                  "| max err / block max abs |", "|---|---|---|---|---|"]
+        for t in results["tables"]:
+            if not t["quantized"]:
+                lines.append(f"| {t['type']} | not written: {t.get('reason')} | | | |")
+                continue
+            lines.append(f"| {t['type']} | {'identical' if t['codes_identical'] else 'DIFFER'} | "
+                         f"{'yes' if t['exactly_gguf_dequantize'] else 'NO'} | {t['max_abs_err']:.3g} | "
+                         f"{t['max_err_over_block_amax']:.3g} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,12 +5,16 @@
  * every position), so the logits are the engine's forward pass over the whole sequence.
  *
  *   engine_logits MODEL.gguf OUT_DIR ID0,ID1,... [--tensors]
+ *   engine_logits --quantize IN.gguf OUT.gguf FTYPE EMBEDDING_TYPE
  *
  * Writes OUT_DIR/logits.f32 (float32 [n, V], row-major). With --tensors, every contiguous float32
  * tensor the graph computes ("attn_norm-0", "ffn_sub_out-0", "result_norm", ...) is written, in the
  * order computed, as OUT_DIR/t_<k>.f32 and listed in OUT_DIR/tensors.txt as "k ne0 ne1 ne2 ne3 name"
  * (ne0 innermost; the name last, as it may hold spaces). Exit status: 0 ok,
  * 2 usage or I/O error, 3 the model did not load, 4 the context could not be made, 5 decode failed.
+ * The second form runs the engine's quantizer (llama_model_quantize, what llama-quantize calls) with
+ * llama_ftype FTYPE and the token embedding in ggml type EMBEDDING_TYPE (ids as in ggml.h), so the
+ * script can check that refbitnet imports tables as ggml's own quantizers write them.
  * The engine's own log goes to stderr (the conformance script keeps it as evidence).
  */
 #include <stdio.h>
@@ -68,7 +72,26 @@ static int parse_ids(const char *text, llama_token **out) {
     return n;
 }
 
+static int quantize(int argc, char **argv) {
+    if (argc != 6) {
+        fprintf(stderr, "usage: %s --quantize IN.gguf OUT.gguf FTYPE EMBEDDING_TYPE\n", argv[0]);
+        return 2;
+    }
+    llama_backend_init();
+    struct llama_model_quantize_params qp = llama_model_quantize_default_params();
+    qp.nthread = 2;
+    qp.ftype = (enum llama_ftype) atoi(argv[4]);
+    qp.token_embedding_type = (enum ggml_type) atoi(argv[5]);
+    qp.allow_requantize = true;
+    uint32_t rc = llama_model_quantize(argv[2], argv[3], &qp);
+    llama_backend_free();
+    return rc == 0 ? 0 : 5;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--quantize") == 0) {
+        return quantize(argc, argv);
+    }
     if (argc < 4) {
         fprintf(stderr, "usage: %s MODEL.gguf OUT_DIR ID0,ID1,... [--tensors]\n", argv[0]);
         return 2;

@@ -10,7 +10,8 @@ documentation can follow:
 - "bitnet" TQ2_0 / TQ1_0 files load and compute a SiLU-gated FFN: every intermediate up to layer 0's
   FFN activation agrees with refbitnet's trace, that activation is the first to diverge, the engine's
   own gate/up tensors reproduce its FFN output through silu(gate) * up and not relu(gate)² * up, and
-  greedy text parts from refbitnet's.
+  greedy text parts from refbitnet's;
+- embeddings rewritten by the engine's own quantizer (Q8_0, Q6_K, Q4_K) import into refbitnet.
 Skipped where the sdist cannot be fetched or cmake / a C compiler is missing.
 """
 
@@ -73,3 +74,15 @@ def test_bitnet_loads_and_computes_a_silu_ffn(results, layout):
 
 def test_everything_documented_holds(results):
     assert EC.expectations(results) == []
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q6_K", "Q4_K"])
+def test_tables_from_the_engines_quantizer_import(results, name):
+    """llama_model_quantize (llama-quantize's library call) rewrites an export's embedding: refbitnet
+    reads the file back with the same ternary codes and scales, and the table as exactly gguf's
+    dequantization rounded to bf16; Q8_0 (ggml's reference quantizer) within its stated bound."""
+    t = next(t for t in results["tables"] if t["type"] == name)
+    assert t["quantized"] and t["codes_identical"] and t["exactly_gguf_dequantize"], t
+    assert t["table_dtype"] == "uint16"
+    if name == "Q8_0":
+        assert t["within_q8_0_bound"]
