@@ -230,7 +230,7 @@ def write_results(path, args, out):
     with open(path, "w") as f:
         f.write("# Kernel benchmark (written by benchmarks/bench_kernels.py; regenerate, do not edit)\n\n")
         f.write(f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n- machine: {machine()}\n")
-        f.write(f"- command: `python benchmarks/bench_kernels.py {' '.join(sys.argv[1:])}`"
+        f.write(f"- command: `{' '.join(['python benchmarks/bench_kernels.py'] + sys.argv[1:])}`"
                 f" (rounds {args.rounds}, GEMM {args.gemm_tokens} tokens)\n\n```\n")
         f.write("\n".join(out.lines).rstrip() + "\n```\n")
 
