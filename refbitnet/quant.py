@@ -40,7 +40,7 @@ class Numerics:
 
     The defaults are refbitnet's own numerics (what torch computes in float32); every choice changes
     at most a rounding, so two implementations that differ only here agree to an ulp of a scale and
-    a code one apart at a tie (docs/SPEC.md §6 lists who computes what).
+    a code one apart at a tie (docs/SPEC.md §7 lists who computes what).
 
     act_scale -- the activation scale s = 127 / m, m = max(max|x|, 1e-5):
         "torch": 127 * fl(1 / m), two roundings. torch evaluates ``127 / t`` as
@@ -175,7 +175,7 @@ def absmean_ternary(w: np.ndarray, numerics=None):
 def absmean_scale(w: np.ndarray, numerics=None) -> np.float32:
     """gamma = max(mean(|w|), 1e-5) as float32, accumulated in float32 (numpy's pairwise summation).
 
-    torch sums in another order, so its mean can differ from ours by a few ulps (docs/SPEC.md §3 gives
+    torch sums in another order, so its mean can differ from ours by a few ulps (docs/SPEC.md §3.1 gives
     the measured distance); the codes for a given gamma are identical (``ternary_codes``). With
     quant_dtype "bfloat16" the mean is rounded to bf16, as torch's mean of a bf16 tensor is.
     """

@@ -145,8 +145,8 @@ def test_divide_and_reciprocal_differ_only_at_the_threshold():
 
 
 def test_gamma_numpy_vs_torch_mean_is_within_the_stated_ulps():
-    """docs/SPEC.md §3: numpy's pairwise float32 mean vs torch's float32 mean of |W|, at the 2B4T
-    projection shapes and smaller ones."""
+    """docs/SPEC.md §3.1: numpy's pairwise float32 mean vs torch's float32 mean of |W|, at the 2B4T
+    projection shapes and smaller ones; the page states 0-3 ulp as measured by examples/oracle_gamma_ulps.py."""
     worst = 0
     for seed, shape in enumerate([(640, 2560), (2560, 2560), (6912, 2560), (2560, 6912), (64, 512), (3, 7)]):
         rng = np.random.default_rng(seed)
@@ -155,7 +155,7 @@ def test_gamma_numpy_vs_torch_mean_is_within_the_stated_ulps():
             ours = absmean_scale(w)
             theirs = np.float32(torch.from_numpy(w).abs().mean().item())
             worst = max(worst, abs(int(ours.view(np.int32)) - int(theirs.view(np.int32))))
-    assert worst <= 2
+    assert worst <= 3
 
 
 # ============================================================== onebitllms

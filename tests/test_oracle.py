@@ -1,8 +1,8 @@
 """refbitnet.testing used the way another project's test suite would use it.
 
-The "other implementation" here is a small NumPy BitNet forward written from the SPEC alone: it reads
-a GGUF file's bytes, decodes I2_S with its own decoder, and runs its own integer BitLinear, norms, RoPE
-and attention. Switches reproduce bugs real runtimes shipped: SiLU instead of ReLU² in the FFN, dividing
+The "other implementation" here is a small NumPy BitNet forward written from docs/SPEC.md alone: it
+reads a GGUF file's bytes, decodes I2_S with its own decoder, and runs its own integer BitLinear, norms,
+RoPE and attention. Switches reproduce bugs real runtimes shipped: SiLU instead of ReLU² in the FFN, dividing
 by the weight scale instead of multiplying, and reading I2_S with a 64-element block (ARM builds).
 The oracle must pass the correct implementation and name the layer and tensor where each bug starts.
 """
@@ -58,9 +58,9 @@ def reference(files):
     return oracle.reference_activations(model, IDS)
 
 
-# ================================================================ the other implementation (SPEC only)
+# ================================================================ the other implementation (docs/SPEC.md only)
 def decode_i2s(raw, n, k, block=128):
-    """I2_S as SPEC §5 describes it, with the block size a parameter: element j of a block is in
+    """I2_S as docs/SPEC.md §5 describes it, with the block size a parameter: element j of a block is in
     byte j % (block/4) of the block at shift 6 - 2*(j // (block/4)). bitnet.cpp x86 uses 128."""
     group = block // 4
     body = np.asarray(raw[: n * k // 4]).reshape(-1, group)                   # [blocks, block/4]
@@ -71,7 +71,7 @@ def decode_i2s(raw, n, k, block=128):
 
 
 class OtherImplementation:
-    """A from-SPEC BitNet forward over a bitnet.cpp I2_S GGUF file, with bug switches."""
+    """A from-docs/SPEC.md BitNet forward over a bitnet.cpp I2_S GGUF file, with bug switches."""
 
     def __init__(self, path, ffn="relu2", scale_op="multiply", i2s_block=128, qkv_scale_thirds=False):
         from refbitnet.gguf import read_gguf

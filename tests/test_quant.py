@@ -1,4 +1,5 @@
-"""refbitnet.quant against a torch float32 implementation of SPEC §3 and against transformers' quantizers.
+"""refbitnet.quant against a torch float32 implementation of docs/SPEC.md §3 and against transformers'
+quantizers.
 
 Numerics: float32 throughout (float16/float64 inputs are first converted to float32, as transformers'
 ``ActQuant``/``WeightQuant`` do with ``.float()``). Activation codes and scales are compared
@@ -79,7 +80,8 @@ def float_inputs(draw, min_dims=1, max_dims=3, max_last=40, last=None, ties=True
 # ----------------------------------------------------------------------------- torch references
 
 def torch_absmax_int8(x: np.ndarray):
-    """SPEC §3 activations in torch float32: s = 127 / max(max|x|, 1e-5); xq = clip(round(x * s), -128, 127)."""
+    """docs/SPEC.md §3 activations in torch float32: s = 127 / max(max|x|, 1e-5);
+    xq = clip(round(x * s), -128, 127)."""
     t = torch.from_numpy(np.ascontiguousarray(x)).float()
     s = 127 / t.abs().amax(dim=-1).clamp(min=1e-5)                         # [...]
     xq = (t * s[..., None]).round().clamp(-128, 127).to(torch.int8)         # [..., K]
@@ -87,7 +89,7 @@ def torch_absmax_int8(x: np.ndarray):
 
 
 def torch_absmean(w: np.ndarray):
-    """SPEC §3 weights in torch float32: gamma = max(mean|w|, 1e-5) (torch's summation order)."""
+    """docs/SPEC.md §3 weights in torch float32: gamma = max(mean|w|, 1e-5) (torch's summation order)."""
     return torch.from_numpy(np.ascontiguousarray(w)).float().abs().mean().clamp(min=1e-5).numpy()
 
 
@@ -248,7 +250,7 @@ def test_weight_codes_agree_with_transformers_weightquant_except_at_threshold(w)
 
 
 def test_reciprocal_versus_division_example():
-    # A pinned case: w is one float32 step above 0.5 * gamma. Division (SPEC, refbitnet) gives +1;
+    # A pinned case: w is one float32 step above 0.5 * gamma. Division (docs/SPEC.md, refbitnet) gives +1;
     # transformers' w * fl(1/gamma) gives 0.
     gamma, w = np.float32(0.9487008), np.float32(0.47435042)
     assert w > np.float32(0.5) * gamma
