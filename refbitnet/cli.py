@@ -411,7 +411,12 @@ def run_dump(args) -> int:
         from refbitnet.testing.__main__ import main as testing_main
     except ImportError:
         raise RefBitNetError("dump: this refbitnet build has no `python -m refbitnet.testing dump` yet") from None
-    return testing_main(["dump"] + list(args.args)) or 0
+    rest = list(args.args)
+    if "--model" in rest[:-1]:                        # a hub id works here as everywhere
+        from refbitnet import hub
+        where = rest.index("--model") + 1
+        rest[where] = str(hub.resolve(rest[where]))
+    return testing_main(["dump"] + rest) or 0
 
 
 # ================================================================================ entry points

@@ -237,6 +237,19 @@ def test_the_console_entry_point_in_a_fresh_process(bad_dirs):
     assert all(c in done.stdout for c in ("generate", "chat", "perplexity", "gguf", "dump"))
 
 
+def test_dump_is_the_oracles_dump(model_dir, tmp_path, capsys):
+    pytest.importorskip("refbitnet.testing.__main__")
+    from safetensors.numpy import load_file
+    out = tmp_path / "acts.safetensors"
+    code, text, err = run(["dump", "activations", "--model", str(model_dir), "--ids", "1,5,9", "--out", str(out)],
+                          capsys)
+    assert code == 0 and out.exists() and "wrote" in text
+    assert len(load_file(str(out))) > 0
+    code, _, err = run(["dump", "activations", "--model", str(tmp_path / "none"), "--ids", "1", "--out",
+                        str(out)], capsys)
+    assert code != 0 and "Traceback" not in err and err.count("error:") == 1
+
+
 def test_examples_generate_is_the_generate_command():
     import importlib.util
     path = os.path.join(REPO, "examples", "generate.py")
