@@ -298,7 +298,8 @@ def run_generate(args, chat_mode: bool) -> int:
 
 def run_perplexity(args) -> int:
     from refbitnet.errors import RefBitNetError
-    from refbitnet.perplexity import DEFAULT_CTX, ProgressBar, chunk_starts, perplexity, tokenize_file_text
+    from refbitnet.perplexity import (DEFAULT_CTX, ProgressBar, check_ctx, chunk_starts, perplexity,
+                                      tokenize_file_text)
     if args.numerics != "int" and args.backend == "numba":
         args.backend = "numpy"   # the kernels compute the integer form only
         print("note: --numerics fake-quant runs on the numpy backend", file=sys.stderr)
@@ -314,7 +315,8 @@ def run_perplexity(args) -> int:
     if args.threads is not None and model.backend == "numba":
         from refbitnet import kernels
         kernels.set_num_threads(args.threads)
-    n_ctx = args.ctx if args.ctx is not None else min(DEFAULT_CTX, model.config.max_position_embeddings)
+    default_ctx = min(DEFAULT_CTX, model.config.max_position_embeddings)
+    n_ctx = check_ctx(model, args.ctx if args.ctx is not None else default_ctx)
     ids = tokenize_file_text(model.tokenizer, text)
     print(f"[{model!r}]", file=sys.stderr)
     print(f"[{args.file}: {len(text)} characters, {len(ids)} tokens; chunks of {n_ctx} tokens, "

@@ -69,6 +69,17 @@ def chunk_starts(n_tokens: int, n_ctx: int, max_chunks: int | None = None) -> li
     return [i * n_ctx for i in range(n_chunk)]
 
 
+def check_ctx(model, n_ctx) -> int:
+    """n_ctx as an int, at most the model's context (max_position_embeddings)."""
+    from .checks import check_int
+    n_ctx = check_int(n_ctx, "ctx", lo=4)
+    context = model.config.max_position_embeddings
+    if n_ctx > context:
+        raise RefBitNetError(f"ctx: {n_ctx} tokens exceeds the model's context of {context} "
+                             f"(max_position_embeddings)")
+    return n_ctx
+
+
 def prediction_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Negative log-likelihood of each target: logits float32 [N, V], targets int [N] -> float64 [N].
 
@@ -107,11 +118,7 @@ def perplexity(model, ids: Sequence[int], n_ctx: int = DEFAULT_CTX, bos_id: int 
     on_chunk(done, total, running_ppl) is called after each chunk (progress reports).
     """
     ids = model.check_ids(ids)                          # int64 [N], each in [0, V)
-    n_ctx = int(n_ctx)
-    context = model.config.max_position_embeddings
-    if n_ctx > context:
-        raise RefBitNetError(f"ctx: {n_ctx} tokens exceeds the model's context of {context} "
-                             f"(max_position_embeddings)")
+    n_ctx = check_ctx(model, n_ctx)
     starts = chunk_starts(len(ids), n_ctx, max_chunks)
     first = n_ctx // 2
     nll_sum = nll2_sum = 0.0

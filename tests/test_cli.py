@@ -175,6 +175,9 @@ def bad_dirs(tmp_path_factory, model_dir):
     for name in ("config.json", "model.safetensors"):
         os.symlink(model_dir / name, base / "broken_tok" / name)
     (base / "broken_tok" / "tokenizer.json").write_text("{ nope")
+    (base / "no_tok").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(model_dir / name, base / "no_tok" / name)
     (base / "bad_gen").mkdir()
     for name in os.listdir(model_dir):
         if name != "generation_config.json":
@@ -192,6 +195,8 @@ BAD = [
     (["chat", "--model", "{b}/llama"], "architectures: expected one of"),
     (["generate", "--model", "{b}/broken_tok"], "not a valid tokenizer.json"),
     (["generate", "--model", "{b}/bad_gen"], "temperature: expected a number >= 0"),
+    (["generate", "--model", "{b}/no_tok"], "has no tokenizer.json"),
+    (["perplexity", "--model", "{b}/no_tok", "--file", "{b}/text.txt"], "has no tokenizer.json"),
     (["generate", "--model", "{b}/missing"], "no such file or directory"),
     (["generate", "--model", "nobody/nothing"], "huggingface-cli download nobody/nothing"),
     (["generate", "--model", "{b}/text.txt"], "expected a model directory or a .gguf file"),
@@ -269,6 +274,12 @@ def test_the_shipped_model_samples_its_defaults_and_greedy_is_one_flag_away(caps
     want = model.generate(cli.DEFAULT_PROMPT, 16, temperature=0.0)
     assert greedy == cli.DEFAULT_PROMPT + model.tokenizer.decode(want) + "\n" and "[greedy decoding]" in err
     assert greedy != sampled
+
+
+def test_a_model_without_a_tokenizer_loads_and_runs_on_ids(bad_dirs, model):
+    m, _ = cli.load_model(str(bad_dirs / "no_tok"), backend="numpy")
+    assert m.tokenizer is None
+    assert m.generate([1, 5, 9], 4, temperature=0.0) == model.generate([1, 5, 9], 4, temperature=0.0, stop=[2])
 
 
 def test_numbers_arrays_for_the_test_are_real(model):

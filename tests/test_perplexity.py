@@ -81,7 +81,7 @@ def test_prediction_nll_matches_log_softmax():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(ids=list(range(15)), n_ctx=8), "only 15 tokens.*at least 16"),
     (dict(ids=[5] * 300, n_ctx=200), "exceeds the model's context of 128"),
-    (dict(ids=list(range(30)), n_ctx=3), "at least 4 tokens per chunk"),
+    (dict(ids=list(range(30)), n_ctx=3), "ctx: expected 4 <= ctx"),
     (dict(ids=list(range(30)), n_ctx=8, max_chunks=0), "chunks: expected at least 1"),
     (dict(ids=[1, 2, 999] * 10, n_ctx=8), r"\[0, 256\)"),
 ])
