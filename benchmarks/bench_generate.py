@@ -136,8 +136,8 @@ def _mib_gb(mib):
     return f"{mib:>5.0f} MiB {mib * 2**20 / 1e9:>4.2f} GB"
 
 
-def run_child(extra, env):
-    cmd = [sys.executable, os.path.abspath(__file__)] + extra
+def run_child(extra, env, script=None):
+    cmd = [sys.executable, script or os.path.abspath(__file__)] + extra
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
@@ -188,6 +188,10 @@ def main():
                     help="KV cache element type (default float32, the exact reference)")
     ap.add_argument("--transformers", action="store_true", help="also time transformers' BitNetForCausalLM")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--against", metavar="TREE",
+                    help="another refbitnet checkout (e.g. a git worktree of an older commit): time it and this "
+                         "one in alternating warm processes instead of the runs above, and print both")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --against")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-transformers", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -206,6 +210,8 @@ def main():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = ["--model", args.model, "--prompt", str(args.prompt), "--decode", str(args.decode),
               "--context", str(args.context), "--kv-cache", args.kv_cache, "--child"]
+    if args.against:
+        return compare_trees(args, common)
     runs = []
     with tempfile.TemporaryDirectory() as numba_cache:
         env["NUMBA_CACHE_DIR"] = numba_cache
@@ -259,6 +265,36 @@ def main():
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, bytes_per_token=per_token, kv_cache=args.kv_cache,
                            rss_unit="MiB (ru_maxrss KiB / 1024)", runs=rows, loadavg=os.getloadavg()), f, indent=1)
+
+
+def compare_trees(args, common):
+    """This checkout and args.against, each in its own warm process (own Numba cache, compiled once
+    before the first round), alternating for args.rounds rounds at max(args.threads) threads."""
+    threads = ["--threads", str(max(args.threads))]
+    trees = {"this": ROOT, "against": os.path.abspath(args.against)}
+    results = {name: [] for name in trees}
+    with tempfile.TemporaryDirectory() as caches:
+        envs = {}
+        for name, tree in trees.items():
+            envs[name] = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                              NUMBA_CACHE_DIR=os.path.join(caches, name))
+            run_child(common + threads, envs[name], script=os.path.join(tree, "benchmarks", "bench_generate.py"))
+        for _ in range(args.rounds):
+            for name, tree in trees.items():
+                results[name].append(run_child(common + threads, envs[name],
+                                               script=os.path.join(tree, "benchmarks", "bench_generate.py")))
+    print(f"{'round':>5} {'tree':8} {'prefill t/s':>11} {'decode t/s':>10} {'peak RSS MiB':>12} {'loadavg':>9}")
+    for i in range(args.rounds):
+        for name in trees:
+            r = results[name][i]
+            print(f"{i + 1:>5} {name:8} {r['prefill_tokens_per_s']:>11.1f} {r['decode_tokens_per_s']:>10.2f} "
+                  f"{r['peak_rss_mb']:>12.0f} {r['loadavg'][0]:>4.1f}/{r['loadavg'][1]:<4.1f}")
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        ratios = [a[key] / b[key] for a, b in zip(results["this"], results["against"])]
+        print(f"{key}: this / against per round {', '.join(f'{x:.2f}' for x in ratios)}; "
+              f"median {sorted(ratios)[len(ratios) // 2]:.2f}")
+    print(f"(this = {trees['this']}, against = {trees['against']}; {max(args.threads)} threads, prompt "
+          f"{args.prompt}, decode {args.decode}, KV cache {args.kv_cache} x {args.context})")
 
 
 if __name__ == "__main__":
