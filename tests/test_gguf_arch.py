@@ -40,6 +40,7 @@ def test_every_layout_is_written_as_bitnet_b158(tmp_path, tensors, layout):
     gf = read_gguf(path)
     assert gf.metadata["general.architecture"] == "bitnet-b1.58"
     assert gf.metadata["bitnet-b1.58.block_count"] == TINY.num_hidden_layers
+    assert gf.metadata["bitnet-b1.58.hidden_activation"] == "relu2"     # llama.cpp's key for the FFN act
     assert not any("rope.scaling" in k for k in gf.metadata)
     config, back = gguf_to_tensors(path)
     assert config == TINY
@@ -54,6 +55,7 @@ def test_bitnet_only_when_asked_and_with_a_warning(tmp_path, tensors, layout):
     gf = read_gguf(path)
     assert gf.metadata["general.architecture"] == "bitnet"
     assert gf.metadata["bitnet.rope.scaling.type"] == "linear"          # as llama.cpp's converter writes
+    assert gf.metadata["bitnet.hidden_activation"] == "relu2"
     config, back = gguf_to_tensors(path)
     assert config == TINY
     assert_same_codes(back, tensors)
@@ -115,3 +117,14 @@ def test_command_line_arch(tmp_path, capsys):
     assert main(["export", str(tmp_path / "ckpt"), str(out), "--layout", "tq1_0"]) == 0
     assert capsys.readouterr().err == ""
     assert read_gguf(out).metadata["general.architecture"] == "bitnet-b1.58"
+
+
+def test_a_file_that_says_another_activation_is_refused(tmp_path):
+    from test_gguf import gguf_bytes, hand_built_model
+    kv, tensors, *_ = hand_built_model(TINY)
+    path = tmp_path / "silu.gguf"
+    path.write_bytes(gguf_bytes(kv + [("bitnet-b1.58.hidden_activation", 8, "silu")], tensors))
+    with pytest.raises(GGUFError, match=r"hidden_activation: expected 'relu2'.*found 'silu'"):
+        gguf_to_tensors(path)
+    path.write_bytes(gguf_bytes(kv + [("bitnet-b1.58.hidden_activation", 8, "relu2")], tensors))
+    assert gguf_to_tensors(path)[0] == TINY

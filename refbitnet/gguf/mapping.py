@@ -201,6 +201,10 @@ def gguf_config(gf: GGUFFile) -> Config:
     n_head = key("attention.head_count")
     if d <= 0 or n_head <= 0:
         raise GGUFError(f"{gf.path}: expected positive embedding_length and head_count, found {d} and {n_head}")
+    act = gf.get(f"{arch}.hidden_activation")
+    if act is not None and act != "relu2":
+        raise GGUFError(f"{gf.path}: {arch}.hidden_activation: expected 'relu2' (BitNet b1.58's squared ReLU), "
+                        f"found {act!r}")
     rope_dim = key("rope.dimension_count", required=False)
     if rope_dim is not None and rope_dim != d // n_head:
         raise GGUFError(f"{gf.path}: {arch}.rope.dimension_count is {rope_dim}; refbitnet rotates the whole "

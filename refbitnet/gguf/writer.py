@@ -45,6 +45,7 @@ LAYOUT_TYPES = {"i2_s": I2_S, "tq2_0": TQ2_0, "tq1_0": TQ1_0}
 # general.file_type (llama_ftype) written for each layout: bitnet.cpp's MOSTLY_I2_S is 40 in its fork.
 FILE_TYPES = {"i2_s": 40, "tq1_0": 36, "tq2_0": 37}
 EMBEDDING_TYPES = ("f16", "bf16", "f32")
+HIDDEN_ACTIVATION = "relu2"              # config.json's hidden_act of BitNet b1.58
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14
 
@@ -136,6 +137,9 @@ def _add_hyperparameters(w, config: Config, arch: str, layout: str) -> None:
     w.add_head_count_kv(config.num_key_value_heads)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(config.rope_theta)
+    # The FFN activation, in the key llama.cpp defines for it ("{arch}.hidden_activation"; engines that do
+    # not read it ignore it): says what the file computes, so an engine that honours it can build ReLU².
+    w.add_string(f"{arch}.hidden_activation", HIDDEN_ACTIVATION)
     if arch == "bitnet":                           # as llama.cpp's BitnetModel converter writes
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(1.0)
