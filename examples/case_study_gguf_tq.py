@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     ok = True
 
     print("\n1. packing already-ternary weights W = codes * gamma (all-zero blocks included)")
-    for qtype, layout in ((gguf.GGMLQuantizationType.TQ2_0, "tq2_0"), (gguf.GGMLQuantizationType.TQ1_0, "tq1_0")):
+    types = gguf.GGMLQuantizationType
+    for qtype, layout in ((types.TQ2_0, "tq2_0"), (types.TQ1_0, "tq1_0")):
         for name, (n, k) in SHAPES.items():
             latent = rng.standard_normal((n, k)).astype(np.float32) * 0.02
             codes, gamma = quantize_weights(latent)

@@ -95,7 +95,8 @@ def main(argv=None) -> int:
         c = compare_tensor(name, ours, codes_t.float().numpy().astype(np.int8), mode="exact")
         stored = np.float32(scale_t.float().item())
         same_scale = stored == bf16_values(np.float32(1) / gamma)
-        ok &= line(f"{name:13s} codes", c.ok, f"{c.n_differ} of {c.n_total} differ; stored scale {float(stored)!r} "
+        ok &= line(f"{name:13s} codes", c.ok, f"{c.n_differ} of {c.n_total} differ; "
+                                              f"stored scale {float(stored)!r} "
                                               f"{'=' if same_scale else '!='} bf16(1 / {float(gamma)!r})")
         ok &= same_scale
         dflt = compare_ternary_codes(name, wf, codes_t.float().numpy().astype(np.int8), within=2.0 ** -8)
@@ -125,8 +126,10 @@ def main(argv=None) -> int:
                                                                                  dtype="bfloat16")
         ours = fake_quantize_activations(xt.float().numpy(), numerics)
         c = compare_tensor("x_quant", ours, theirs, mode="exact")
-        ok &= line(f"activation_quant {str(dtype)[6:]:8s} vs '{preset}'", c.ok, f"{c.n_differ} of {c.n_total} differ")
-        codes_t = np.rint(theirs * (np.float32(127) / np.maximum(np.abs(xt.float().numpy()).max(-1), 1e-5))[:, None])
+        ok &= line(f"activation_quant {str(dtype)[6:]:8s} vs '{preset}'", c.ok,
+                   f"{c.n_differ} of {c.n_total} differ")
+        s_ieee = np.float32(127) / np.maximum(np.abs(xt.float().numpy()).max(-1), np.float32(1e-5))
+        codes_t = np.rint(theirs * s_ieee[:, None])                     # their codes back from xq / s
         dflt = compare_int8_codes("xq", xt.float().numpy(), np.clip(codes_t, -128, 127).astype(np.int8))
         print(f"       vs refbitnet's ties to even: {dflt.detail or 'equal'}")
     if gpu:

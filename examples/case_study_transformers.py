@@ -108,14 +108,15 @@ def main(argv=None) -> int:
         inv = np.float32(1) / gamma_t
         codes = ternary_codes(wf, gamma_t, "transformers-bf16")
         same = np.array_equal(wq, bf16_values(codes.astype(np.float32) / inv))
-        ok &= line(f"{name:13s} rule w * fl(1/gamma) with torch's gamma", same, "bit for bit" if same else "differs")
+        ok &= line(f"{name:13s} rule w * fl(1/gamma) with torch's gamma", same,
+                   "bit for bit" if same else "differs")
         gamma_np = absmean_scale(wf)
         ulps = abs(int(gamma_np.view(np.int32)) - int(gamma_t.view(np.int32)))
         their_codes = np.rint(wq * inv).astype(np.int8)
         check = compare_ternary_codes(name, wf, their_codes, numerics=Numerics(weight_round="reciprocal"))
         div = compare_ternary_codes(name, wf, their_codes, gamma=gamma_t)
-        print(f"       gamma NumPy vs torch: {ulps} ulp apart; codes with refbitnet's gamma: {check.detail or 'equal'}; "
-              f"dividing instead (refbitnet's default): {div.detail or 'equal'}")
+        print(f"       gamma NumPy vs torch: {ulps} ulp apart; codes with refbitnet's gamma: "
+              f"{check.detail or 'equal'}; dividing instead (refbitnet's default): {div.detail or 'equal'}")
 
     print("\n3. legacy BitLinear (no linear_class) in a bf16 model")
     layer = bitnet.BitLinear(2560, 640, False, dtype=torch.bfloat16)
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
         layer.weight.copy_(pack_weights(torch.from_numpy(codes.astype(np.int64)).clone()))
         layer.weight_scale.fill_(float(stored))
         y_t = layer(xb)
-    ref = reference_bitlinear(xb, codes, weight_scale=np.float32(1) / stored, numerics="transformers-legacy-bf16")
+    ref = reference_bitlinear(xb, codes, weight_scale=np.float32(1) / stored,
+                              numerics="transformers-legacy-bf16")
     # their epilogue, from refbitnet's integers: F.linear in bf16 rounds acc to bf16, then
     # y / (weight_scale * s) with the product and the quotient each rounded to bf16
     acc_b = bf16_values(ref.acc.astype(np.float32))
@@ -157,13 +159,16 @@ def main(argv=None) -> int:
             lin.weight.copy_(torch.from_numpy(codes.astype(np.float32)).to(torch.bfloat16))
             lin.weight_scale.fill_(float(gamma))
             y_t = lin(torch.from_numpy(xk).to(torch.bfloat16))
-        ref = reference_bitlinear(xk, codes, weight_scale=gamma, numerics="transformers-bf16", form="fake-quant")
+        ref = reference_bitlinear(xk, codes, weight_scale=gamma, numerics="transformers-bf16",
+                                  form="fake-quant")
         c = compare_tensor(name, ref.y, y_t, mode="ulp", dtype="bfloat16", ulps=1)
-        ok &= line(f"{name:13s} [{n}, {k}]", c.ok, f"max {c.max_ulp} bf16 ulp, {c.n_differ} of {c.n_total} not "
-                                                    f"bit-equal (bound 1 ulp: torch's float32 accumulation order)")
-    print(f"\npresets used: " + ", ".join(f"{k}={NUMERICS[k]}" for k in ("transformers-bf16", "transformers-legacy-bf16")))
-    print("verdict: " + ("transformers' BitNet quantizers are refbitnet's numerics presets bit for bit; the bf16 layers "
-                         "agree within their bounds" if ok else "DIFFERENCES FOUND (see DIFF lines)"))
+        ok &= line(f"{name:13s} [{n}, {k}]", c.ok, f"max {c.max_ulp} bf16 ulp, {c.n_differ} of {c.n_total} "
+                                                    f"not bit-equal (bound 1 ulp: torch's accumulation order)")
+    print()
+    for name in ("transformers-bf16", "transformers-legacy-bf16"):
+        print(f"preset {name}: {NUMERICS[name]}")
+    print("verdict: " + ("transformers' BitNet quantizers are refbitnet's numerics presets bit for bit; the bf16 "
+                         "layers agree within their bounds" if ok else "DIFFERENCES FOUND (see DIFF lines)"))
     return 0 if ok else 1
 
 

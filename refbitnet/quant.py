@@ -207,7 +207,7 @@ def ternary_codes(w: np.ndarray, gamma, numerics=None) -> np.ndarray:
     if not (np.isfinite(gamma) and gamma > 0):
         raise RefBitNetError(f"gamma: expected a positive finite scale, found {gamma}")
     if num.is_default:
-        with np.errstate(over="ignore"):                                 # |w| / tiny gamma -> inf -> clipped to 1
+        with np.errstate(over="ignore"):                             # |w| / tiny gamma -> inf -> clipped to 1
             return np.clip(np.round(w32 / gamma), -1, 1).astype(np.int8)
     rnd = bf16_values if num.quant_dtype == "bfloat16" else (lambda a: a)
     if num.quant_dtype == "bfloat16":
@@ -261,7 +261,7 @@ def absmax_int8(x: np.ndarray, numerics=None):
     if num.is_default:
         absmax = np.max(np.abs(x32), axis=-1)                             # [...]
         inv = (np.float32(1.0) / np.maximum(absmax, ACT_ABSMAX_MIN)).astype(np.float32)  # [...]
-        s = (np.float32(127.0) * inv).astype(np.float32)                 # [...], torch's 127 / t (see docstring)
+        s = (np.float32(127.0) * inv).astype(np.float32)             # [...], torch's 127 / t (see docstring)
         xq = np.clip(np.round(x32 * s[..., None]), -128, 127).astype(np.int8)  # [..., K]
         return xq, s
     if num.dtype == "bfloat16":

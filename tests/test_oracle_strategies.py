@@ -11,7 +11,8 @@ from refbitnet.testing.dump import LAYOUT_MULTIPLES
 
 
 @settings(max_examples=40)
-@given(st.sampled_from(oracle.LAYOUTS).flatmap(lambda layout: st.tuples(st.just(layout), bst.bitlinear_cases(layout))))
+@given(st.sampled_from(oracle.LAYOUTS).flatmap(
+    lambda layout: st.tuples(st.just(layout), bst.bitlinear_cases(layout))))
 def test_every_layout_gives_the_same_bitlinear(case):
     layout, (x, codes, scale) = case
     n, k = codes.shape

@@ -58,7 +58,8 @@ from .reference import (INTEGER_PARTS, PROJECTION_INPUTS, TRACE_TENSORS, load_re
 
 __all__ = [
     "LAYOUTS", "TRACE_TENSORS", "PROJECTION_INPUTS", "INTEGER_PARTS", "encode", "decode",
-    "reference_bitlinear", "BitLinearOutput", "quantize_weights", "quantize_activations", "NUMERICS", "Numerics",
+    "reference_bitlinear", "BitLinearOutput", "quantize_weights", "quantize_activations", "NUMERICS",
+    "Numerics",
     "load_reference_model", "reference_activations", "trace_names", "TensorCheck", "Report", "compare_tensor",
     "compare_int8_codes", "compare_ternary_codes", "ulp_distance", "compare_activations",
     "assert_activations_match", "as_array",

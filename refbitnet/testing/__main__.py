@@ -41,8 +41,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     dump = sub.add_parser("dump", help="write reference tensors to a .safetensors file")
     kinds = dump.add_subparsers(dest="kind", required=True)
-    act = kinds.add_parser("activations", help="every trace tensor and each projection's xq, s, acc for token ids")
-    act.add_argument("--model", default=None, help="a model directory or .gguf file (default: the shipped model)")
+    act = kinds.add_parser("activations",
+                           help="every trace tensor and each projection's xq, s, acc for token ids")
+    act.add_argument("--model", default=None,
+                     help="a model directory or .gguf file (default: the shipped model)")
     act.add_argument("--ids", type=_ids, required=True, help="comma-separated token ids, e.g. 128000,791,4062")
     act.add_argument("--no-integers", action="store_true", help="leave out the .xq/.s/.acc intermediates")
     act.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -67,7 +69,8 @@ def main(argv=None) -> int:
             if args.tokens < 1:
                 raise RefBitNetError(f"tokens: expected at least 1, found {args.tokens}")
             n, k = args.shape
-            g = dump_golden(args.out, args.layout, n, k, tokens=args.tokens, seed=args.seed, numerics=args.numerics)
+            g = dump_golden(args.out, args.layout, n, k, tokens=args.tokens, seed=args.seed,
+                            numerics=args.numerics)
             print(f"wrote golden vectors of a {args.layout} BitLinear [{n}, {k}], {args.tokens} tokens "
                   f"({g['packed'].nbytes} packed bytes) to {args.out}")
     except (RefBitNetError, OSError) as e:

@@ -219,7 +219,8 @@ def compare_tensor(name: str, reference, candidate, *, mode: str | None = None, 
     if quotient is not None:
         q = as_float_array(quotient, "quotient")
         if q.shape != ref.shape:
-            raise RefBitNetError(f"quotient: expected the reference's shape {list(ref.shape)}, found {list(q.shape)}")
+            raise RefBitNetError(f"quotient: expected the reference's shape {list(ref.shape)}, "
+                                 f"found {list(q.shape)}")
         if codes is None:
             raise RefBitNetError("codes: expected 'int8' or 'ternary' with quotient=")
         w = DEFAULT_WITHIN if within is None else float(within)
@@ -325,7 +326,8 @@ def compare_activations(reference: Mapping[str, np.ndarray], candidate: Mapping[
             tensor_mode = "exact" if ref_arr.dtype.kind in "iu" else mode
             check = compare_tensor(name, ref, cand, mode=tensor_mode, atol=a, rtol=r)
             if note:
-                check = TensorCheck(**{**check.__dict__, "detail": "; ".join(p for p in (note, check.detail) if p)})
+                detail = "; ".join(p for p in (note, check.detail) if p)
+                check = TensorCheck(**{**check.__dict__, "detail": detail})
         checks.append(check)
         if print_fn is not None:
             print_fn(check.line())

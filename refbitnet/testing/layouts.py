@@ -1,4 +1,5 @@
-"""Every packed layout of a ternary weight, in and out: ``encode`` / ``decode`` and microsoft/BitNet's GPU format.
+"""Every packed layout of a ternary weight, in and out: ``encode`` / ``decode``, and microsoft/BitNet's
+GPU format.
 
 The layouts themselves live in :mod:`refbitnet.layouts` (and docs/SPEC.md §4-§5); this module gives them
 one door by name, and defines ``pack_bitnet_gpu`` / ``unpack_bitnet_gpu``, a layout refbitnet never loads

@@ -29,12 +29,14 @@ def pytest_addoption(parser):
     group.addoption("--refbitnet-model", action="store", default=None, metavar="PATH",
                     help=f"model directory or .gguf file for the refbitnet_model fixture (or ${ENV}; "
                          f"default: the model shipped with refbitnet)")
-    parser.addini("refbitnet_model", "model directory or .gguf file for the refbitnet_model fixture", default=None)
+    parser.addini("refbitnet_model", "model directory or .gguf file for the refbitnet_model fixture",
+                  default=None)
 
 
 def model_path(config):
     """The model the options name, or None for refbitnet's shipped model."""
-    return config.getoption("--refbitnet-model") or config.getini("refbitnet_model") or os.environ.get(ENV) or None
+    return (config.getoption("--refbitnet-model") or config.getini("refbitnet_model") or os.environ.get(ENV)
+            or None)
 
 
 def pytest_report_header(config):

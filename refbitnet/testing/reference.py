@@ -46,7 +46,8 @@ def _form_and_rules(numerics, form):
     """numerics="int"/"fake-quant" is the form (refbitnet's first API); a preset name or Numerics the rules."""
     if isinstance(numerics, str) and numerics in ("int", "fake-quant"):
         if form is not None and form != numerics:
-            raise RefBitNetError(f"form: expected {numerics!r} to agree with numerics={numerics!r}, found {form!r}")
+            raise RefBitNetError(f"form: expected {numerics!r} to agree with numerics={numerics!r}, "
+                                 f"found {form!r}")
         return numerics, None
     form = "int" if form is None else form
     if form not in ("int", "fake-quant"):
@@ -101,7 +102,8 @@ def _is_model(model) -> bool:
     return isinstance(model, refbitnet.Model)
 
 
-def reference_activations(model, ids, *, numerics: str = "int", integers: bool = False) -> dict[str, np.ndarray]:
+def reference_activations(model, ids, *, numerics: str = "int",
+                          integers: bool = False) -> dict[str, np.ndarray]:
     """Every named intermediate of refbitnet's forward pass over token ids [S] (positions 0..S-1).
 
     model: a refbitnet Model (its own numerics apply), or a checkpoint directory / GGUF path, loaded

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for the inputs that break BitNet code (needs ``hypothesis``; ``pip install hypothesis``).
+"""Hypothesis strategies for the inputs that break BitNet code (needs ``pip install hypothesis``).
 
 Random gaussians almost never hit the cases where implementations differ or crash. These draw them on
 purpose:
