@@ -123,3 +123,48 @@ def test_unreadable_tensors_are_clear_errors():
         oracle.compare_tensor("z", np.ones(2), torch.ones(2, dtype=torch.complex64))
     with pytest.raises(RefBitNetTypeError):
         oracle.quantize_activations(torch.ones((2, 8), dtype=torch.int8))
+
+
+def test_every_public_function_takes_tensors(layer, files, reference):      # noqa: F811
+    """One call per public function of refbitnet.testing with torch tensors for every array argument;
+    a new public function must be added here."""
+    w, x = layer
+    T = torch.from_numpy
+    codes, gamma = oracle.quantize_weights(w)
+    c, g = T(codes), torch.tensor(float(gamma))
+    model = oracle.load_reference_model(files["i2_s"])
+    xq, _ = oracle.quantize_activations(x)
+    calls = {
+        "encode": lambda: oracle.encode(c, "kernel"),
+        "decode": lambda: oracle.decode(T(oracle.encode(codes, "hf")), "hf"),
+        "reference_bitlinear": lambda: oracle.reference_bitlinear(T(x), c, weight_scale=g),
+        "quantize_weights": lambda: oracle.quantize_weights(T(w)),
+        "quantize_activations": lambda: oracle.quantize_activations(T(x)),
+        "load_reference_model": lambda: model,
+        "reference_activations": lambda: oracle.reference_activations(model, T(IDS)),
+        "trace_names": lambda: oracle.trace_names(2),
+        "compare_tensor": lambda: oracle.compare_tensor("x", T(x), T(x).to(torch.bfloat16)),
+        "compare_int8_codes": lambda: oracle.compare_int8_codes("xq", T(x), T(xq)),
+        "compare_ternary_codes": lambda: oracle.compare_ternary_codes("w", T(w), c, gamma=g),
+        "ulp_distance": lambda: oracle.ulp_distance(T(x), T(x)),
+        "compare_activations": lambda: oracle.compare_activations(reference, {"logits": T(reference["logits"])},
+                                                                  print_fn=None),
+        "assert_activations_match": lambda: oracle.assert_activations_match(
+            reference, {"logits": T(reference["logits"])}, print_fn=None),
+        "as_array": lambda: oracle.as_array(T(x)),
+        "pack_bitnet_gpu": lambda: oracle.pack_bitnet_gpu(c),
+        "unpack_bitnet_gpu": lambda: oracle.unpack_bitnet_gpu(T(oracle.pack_bitnet_gpu(codes))),
+    }
+    for layout in ("hf", "kernel", "i2s", "tq2_0", "tq1_0"):
+        pack, unpack = getattr(oracle, f"pack_{layout}"), getattr(oracle, f"unpack_{layout}")
+        if layout in ("hf", "kernel"):
+            calls[f"pack_{layout}"] = lambda pack=pack: pack(c)
+            calls[f"unpack_{layout}"] = lambda pack=pack, unpack=unpack: unpack(T(pack(codes)))
+        else:
+            calls[f"pack_{layout}"] = lambda pack=pack: pack(c, g)
+            calls[f"unpack_{layout}"] = lambda pack=pack, unpack=unpack: unpack(T(pack(codes, gamma)), T(
+                np.array(codes.shape)).tolist())
+    public = {n for n in oracle.__all__ if callable(getattr(oracle, n)) and not isinstance(getattr(oracle, n), type)}
+    assert public == set(calls), public ^ set(calls)
+    for name, call in calls.items():
+        call()

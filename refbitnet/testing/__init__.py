@@ -4,7 +4,7 @@ Kernels, converters and runtimes for BitNet b1.58 check their numbers against th
 
 - **layouts** -- ``encode(codes, layout, scale)`` / ``decode(data, layout, shape)`` for every packed
   layout of docs/SPEC.md §4-§5 ("codes", "hf", "kernel", "i2_s", "tq2_0", "tq1_0", "bitnet_gpu"), plus
-  the ``pack_*`` / ``unpack_*`` pairs of :mod:`refbitnet.layouts` re-exported as they are, and
+  the ``pack_*`` / ``unpack_*`` pairs of :mod:`refbitnet.layouts` (taking tensors too), and
   ``pack_bitnet_gpu`` / ``unpack_bitnet_gpu`` (microsoft/BitNet's GPU kernel format) defined here.
 - **BitLinear** -- ``reference_bitlinear(x, weight, layout, ...)`` returns the output ``y`` and the
   exact integer intermediates: ``acc`` (int32 accumulators), ``xq`` (int8 activations) and ``s``
@@ -45,13 +45,13 @@ Stability: the names exported in ``__all__`` keep their signatures; new keyword 
 from __future__ import annotations
 
 from ..bitlinear import BitLinearOutput
-from ..layouts import (pack_hf, pack_i2s, pack_kernel, pack_tq1_0, pack_tq2_0, unpack_hf, unpack_i2s,
-                       unpack_kernel, unpack_tq1_0, unpack_tq2_0)
 from ..quant import NUMERICS, Numerics
 from .arrays import as_array
 from .compare import (Report, TensorCheck, assert_activations_match, compare_activations, compare_int8_codes,
                       compare_tensor, compare_ternary_codes, ulp_distance)
-from .layouts import LAYOUTS, decode, encode, pack_bitnet_gpu, unpack_bitnet_gpu
+from .layouts import (LAYOUTS, decode, encode, pack_bitnet_gpu, pack_hf, pack_i2s, pack_kernel, pack_tq1_0,
+                      pack_tq2_0, unpack_bitnet_gpu, unpack_hf, unpack_i2s, unpack_kernel, unpack_tq1_0,
+                      unpack_tq2_0)
 from .reference import (INTEGER_PARTS, PROJECTION_INPUTS, TRACE_TENSORS, load_reference_model,
                         quantize_activations, quantize_weights, reference_activations, reference_bitlinear,
                         trace_names)

@@ -8,13 +8,36 @@ but other projects pack. Arrays may be torch tensors (see ``arrays.as_array``).
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import numpy as np
 
+from .. import layouts as _layouts
 from ..errors import RefBitNetError
-from ..layouts import (pack_hf, pack_i2s, pack_kernel, pack_tq1_0, pack_tq2_0, unpack_hf, unpack_i2s,
-                       unpack_kernel, unpack_tq1_0, unpack_tq2_0)
 from ..quant import check_ternary_codes
 from .arrays import as_array
+
+
+def takes_tensors(fn):
+    """fn with every argument passed through as_array (torch tensors in, by parameter name in errors)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            bound.arguments[name] = as_array(value, name)
+        return fn(*bound.args, **bound.kwargs)
+    return wrapper
+
+
+# refbitnet.layouts' pack/unpack pairs, taking torch tensors too
+pack_hf, unpack_hf = takes_tensors(_layouts.pack_hf), takes_tensors(_layouts.unpack_hf)
+pack_kernel, unpack_kernel = takes_tensors(_layouts.pack_kernel), takes_tensors(_layouts.unpack_kernel)
+pack_i2s, unpack_i2s = takes_tensors(_layouts.pack_i2s), takes_tensors(_layouts.unpack_i2s)
+pack_tq2_0, unpack_tq2_0 = takes_tensors(_layouts.pack_tq2_0), takes_tensors(_layouts.unpack_tq2_0)
+pack_tq1_0, unpack_tq1_0 = takes_tensors(_layouts.pack_tq1_0), takes_tensors(_layouts.unpack_tq1_0)
 
 #: Layout names accepted by encode / decode / reference_bitlinear.
 #:   "codes"  int8 [N, K] in {-1, 0, 1}, no packing (scale passed separately)
