@@ -62,7 +62,7 @@ def rope_tables(positions: np.ndarray, head_dim: int, theta: float):
     """
     exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim                 # [HD/2]
     inv_freq = (1.0 / theta ** exponents).astype(np.float32)                           # [HD/2]
-    angle = np.asarray(positions).astype(np.float32)[:, None] * inv_freq[None, :]      # [S, HD/2] float32
+    angle = np.asarray(positions).astype(np.float32)[:, None] * inv_freq[None, :]  # [S, HD/2] float32
     angle = np.concatenate([angle, angle], axis=-1).astype(np.float64)                 # [S, HD]
     return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
@@ -74,8 +74,8 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     element i pairs with i + HD/2 (the "NeoX" half split), not with i + 1.
     """
     half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)               # [S, heads, HD]
-    return x * cos[:, None, :] + rotated * sin[:, None, :]                            # [S, heads, HD]
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)              # [S, heads, HD]
+    return x * cos[:, None, :] + rotated * sin[:, None, :]                          # [S, heads, HD]
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
@@ -94,12 +94,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
     groups = n_heads // n_kv_heads
     scale = np.float32(head_dim ** -0.5)
     out = np.empty_like(q)                                                           # [S, H, HD]
-    q_grouped = q.reshape(s_len, n_kv_heads, groups, head_dim)                       # [S, KVH, G, HD]
+    q_grouped = q.reshape(s_len, n_kv_heads, groups, head_dim)                     # [S, KVH, G, HD]
     out_grouped = out.reshape(s_len, n_kv_heads, groups, head_dim)                   # (views)
-    k_t = k.transpose(1, 2, 0)                                                       # [KVH, HD, T] view
-    v_t = v.transpose(1, 0, 2)                                                       # [KVH, T, HD] view
+    k_t = k.transpose(1, 2, 0)                                                   # [KVH, HD, T] view
+    v_t = v.transpose(1, 0, 2)                                                   # [KVH, T, HD] view
     for i in range(s_len):
-        t = start + i + 1                                                            # keys 0 .. start+i
+        t = start + i + 1                                                        # keys 0 .. start+i
         scores = q_grouped[i] @ k_t[:, :, :t]                                        # [KVH, G, T]
         scores *= scale
         scores -= scores.max(axis=-1, keepdims=True)
@@ -154,13 +154,13 @@ def decoder_layer(i, h, w, config, cos, sin, numerics="int", cache=None, start=0
     eps, s_len = config.rms_norm_eps, h.shape[0]
     hd, n_heads, n_kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
 
-    def project(name, x):                                  # BitLinear with this layer's weight `name`
+    def project(name, x):                                # BitLinear with this layer's weight `name`
         p = w.ternary(name)
         try:
             if record is None or numerics != "int":
                 return bitlinear(x, p.codes(), p.weight_scale, numerics)
-            out = bitlinear_int(x, p.codes(), p.weight_scale)       # the same y, with its integers kept
-        except RefBitNetError as e:                                  # e.g. an inf made inside the model
+            out = bitlinear_int(x, p.codes(), p.weight_scale)   # the same y, with its integers kept
+        except RefBitNetError as e:                              # e.g. an inf made inside the model
             raise RefBitNetError(f"layers.{i}.{name}: input to the activation quantizer: {e}") from None
         record(f"{name}.xq", out.xq), record(f"{name}.s", out.s), record(f"{name}.acc", out.acc)
         return out.y
@@ -198,28 +198,29 @@ def decoder_layer(i, h, w, config, cos, sin, numerics="int", cache=None, start=0
 
 def forward(config, weights, ids, numerics="int", cache=None, start=0, trace=None, last_only=False,
             trace_integers=False):
-    """Logits float32 [S, V] (or [1, V] if last_only) for token ids int64 [S] at positions start .. start+S-1.
+    """Logits float32 [S, V] ([1, V] if last_only) for token ids int64 [S] at positions start ...
 
-    weights: refbitnet.weights.ModelWeights. cache: a KVCache holding positions 0 .. start-1 (or None);
-    this block's keys and values are appended to it. trace: a dict that receives a float32 copy of every
-    named intermediate ("embed", "layers.{i}.<name>", "norm", "logits"); with trace_integers also each
-    projection's integer intermediates "layers.{i}.<proj>.xq" / ".s" / ".acc" (numerics "int").
+    weights: refbitnet.weights.ModelWeights. cache: a KVCache holding positions 0 .. start-1, or
+    None; this block's keys and values are appended to it. trace: a dict that receives a float32
+    copy of every named intermediate ("embed", "layers.{i}.<name>", "norm", "logits"); with
+    trace_integers also each projection's integer intermediates "layers.{i}.<proj>.xq" / ".s" /
+    ".acc" (numerics "int").
     """
     s_len = ids.shape[0]
-    cos, sin = rope_tables(start + np.arange(s_len), config.head_dim, config.rope_theta)   # [S, HD] x2
+    cos, sin = rope_tables(start + np.arange(s_len), config.head_dim, config.rope_theta)  # [S, HD]
     record = recorder(trace, trace_integers)
-    h = embed(weights.embed_tokens, ids)                                                    # [S, D]
+    h = embed(weights.embed_tokens, ids)                                              # [S, D]
     if record:
         record("embed", h)
     for i, layer in enumerate(weights.layers):
-        layer_record = None if record is None else (lambda name, value, i=i: record(f"layers.{i}.{name}", value))
-        h = decoder_layer(i, h, layer, config, cos, sin, numerics, cache, start, layer_record)   # [S, D]
+        layer_record = None if record is None else prefixed(record, f"layers.{i}.")
+        h = decoder_layer(i, h, layer, config, cos, sin, numerics, cache, start, layer_record)
     if cache is not None:
         cache.commit(start, ids)
-    x = rms_norm(h, weights.norm, config.rms_norm_eps)                                      # [S, D]
+    x = rms_norm(h, weights.norm, config.rms_norm_eps)                                # [S, D]
     if record:
         record("norm", x)
-    logits = lm_head(x[-1:] if last_only else x, weights.output_table)                      # [S or 1, V]
+    logits = lm_head(x[-1:] if last_only else x, weights.output_table)                # [S or 1, V]
     if record:
         record("logits", logits)
     return logits
@@ -227,7 +228,7 @@ def forward(config, weights, ids, numerics="int", cache=None, start=0, trace=Non
 
 def recorder(trace, integers=False):
     """record(name, value) storing a copy into the dict trace (float tensors as float32; the integer
-    intermediates, whose names end in .xq/.s/.acc, only when integers is true), or None without a trace."""
+    intermediates, names ending .xq/.s/.acc, only when integers is true); None without a trace."""
     if trace is None:
         return None
 
@@ -238,3 +239,8 @@ def recorder(trace, integers=False):
         else:
             trace[name] = np.array(value, dtype=np.float32, copy=True)
     return record
+
+
+def prefixed(record, prefix):
+    """record with prefix put before every name (a layer's "q" becomes "layers.3.q")."""
+    return lambda name, value: record(prefix + name, value)

@@ -17,169 +17,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import kernels  # noqa: F401  (sets the LLVM options before anything below compiles)
+from . import kernels  # (sets the LLVM options before anything below compiles)
 from .errors import RefBitNetError, RefBitNetTypeError
-from .kernels import v4_maddubs, v5_prefill
-from .kernels.act_quant import quantize_row, quantize_token_blocks
-from .kernels.v3_word_planes import MAX_K, PLANE_FACTOR, matmul_scaled
+from .kernels import TernaryLinear
+from .kernels.v3_word_planes import MAX_K
+from .kernels.repack import kernel_layout_rows
 from .kv_cache import KVCache
 from .model import attention, embed, lm_head, recorder, rms_norm, rope_tables
 from .quant import absmax_int8
 from .weights import read_private
-
-
-@njit(cache=True)
-def quantize_planes(x, s, planes, xsum):
-    """absmax_int8 fused with the plane build: x f32 [S, K] -> s f32 [S], planes int16 [S, 8, K/8], xsum int32 [S].
-
-    planes[r, t, w] = xq[r, 8w + t] * 4**(3 - t % 4) and xsum[r] = sum_k xq[r, k], where
-    xq = clip(round(x * s), -128, 127). Returns -1, or the first row holding a NaN/inf (nothing is then valid).
-    """
-    S, K = x.shape
-    q = np.empty(K, np.int8)                                         # one token's codes, in k order
-    for r in range(S):
-        scale, total = quantize_row(x[r], q)                         # torch's 127 / t, round half to even
-        if scale < 0:
-            return r
-        s[r] = scale
-        xsum[r] = total
-        for w in range(K // 8):
-            for t in range(8):
-                planes[r, t, w] = np.int16(np.int16(q[8 * w + t]) * PLANE_FACTOR[t])
-    return -1
-
-
-@njit(cache=True)
-def quantize_byte_planes(x, s, planes, xsum):
-    """absmax_int8 laid out for kernels.v4_maddubs: x f32 [S, K] -> s f32 [S], planes int8 [S, 4, K/4]
-    (planes[r, i, j] = xq[r, 4j + i]), xsum int32 [S]. Returns -1, or the first row holding a NaN/inf."""
-    S, K = x.shape
-    q = np.empty(K, np.int8)                                         # one token's codes, in k order
-    for r in range(S):
-        scale, total = quantize_row(x[r], q)                         # torch's 127 / t, round half to even
-        if scale < 0:
-            return r
-        s[r] = scale
-        xsum[r] = total
-        for j in range(K // 4):
-            for i in range(4):
-                planes[r, i, j] = q[4 * j + i]
-    return -1
-
-
-class PackedLinear:
-    """Ternary rows in kernel layout (``layouts.pack_kernel``) with one float32 scale per row.
-
-    packed uint8 [N, K/4], row_scale float32 [N]; ``__call__(x f32 [S, K]) -> y f32 [S, N]``.
-    Shapes, dtypes and the int32 bound on K are checked here, once; field values were checked by the loader.
-    """
-
-    def __init__(self, packed: np.ndarray, row_scale: np.ndarray):
-        if not isinstance(packed, np.ndarray) or packed.dtype != np.uint8 or packed.ndim != 2:
-            raise RefBitNetTypeError(f"packed: expected a uint8 [N, K/4] array, found {getattr(packed, 'dtype', packed)!r}")
-        n, k = packed.shape[0], packed.shape[1] * 4
-        if k == 0 or n == 0 or k % 8 or k > MAX_K:
-            raise RefBitNetError(f"packed: expected K = 4 * {packed.shape[1]} to be a positive multiple of 8 "
-                                 f"and at most {MAX_K}, found shape {packed.shape}")
-        row_scale = np.ascontiguousarray(row_scale, dtype=np.float32)
-        if row_scale.shape != (n,):
-            raise RefBitNetError(f"row_scale: expected shape [{n}], found {row_scale.shape}")
-        self.packed = np.ascontiguousarray(packed)                   # uint8 [N, K/4]
-        self.words = self.packed.view(np.uint16)                     # uint16 [N, K/8]
-        self.row_scale = row_scale                                   # float32 [N]
-        self.shape = (n, k)
-        # v4 (vpmaddubsw, AVX2) reads 32-byte chunks of each row: K % 128 == 0; else v3 (word planes)
-        self.use_v4 = k % (4 * v4_maddubs.CHUNK) == 0 and v4_maddubs.available()
-        self._decode = None                                          # (s, planes, xsum, y) for S = 1
-
-    def _kernel(self, s_len):
-        """Which kernel runs S = s_len tokens: "v3" (no AVX2 or K % 128 != 0), "v4" (decode, S = 1),
-        "v4_blocked" (2 <= S <= 4: one 4-token block, about the cost of one GEMV) or "v5" (S > 4: each tile
-        of codes unpacked once, 8 tokens per pass; measured faster from S = 5 on)."""
-        if not self.use_v4:
-            return "v3"
-        if s_len == 1:
-            return "v4"
-        return "v4_blocked" if s_len <= v4_maddubs.TOKENS_PER_PASS else "v5"
-
-    def _buffers(self, s_len, kernel):
-        n, k = self.shape
-        if s_len == 1 and self._decode is not None:
-            return self._decode
-        if kernel == "v5":                       # int8 [ceil(S/8), K/128, 8, 4, 32], 64-byte aligned
-            planes = v5_prefill.empty_token_blocks(s_len, k)
-        elif kernel == "v4_blocked":             # int8 [1, K/128, 4, 4, 32]
-            t = v4_maddubs.TOKENS_PER_PASS
-            planes = np.empty(((s_len + t - 1) // t, k // (4 * v4_maddubs.CHUNK), t, 4, v4_maddubs.CHUNK), np.int8)
-        elif kernel == "v4":
-            planes = np.empty((s_len, 4, k // 4), np.int8)
-        else:
-            planes = np.empty((s_len, 8, k // 8), np.int16)
-        bufs = (np.empty(s_len, np.float32), planes, np.empty(s_len, np.int32), np.empty((s_len, n), np.float32))
-        if s_len == 1:
-            self._decode = bufs
-        return bufs
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x float32 [S, K] -> y float32 [S, N] = BitLinear(x) (numerics "int"). With S = 1 the result lives
-        in this matrix's reused buffer: copy it to keep it past the next call."""
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != self.shape[1]:
-            raise RefBitNetError(f"x: expected float32 [S, {self.shape[1]}], found "
-                                 f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
-        if x.shape[0] == 0:
-            raise RefBitNetError("x: expected at least one token, found shape [0, K]")
-        x = np.ascontiguousarray(x)
-        kernel = self._kernel(x.shape[0])
-        s, planes, xsum, y = self._buffers(x.shape[0], kernel)
-        quantize = {"v3": quantize_planes, "v4": quantize_byte_planes}.get(kernel, quantize_token_blocks)
-        if quantize(x, s, planes, xsum) >= 0:
-            absmax_int8(x)                  # raises the quantizer's own error naming the NaN/inf
-            raise RefBitNetError("x: expected finite values")           # (not reached)
-        if kernel == "v5":
-            v5_prefill.matmul_scaled_v5(self.packed, planes, xsum, s, self.row_scale, y)
-        elif kernel == "v4_blocked":
-            v4_maddubs.matmul_scaled_v4_blocked(self.packed, planes, xsum, s, self.row_scale, y)
-        elif kernel == "v4":
-            v4_maddubs.matmul_scaled_v4(self.packed, planes, xsum, s, self.row_scale, y)
-        else:
-            matmul_scaled(self.words, planes, xsum, s, self.row_scale, y)
-        return y
-
-
-@njit(cache=True)
-def repack_hf_to_kernel(packed, out):
-    """HF release layout uint8 [R, K] (R = N/4) -> kernel layout uint8 [N, K/4], into out; one pass.
-
-    Field i of packed[r, c] is code + 1 of row i*R + r, column c (SPEC §4); the kernel layout holds the
-    codes of columns 4j .. 4j+3 of one row in byte j, lowest bits first. Equals model.hf_to_kernel_layout
-    (the readable NumPy version); values are moved, not checked (the loader checked them).
-    """
-    R, K = packed.shape
-    for r in range(R):
-        for j in range(K // 4):
-            b0 = packed[r, 4 * j]
-            b1 = packed[r, 4 * j + 1]
-            b2 = packed[r, 4 * j + 2]
-            b3 = packed[r, 4 * j + 3]
-            for i in range(4):
-                sh = 2 * i
-                out[i * R + r, j] = np.uint8(((b0 >> sh) & 3) | (((b1 >> sh) & 3) << 2)
-                                             | (((b2 >> sh) & 3) << 4) | (((b3 >> sh) & 3) << 6))
-
-
-def kernel_layout_rows(parts) -> np.ndarray:
-    """HF-layout packed projections uint8 [N_i/4, K] (same K, K % 4 == 0) -> their rows concatenated in
-    kernel layout, uint8 [sum N_i, K/4], written in place (no per-part copies)."""
-    k = parts[0].shape[1]
-    if k % 4 or any(p.ndim != 2 or p.shape[1] != k or p.dtype != np.uint8 for p in parts):
-        raise RefBitNetError(f"packed: expected uint8 [N/4, K] parts with one K divisible by 4, found "
-                             f"{[(p.dtype.name, p.shape) for p in parts]}")
-    out = np.empty((sum(4 * p.shape[0] for p in parts), k // 4), np.uint8)
-    r0 = 0
-    for p in parts:
-        repack_hf_to_kernel(np.ascontiguousarray(p), out[r0:r0 + 4 * p.shape[0]])
-        r0 += 4 * p.shape[0]
-    return out
 
 
 # ----------------------------------------------------------------------------- the glue between projections
@@ -407,7 +253,7 @@ def kernels_fit(config) -> bool:
 class FusedLinear:
     """Projections of one layer that read the same input, as one kernel-layout matrix with per-row scales.
 
-    linear: PackedLinear over packed uint8 [sum N_i, K/4] and row_scale float32 [sum N_i];
+    linear: kernels.TernaryLinear over packed uint8 [sum N_i, K/4] and row scales float32 [sum N_i];
     names: the checkpoint names of the parts in row order; rows: their row counts N_i.
     """
 
@@ -416,7 +262,7 @@ class FusedLinear:
         self.rows = tuple(w.shape[0] for _, w in weights)
         packed = kernel_layout_rows([read_private(w.packed) for _, w in weights])    # [sum N_i, K/4]
         scales = np.concatenate([np.full(w.shape[0], w.weight_scale, np.float32) for _, w in weights])
-        self.linear = PackedLinear(packed, scales)
+        self.linear = TernaryLinear(packed, scales)
 
     def __call__(self, i, x, record=None):
         """The parts' outputs float32 [S, N_i] for input x float32 [S, K] (views of one buffer, valid until
@@ -438,7 +284,7 @@ class FusedLinear:
         """The integer intermediates the kernel computed, for a trace: xq, s of the input (absmax_int8 equals
         the fused quantizer bit for bit) and each part's int32 accumulators."""
         xq, s = absmax_int8(x)                                                          # [S, K], [S]
-        acc = kernels.ternary_matmul_acc(np.ascontiguousarray(xq), self.linear.packed)  # [S, sum N_i]
+        acc = self.linear.acc(xq)                                                       # [S, sum N_i]
         r0 = 0
         for name, n in zip(self.names, self.rows):
             record(f"{name}.xq", xq), record(f"{name}.s", s), record(f"{name}.acc", acc[:, r0:r0 + n])

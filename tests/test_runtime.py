@@ -1,85 +1,21 @@
-"""refbitnet.runtime (the numba backend's BitLinear hot path) against the checked public pieces it fuses.
+"""refbitnet.runtime (the fast path) against the readable path, and its compiled glue against NumPy.
 
-quantize_planes must equal quant.absmax_int8 followed by v3_word_planes.planes_for bit for bit (s, the int16
-planes, the int32 sum of codes), including round-half-to-even ties, all-zero rows (the 1e-5 floor) and
-values that clip at -128; PackedLinear must equal kernels.ternary_matmul on the same codes bit for bit, for
-S = 1 (reused buffers) and S > 1. forward(last_only=True) must be the last row of the full logits exactly.
+The fast path's trace, integer intermediates included, cached keys/values and logits against
+refbitnet.model.forward; forward(last_only=True) is the last row of the full logits exactly; the float16
+cache's compiled widening equals NumPy's cast. (The kernels behind kernels.TernaryLinear are checked in
+test_kernels_door.py, test_kernels.py and test_kernels_v5.py.)
 """
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("refbitnet.kernels")
 
-from refbitnet import kernels, runtime  # noqa: E402
+from refbitnet import runtime  # noqa: E402
 from refbitnet.checkpoint import model_from_tensors  # noqa: E402
 from refbitnet.errors import RefBitNetError  # noqa: E402
-from refbitnet.kernels import act_quant  # noqa: E402
-from refbitnet.kernels.v3_word_planes import planes_for  # noqa: E402
-from refbitnet.layouts import pack_kernel  # noqa: E402
-from refbitnet.quant import absmax_int8  # noqa: E402
 
 from _tiny_bitnet import TINY_CONFIGS, numpy_config, numpy_release_tensors  # noqa: E402
-
-
-def _activations(seed, s_len, k, kind):
-    rng = np.random.default_rng(seed)
-    if kind == "ties":             # halves: x * s lands on .5 for many entries when max|x| = 127
-        x = rng.integers(-254, 255, (s_len, k)).astype(np.float32) / 2
-        x[:, 0] = 127.0
-    elif kind == "zeros":
-        x = np.zeros((s_len, k), np.float32)
-    elif kind == "tiny":           # below the 1e-5 absmax floor
-        x = (rng.standard_normal((s_len, k)) * 1e-7).astype(np.float32)
-    else:                          # wide dynamic range, one extreme negative value per row (-> -128 or -127)
-        x = (rng.standard_normal((s_len, k)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
-        x[:, -1] = -np.abs(x).max(axis=1) * 1.004
-    return x
-
-
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 4), words=st.integers(1, 40),
-       kind=st.sampled_from(["normal", "ties", "zeros", "tiny"]))
-def test_quantize_planes_equals_absmax_int8_then_planes(seed, s_len, words, kind):
-    x = _activations(seed, s_len, 8 * words, kind)
-    xq, s = absmax_int8(x)
-    planes, xsum = planes_for(xq)
-    s2, planes2 = np.empty(s_len, np.float32), np.empty(planes.shape, np.int16)
-    xsum2 = np.empty(s_len, np.int32)
-    assert runtime.quantize_planes(x, s2, planes2, xsum2) == -1
-    assert np.array_equal(s, s2) and np.array_equal(planes, planes2) and np.array_equal(xsum, xsum2)
-
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 5), n4=st.integers(1, 24), words=st.integers(1, 40))
-def test_packed_linear_equals_ternary_matmul(seed, s_len, n4, words):
-    rng = np.random.default_rng(seed)
-    n, k = 4 * n4, 8 * words
-    codes = rng.integers(-1, 2, (n, k)).astype(np.int8)
-    row_scale = rng.uniform(0.01, 2.0, n).astype(np.float32)
-    linear = runtime.PackedLinear(pack_kernel(codes), row_scale)
-    for step in range(2):          # the second S = 1 call reuses the first one's buffers
-        x = _activations(seed + step, s_len, k, "normal")
-        xq, s = absmax_int8(x)
-        assert np.array_equal(linear(x), kernels.ternary_matmul(xq, s, pack_kernel(codes), row_scale))
-
-
-def test_packed_linear_rejects_bad_input():
-    linear = runtime.PackedLinear(pack_kernel(np.zeros((4, 16), np.int8)), np.ones(4, np.float32))
-    x = np.ones((1, 16), np.float32)
-    x[0, 5] = np.inf
-    with pytest.raises(RefBitNetError, match="finite"):
-        linear(x)
-    with pytest.raises(RefBitNetError, match="float32"):
-        linear(np.ones((1, 8), np.float32))
-    with pytest.raises(RefBitNetError, match="float32"):
-        linear(np.ones((1, 16), np.float64))
-    with pytest.raises(RefBitNetError, match="multiple of 8"):
-        runtime.PackedLinear(np.zeros((4, 3), np.uint8), np.ones(4, np.float32))
-    with pytest.raises(RefBitNetError, match="row_scale"):
-        runtime.PackedLinear(np.zeros((4, 4), np.uint8), np.ones(3, np.float32))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
@@ -93,41 +29,6 @@ def test_forward_last_only_is_the_last_row(backend):
     cache = model.new_cache(16)
     assert np.array_equal(model.forward(ids, cache=cache, last_only=True), full[-1:])
     assert cache.length == 9
-
-
-def test_kernel_layout_rows_equals_readable_repack():
-    from refbitnet.layouts import pack_hf, unpack_hf
-    rng = np.random.default_rng(8)
-    for k, ns in ((4, (4,)), (12, (8, 4)), (48, (160, 40, 40)), (120, (24, 24))):
-        parts = [pack_hf(rng.integers(-1, 2, size=(n, k)).astype(np.int8)) for n in ns]
-        assert np.array_equal(runtime.kernel_layout_rows(parts),
-                              np.concatenate([pack_kernel(unpack_hf(p)) for p in parts]))
-    with pytest.raises(RefBitNetError, match="divisible by 4"):
-        runtime.kernel_layout_rows([np.zeros((1, 6), np.uint8)])
-
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 12), n=st.integers(1, 70), blocks=st.integers(1, 60),
-       extreme=st.sampled_from([None, 1, -1]))
-def test_v4_maddubs_equals_ternary_matmul(seed, s_len, n, blocks, extreme):
-    """PackedLinear on its AVX2 kernels (K % 128 == 0: v4 GEMV for S = 1, v4 blocked for S <= 4, v5_prefill
-    beyond, S not a multiple of its 8-token block included) bit-identical to the checked v3 kernel, including
-    all-(+1)/all-(-1) rows against activations quantized to 127/-128 (int16 partials at their bound)."""
-    from refbitnet.kernels import v4_maddubs
-    if not v4_maddubs.available():
-        pytest.skip("no AVX2")
-    rng = np.random.default_rng(seed)
-    k = 128 * blocks
-    codes = rng.integers(-1, 2, (n, k)).astype(np.int8) if extreme is None else np.full((n, k), extreme, np.int8)
-    x = _activations(seed, s_len, k, "normal")
-    if extreme is not None:
-        x = np.full((s_len, k), -1.0 if seed % 2 else 1.0, np.float32)
-        x[:, 0] = 1.0 if seed % 2 else -1.0          # one opposite value: the rest quantize to -127 or 127
-    row_scale = rng.uniform(0.01, 2.0, n).astype(np.float32)
-    linear = runtime.PackedLinear(pack_kernel(codes), row_scale)
-    assert linear._kernel(s_len) == ("v4" if s_len == 1 else "v4_blocked" if s_len <= 4 else "v5")
-    xq, s = absmax_int8(x)
-    assert np.array_equal(linear(x), kernels.ternary_matmul(xq, s, pack_kernel(codes), row_scale))
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
@@ -171,62 +72,6 @@ def test_decode_step_names_the_layer_of_a_non_finite_activation():
     cache = model.new_cache(8)
     with pytest.raises(RefBitNetError, match="layers.1.down_proj"):
         model.forward([3], cache=cache)
-
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 11), n=st.integers(1, 40), chunks=st.integers(1, 40),
-       weights=st.sampled_from(["random", "plus", "minus"]), acts=st.sampled_from(["random", "max", "min", "mixed"]))
-def test_v4_blocked_gemm_equals_v4_gemv(seed, s_len, n, chunks, weights, acts):
-    """The prefill kernel (4 tokens per weight pass, chunk-interleaved activation blocks, ragged last block)
-    equals the one-token v4 kernel token by token, bit for bit, with int8 extremes -128/127 against
-    all-(+1)/all-(-1) rows (each int16 partial sum then sits at its bound, 15 chunks x 2048)."""
-    from refbitnet.kernels import v4_maddubs
-    if not v4_maddubs.available():
-        pytest.skip("no AVX2")
-    rng = np.random.default_rng(seed)
-    k = 128 * chunks
-    codes = {"random": rng.integers(-1, 2, (n, k)), "plus": np.ones((n, k)), "minus": -np.ones((n, k))}[weights]
-    packed = pack_kernel(codes.astype(np.int8))
-    xq = {"random": rng.integers(-128, 128, (s_len, k)), "max": np.full((s_len, k), 127),
-          "min": np.full((s_len, k), -128), "mixed": rng.choice([-128, 127], (s_len, k))}[acts].astype(np.int8)
-    s_act = rng.uniform(0.5, 300.0, s_len).astype(np.float32)
-    row_scale = rng.uniform(0.01, 2.0, n).astype(np.float32)
-    xsum = xq.astype(np.int32).sum(axis=1).astype(np.int32)
-    t = v4_maddubs.TOKENS_PER_PASS
-    blocks = np.zeros(((s_len + t - 1) // t * t, k // 128, 4, 32), np.int8)
-    blocks[:s_len] = xq.reshape(s_len, k // 128, 32, 4).transpose(0, 1, 3, 2)        # [S, C, i, j] = xq[4(32c+j)+i]
-    blocks = np.ascontiguousarray(blocks.reshape(-1, t, k // 128, 4, 32).transpose(0, 2, 1, 3, 4))
-    out = np.empty((s_len, n), np.float32)
-    v4_maddubs.matmul_scaled_v4_blocked(packed, blocks, xsum, s_act, row_scale, out)
-    planes = np.ascontiguousarray(xq.reshape(s_len, k // 4, 4).transpose(0, 2, 1))
-    expect = np.empty((s_len, n), np.float32)
-    v4_maddubs.matmul_scaled_v4(packed, planes, xsum, s_act, row_scale, expect)
-    assert np.array_equal(out.view(np.uint32), expect.view(np.uint32))
-    acc = xq.astype(np.int64) @ codes.astype(np.int64).T                               # exact integers
-    ref = ((acc.astype(np.float32) / s_act[:, None]).astype(np.float32) * row_scale).astype(np.float32)
-    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
-
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31), s_len=st.integers(1, 9), chunks=st.integers(1, 6),
-       kind=st.sampled_from(["normal", "ties", "zeros", "tiny"]))
-def test_quantize_token_blocks_equals_byte_planes(seed, s_len, chunks, kind):
-    """act_quant.quantize_token_blocks: the same s, codes and sums as quantize_byte_planes, in the 4-token
-    block layout, padding tokens zero."""
-    k = 128 * chunks
-    x = _activations(seed, s_len, k, kind)
-    s1, planes, xsum1 = np.empty(s_len, np.float32), np.empty((s_len, 4, k // 4), np.int8), np.empty(s_len, np.int32)
-    assert runtime.quantize_byte_planes(x, s1, planes, xsum1) == -1
-    b = (s_len + 3) // 4
-    s2, blocks, xsum2 = np.empty(s_len, np.float32), np.full((b, chunks, 4, 4, 32), 99, np.int8), np.empty(s_len, np.int32)
-    assert act_quant.quantize_token_blocks(x, s2, blocks, xsum2) == -1
-    flat = blocks.transpose(0, 2, 1, 3, 4).reshape(4 * b, chunks, 4, 32)        # [token, c, i, j]
-    expect = np.zeros_like(flat)
-    expect[:s_len] = planes.reshape(s_len, 4, chunks, 32).transpose(0, 2, 1, 3)
-    assert np.array_equal(s1, s2) and np.array_equal(xsum1, xsum2) and np.array_equal(flat, expect)
-    bad = x.copy()
-    bad[-1, 5] = np.nan
-    assert act_quant.quantize_token_blocks(bad, s2, blocks, xsum2) == s_len - 1
 
 
 def test_widen_float16_equals_numpy_cast_for_every_bit_pattern():

@@ -34,9 +34,6 @@ planes and xsum; ``refbitnet.kernels.TernaryLinear(kernel="v3")`` is the checked
 import numpy as np
 from numba import njit, prange
 
-# runtime.py and tests/test_runtime.py import these two names from here; they go once both use TernaryLinear
-from .act_quant import PLANE_FACTOR, word_planes as planes_for  # noqa: F401
-
 i32 = np.int32
 MAX_K = 131072                     # 64 * 2 * 128 * K must fit in int32
 ROWS_PER_TASK = 32                 # output rows per parallel task

@@ -27,10 +27,9 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .avx2 import (CHUNK, V16I16, V32I8, WIDEN_CHUNKS, available, code_fields, load32,  # noqa: F401
-                   madd_intrinsics, sum_i16_lanes)              # (available: runtime.py reads it from here)
+from .avx2 import CHUNK, V16I16, V32I8, WIDEN_CHUNKS, code_fields, load32, madd_intrinsics, sum_i16_lanes
 
-__all__ = ["available", "matmul_scaled_v4", "matmul_scaled_v4_blocked", "CHUNK", "TOKENS_PER_PASS"]
+__all__ = ["matmul_scaled_v4", "matmul_scaled_v4_blocked", "CHUNK", "TOKENS_PER_PASS"]
 
 ROWS_PER_TASK = 32
 

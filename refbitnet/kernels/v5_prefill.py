@@ -49,7 +49,7 @@ from numba import get_num_threads, njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .act_quant import ALIGN, empty_token_blocks as _empty_token_blocks
+from .act_quant import ALIGN
 from .avx2 import (CHUNK, CHUNK_WEIGHTS, V8I32, V16I16, V32I8, WIDEN_CHUNKS, code_fields, hsum8, load32,
                    madd_intrinsics, widen)
 
@@ -58,12 +58,6 @@ ROWS = 1                   # register tile: rows ...
 TOKENS = 8                 # ... x tokens (8 int16 accumulators; ROWS * TOKENS == 8)
 TILE_ROWS = 64             # rows per tile: more rows reuse the 8-token activation panel in L1 longer
 PANEL_CHUNKS = 20          # chunks per unpacked panel: 64 x 2560 bytes of codes (160 KB, in L2)
-
-
-def empty_token_blocks(S: int, K: int) -> np.ndarray:
-    """act_quant.empty_token_blocks(S, K, TOKENS). Kept for runtime.py, which calls it by this name; it goes
-    once runtime.py uses refbitnet.kernels.TernaryLinear."""
-    return _empty_token_blocks(S, K, TOKENS)
 
 
 # ------------------------------------------------------------------------------------------ intrinsics
