@@ -71,8 +71,8 @@ def resolve(path_or_id, revision: str = "main") -> Path:
         return Path(path_or_id)
     parsed = parse_hub_id(path_or_id)
     if parsed is None:
-        raise CheckpointError(f"{path_or_id}: no such file or directory (and not a Hugging Face id "
-                              f"'org/name' or 'org/name/file')")
+        raise CheckpointError(f"{path_or_id}: expected a model directory, a .gguf file or a Hugging Face id "
+                              f"('org/name', 'org/name/file.gguf'), found nothing there")
     repo, filename = parsed
     found = cached(repo, filename, revision)
     if found is not None:

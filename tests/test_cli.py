@@ -197,7 +197,7 @@ BAD = [
     (["generate", "--model", "{b}/bad_gen"], "temperature: expected a number >= 0"),
     (["generate", "--model", "{b}/no_tok"], "has no tokenizer.json"),
     (["perplexity", "--model", "{b}/no_tok", "--file", "{b}/text.txt"], "has no tokenizer.json"),
-    (["generate", "--model", "{b}/missing"], "no such file or directory"),
+    (["generate", "--model", "{b}/missing"], "expected a model directory, a .gguf file or a Hugging Face id"),
     (["generate", "--model", "nobody/nothing"], "huggingface-cli download nobody/nothing"),
     (["generate", "--model", "{b}/text.txt"], "expected a model directory or a .gguf file"),
     (["generate", "--model", "{b}/not.gguf"], "not.gguf"),

@@ -138,7 +138,7 @@ def test_a_download_lands_in_the_cache_and_is_found(cache, monkeypatch):
 @pytest.mark.parametrize("text", ["/abs/missing", "../x/y", "a/../b", "justaname", "a//b", "org/na me", "~/m/x"])
 def test_not_a_path_nor_an_id(cache, text):
     assert hub.parse_hub_id(text) is None
-    with pytest.raises(CheckpointError, match="no such file or directory"):
+    with pytest.raises(CheckpointError, match="expected a model directory, a .gguf file or a Hugging Face id"):
         hub.resolve(text)
 
 
