@@ -125,10 +125,18 @@ class Tokenizer:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json and the tokenizer_config.json / special_tokens_map.json this tokenizer was
         read with (or, for one built from tokenizer.json alone, a tokenizer_config.json naming its BOS,
-        EOS and chat template), so that load_tokenizer gives back the same specials and template."""
+        EOS and chat template), so that load_tokenizer gives back the same specials and template.
+        tokenizer.json is the file read, byte for byte, where there is one and nothing was added to it."""
+        import shutil
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        self.save(os.path.join(directory, TOKENIZER_FILE))
+        target = os.path.join(directory, TOKENIZER_FILE)
+        unchanged = os.path.isfile(self.path) and (self._backend.get_vocab_size(with_added_tokens=True)
+                                                   == _HFTokenizer.from_file(self.path).get_vocab_size(True))
+        if not unchanged:
+            self.save(target)
+        elif not (os.path.exists(target) and os.path.samefile(self.path, target)):
+            shutil.copyfile(self.path, target)
         tokenizer_config = dict(self.files.get(TOKENIZER_CONFIG_FILE) or {})
         for name in ("bos_token", "eos_token"):
             if name not in tokenizer_config and name in self.template_tokens:

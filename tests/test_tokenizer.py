@@ -295,6 +295,9 @@ def test_added_tokens_decoder_adds_missing_tokens_at_their_ids(tmp_path):
     assert tok.vocab_size == len(hf) == n + 2
     assert (tok.end_of_text_id, tok.eot_id) == (n + 1, n + 1) and tok.eos_ids == (n + 1,)
     assert tok.encode("<|im_start|>the") == hf.encode("<|im_start|>the", add_special_tokens=False)
+    tok.save_pretrained(tmp_path / "out")                           # the added tokens are written out
+    again = load_tokenizer(tmp_path / "out")
+    assert again.vocab_size == n + 2 and again.eos_ids == tok.eos_ids
 
 
 @pytest.mark.parametrize("files, match", [
@@ -339,6 +342,8 @@ def test_save_pretrained_round_trips_specials_and_template(tmp_path):
         "chat_template": "{{ messages[0].content }}"})
     tok = load_tokenizer(d)
     tok.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
+    tok.save_pretrained(d)                                          # over its own files: no harm
     again = load_tokenizer(tmp_path / "out")
     assert (again.bos_id, again.eos_ids, again.add_bos, again.chat_template) == \
         (tok.bos_id, tok.eos_ids, tok.add_bos, tok.chat_template)
