@@ -22,7 +22,8 @@ def check_array(a, name: str, dtype=None, ndim: int | None = None, *, contiguous
     if dtype is not None and a.dtype != dtype:
         raise RefBitNetTypeError(f"{name}: expected dtype {np.dtype(dtype)}, found {a.dtype}")
     if ndim is not None and a.ndim != ndim:
-        raise RefBitNetError(f"{name}: expected {ndim} dimension(s), found shape {a.shape}")
+        kind = "" if dtype is None else f" {np.dtype(dtype)}"
+        raise RefBitNetError(f"{name}: expected a {ndim}-D{kind} array, found shape {a.shape}")
     if contiguous and not a.flags.c_contiguous:
         raise RefBitNetError(f"{name}: expected a C-contiguous array (use np.ascontiguousarray), "
                              f"found strides {a.strides} for shape {a.shape}")

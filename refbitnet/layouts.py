@@ -18,6 +18,7 @@ was expected and what was found; decoders reject the 2-bit field value 3, which 
 
 import numpy as np
 
+from .checks import check_array
 from .errors import RefBitNetError, RefBitNetTypeError
 from .quant import check_ternary_codes
 
@@ -48,16 +49,8 @@ def _codes_2d(codes, name="codes", n_multiple=1, k_multiple=1, what=""):
 
 
 def _packed(packed, name, ndim):
-    """Validate a uint8 array of the given rank."""
-    if not isinstance(packed, np.ndarray):
-        raise RefBitNetTypeError(f"{name}: expected a numpy uint8 array, found {type(packed).__name__}")
-    if packed.dtype != np.uint8:
-        raise RefBitNetTypeError(f"{name}: expected dtype uint8, found {packed.dtype}")
-    if packed.ndim != ndim:
-        raise RefBitNetError(f"{name}: expected a {ndim}-D uint8 array, found shape {packed.shape}")
-    if packed.size == 0:
-        raise RefBitNetError(f"{name}: expected a non-empty array, found shape {packed.shape}")
-    return packed
+    """Validate a non-empty uint8 array of the given rank."""
+    return check_array(packed, name, np.uint8, ndim, nonempty=True)
 
 
 def _shape_2d(shape, name="shape", k_multiple=1, what=""):
