@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             n, k = args.shape
             g = dump_golden(args.out, args.layout, n, k, tokens=args.tokens, seed=args.seed,
                             numerics=args.numerics)
-            print(f"wrote golden vectors of a {args.layout} BitLinear [{n}, {k}], {args.tokens} tokens "
+            print(f"wrote golden vectors of one {args.layout} BitLinear [{n}, {k}], {args.tokens} tokens "
                   f"({g['packed'].nbytes} packed bytes) to {args.out}")
     except (RefBitNetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
