@@ -146,8 +146,8 @@ def perplexity(model, ids: Sequence[int], n_ctx: int = DEFAULT_CTX, bos_id: int 
 
 def tokenize_file_text(tokenizer, text: str) -> list[int]:
     """The file's ids as llama-perplexity tokenizes them: the whole text at once, BOS first if the model
-    adds one (``tokenizer.add_bos``)."""
-    return tokenizer.encode(text, add_bos=tokenizer.add_bos)
+    adds one (``tokenizer.add_bos``), special-token strings in the text read as plain text."""
+    return tokenizer.encode(text, add_bos=tokenizer.add_bos, parse_special=False)
 
 
 class ProgressBar:

@@ -167,12 +167,20 @@ class Tokenizer:
 
     # -- text <-> ids ---------------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Text -> ids. Special-token strings in ``text`` become their ids; BOS only if asked (and only if
-        the tokenizer has one: see ``encode_prompt`` for the model's own choice)."""
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        """Text -> ids. Special-token strings in ``text`` become their ids (parse_special=False: they are
+        plain text, as llama.cpp tokenizes a perplexity file); BOS only if asked (and only if the tokenizer
+        has one: see ``encode_prompt`` for the model's own choice)."""
         if not isinstance(text, str):
             raise RefBitNetTypeError(f"encode: text must be str, found {type(text).__name__}")
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if parse_special:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
+        else:
+            self._backend.encode_special_tokens = True
+            try:
+                ids = self._backend.encode(text, add_special_tokens=False).ids
+            finally:
+                self._backend.encode_special_tokens = False
         return [self.bos_id] + ids if add_bos and self.bos_id is not None else list(ids)
 
     def encode_prompt(self, text: str) -> list[int]:

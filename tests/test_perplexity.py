@@ -108,3 +108,14 @@ def test_float16_kv_cache_as_llama_cpp_stores_it(model):
     exact = perplexity(model, ids, n_ctx=16, bos_id=1)
     half = perplexity(model, ids, n_ctx=16, bos_id=1, kv_dtype="float16")
     assert half.count == exact.count and half.nll_mean == pytest.approx(exact.nll_mean, rel=1e-2)
+
+
+def test_the_file_is_tokenized_as_llama_perplexity_does():
+    # one encode of the whole text, BOS first, a special token's spelling in the text is plain text
+    import refbitnet
+    from refbitnet.perplexity import tokenize_file_text
+    tok = refbitnet.load().tokenizer
+    ids = tokenize_file_text(tok, "To be<|eot_id|>, or not")
+    assert ids[0] == tok.bos_id and tok.eot_id not in ids
+    assert tok.decode(ids[1:]) == "To be<|eot_id|>, or not"
+    assert tok.eot_id in tok.encode("To be<|eot_id|>")                       # chat text parses it
