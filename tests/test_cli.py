@@ -152,6 +152,22 @@ def test_gguf_export_and_info(model_dir, tmp_path, capsys):
     assert from_gguf.generate(ids, 6, **greedy) == from_dir.generate(ids, 6, **greedy)
 
 
+def test_gguf_export_reports_progress_where_save_gguf_offers_it(model_dir, tmp_path, capsys, monkeypatch):
+    import refbitnet.gguf as gguf
+    calls = []
+
+    def save_gguf(source, path, *, layout, tokenizer_file, embedding_type, progress):
+        for done in (1, 2, 3):
+            progress(done, 3, f"tensor{done}")
+        open(path, "wb").write(b"x" * 10)
+        calls.append((source, layout))
+    monkeypatch.setattr(gguf, "save_gguf", save_gguf)
+    monkeypatch.setattr(gguf, "describe", lambda path: f"described {path}")
+    code, out, err = run(["gguf", "export", str(model_dir), str(tmp_path / "o.gguf"), "--layout", "tq2_0"], capsys)
+    assert code == 0 and calls == [(model_dir, "tq2_0")] and out == f"described {tmp_path / 'o.gguf'}\n"
+    assert "export [########################] 3/3" in err
+
+
 def test_a_hub_id_from_the_cache(model_dir, tmp_path, capsys, monkeypatch):
     sha = "a" * 40
     repo = tmp_path / "hub" / "models--someone--tiny-bitnet"
