@@ -31,6 +31,14 @@ def load(path=None, numerics: str = "int", backend: str = "auto"):
             raise CheckpointError(f"{shipped}: no model ships with this refbitnet build yet; pass a model "
                                   f"directory, e.g. refbitnet.load('bitnet-b1.58-2B-4T')")
         path = shipped
+    else:
+        from .hub import resolve
+        path = resolve(path)                          # a local path as-is; org/name from the HF cache or hub
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise CheckpointError(f"{path}: expected a model directory or a .gguf file, found another file")
+            from .gguf import load_gguf
+            return load_gguf(path, numerics=numerics, backend=backend)
     return load_model_dir(path, numerics=numerics, backend=backend)
 
 

@@ -23,6 +23,7 @@ from .checks import check_choice, check_int, check_token_ids
 from .config import Config
 from .errors import RefBitNetError, RefBitNetTypeError
 from .generate import generate as _generate
+from .generation_config import GenerationDefaults
 from .kv_cache import KVCache, check_kv_dtype
 from .weights import ModelWeights, model_weights
 
@@ -39,7 +40,7 @@ class Model:
     """
 
     def __init__(self, config: Config, weights, numerics: str = "int", backend: str = "auto", *,
-                 tokenizer=None, source: str = "weights"):
+                 tokenizer=None, source: str = "weights", generation_defaults: GenerationDefaults | None = None):
         if not isinstance(config, Config):
             raise RefBitNetTypeError(f"config: expected a refbitnet Config, found {type(config).__name__}")
         check_choice(numerics, "numerics", NUMERICS)
@@ -50,6 +51,8 @@ class Model:
         self.weights = weights
         self.numerics = numerics
         self.tokenizer = tokenizer
+        # sampling defaults from generation_config.json; none: greedy
+        self.generation_defaults = GenerationDefaults() if generation_defaults is None else generation_defaults
         self.source = source                       # where the weights came from (a path or a description)
         self.backend = _choose_backend(backend, numerics, config)
         self._fast = None
@@ -149,27 +152,37 @@ class Model:
         return readable.decoder_layer(i, h, self.weights.layers[i], cfg, cos, sin, self.numerics,
                                       record=prefixed)
 
-    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed=None, stop=None, stream: bool = False, kv_dtype: str | None = None,
-                 cache: KVCache | None = None, ignore_eos: bool = False):
+    def generate(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed=None, stop=None, stream: bool = False,
+                 kv_dtype: str | None = None, cache: KVCache | None = None, ignore_eos: bool = False,
+                 do_sample: bool | None = None):
         """Continue prompt (text, or a sequence of token ids) by up to max_new_tokens tokens.
 
-        stop: extra stop conditions, a string, a token id, or a sequence of them; the tokenizer's
-        end-of-turn ids (or the config's eos ids without a tokenizer) stop too unless ignore_eos.
+        max_new_tokens, temperature, top_k, top_p, seed, do_sample: None takes the model's default from its
+        generation_config.json (refbitnet.generation_config; no file: greedy), a value overrides it.
+        stop: extra stop conditions, a string, a token id, or a sequence of them; the default stop ids
+        (the tokenizer's end-of-turn ids, or the config's eos ids, and generation_config.json's) stop too
+        unless ignore_eos.
         Returns the list of new ids; with stream=True an iterator yielding them one by one.
         kv_dtype: the KV cache's element type, "float32" (exact, default) or "float16" (half the memory;
         see KVCache). cache: a KVCache to continue, e.g. the previous turn's of a chat: the cached
         positions whose ids match the start of the prompt are kept and only the rest runs (see
         refbitnet.generate).
         """
+        s = self.generation_defaults.resolve(do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                             top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
+        if s.max_new_tokens is None:
+            raise RefBitNetError("max_new_tokens: expected the number of tokens to generate, found None (the "
+                                 "model's generation_config.json sets no max_new_tokens)")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RefBitNetError("prompt: a text prompt needs a tokenizer (this model has none; pass token ids)")
-            prompt = self.tokenizer.encode(prompt, add_bos=True)
+            prompt = self.tokenizer.encode_prompt(prompt)
         else:
             prompt = self.check_ids(prompt)
-        tokens = _generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=stop, ignore_eos=ignore_eos, kv_dtype=kv_dtype, cache=cache)
+        tokens = _generate(self, prompt, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                           top_p=s.top_p, seed=s.seed, stop=stop, ignore_eos=ignore_eos, kv_dtype=kv_dtype,
+                           cache=cache)
         return tokens if stream else list(tokens)
 
     # -- the door's checks ------------------------------------------------------------------------

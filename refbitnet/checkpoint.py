@@ -32,8 +32,10 @@ import numpy as np
 
 from .bf16 import bf16_to_f32, f32_to_bf16
 from .config import RELEASE_QUANTIZATION_CONFIG, Config
-from .errors import CheckpointError, ConfigError, RefBitNetError, RefBitNetTypeError, TokenizerError
+from .errors import CheckpointError, ConfigError, RefBitNetError, RefBitNetTypeError
 from .api import Model
+from .generation_config import GenerationDefaults
+from .tokenizer import load_tokenizer
 from .config import PROJECTIONS
 from .weights import model_weights, scale_convention
 
@@ -208,11 +210,13 @@ def read_checkpoint_tensors(directory) -> dict:
 # ============================================================================ files -> Model
 
 def model_from_tensors(config: Config, tensors: Mapping, *, source: str, numerics: str = "int",
-                       backend: str = "auto", tokenizer=None, convention: str = "multiply") -> Model:
+                       backend: str = "auto", tokenizer=None, convention: str = "multiply",
+                       generation_defaults=None) -> Model:
     """A Model from release-named tensors (see refbitnet.weights.model_weights); source names them in
     errors (a path, "gguf:..."); convention: what a packed weight_scale means ("multiply" or "divide")."""
     weights = model_weights(config, tensors, source=source, convention=convention)
-    return Model(config, weights, numerics=numerics, backend=backend, tokenizer=tokenizer, source=source)
+    return Model(config, weights, numerics=numerics, backend=backend, tokenizer=tokenizer, source=source,
+                 generation_defaults=generation_defaults)
 
 
 def load_model_dir(directory, numerics: str = "int", backend: str = "auto") -> Model:
@@ -228,15 +232,10 @@ def load_model_dir(directory, numerics: str = "int", backend: str = "auto") -> M
     first = np.asarray(tensors.get("model.layers.0.self_attn.q_proj.weight", np.empty(0, np.float32)))
     if first.dtype == np.uint8:                 # packed: its weight_scale means what the config declares
         convention = scale_convention(config.quantization_config, str(directory / CONFIG_FILE))
-    tokenizer = None
-    if (directory / TOKENIZER_FILE).exists():
-        from .tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_file(directory / TOKENIZER_FILE)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise TokenizerError(f"{directory / TOKENIZER_FILE}: the tokenizer has {tokenizer.vocab_size} tokens, "
-                                 f"more than vocab_size = {config.vocab_size} in {directory / CONFIG_FILE}")
+    tokenizer = load_tokenizer(directory, config)          # None without tokenizer.json
     return model_from_tensors(config, tensors, source=str(directory), numerics=numerics, backend=backend,
-                              tokenizer=tokenizer, convention=convention)
+                              tokenizer=tokenizer, convention=convention,
+                              generation_defaults=GenerationDefaults.from_dir(directory))
 
 
 def _check_quantization_config(path, config):
@@ -294,11 +293,10 @@ def save_model(model: Model, directory) -> None:
             if np.array_equal(bf16_to_f32(bits), a):          # exactly a bf16 value: store as the release does
                 a = bits
         tensors[name] = a
-    tokenizer_file = getattr(model.tokenizer, "path", None) if model.tokenizer is not None else None
-    in_memory = tokenizer_file is None or not os.path.isfile(tokenizer_file)
-    _write_model_dir(directory, model.config, tensors, None if in_memory else tokenizer_file)
-    if model.tokenizer is not None and in_memory:     # e.g. rebuilt from GGUF keys: no file to copy
-        model.tokenizer.save(Path(directory) / TOKENIZER_FILE)
+    _write_model_dir(directory, model.config, tensors)
+    if model.tokenizer is not None:        # tokenizer.json (the file read, byte for byte) + its specials/template
+        model.tokenizer.save_pretrained(directory)
+    model.generation_defaults.save(directory)         # generation_config.json, if the model has one
 
 
 def _write_model_dir(directory, config, tensors, tokenizer_file=None):

@@ -114,9 +114,11 @@ def _check_cache(cache, positions: int, kv_dtype: str | None) -> None:
 
 
 def default_stop_ids(model, tokenizer) -> list[int]:
-    """The ids that end generation unless ignore_eos: the tokenizer's end-of-turn / end-of-text ids,
-    else the config's eos ids."""
-    return list(tokenizer.eos_ids) if tokenizer is not None else list(model.config.eos_ids)
+    """The ids that end generation unless ignore_eos: the tokenizer's end-of-turn / end-of-text ids, else
+    the config's eos ids; and generation_config.json's eos ids (model.generation_defaults) where it has them."""
+    ids = list(tokenizer.eos_ids) if tokenizer is not None else list(model.config.eos_ids)
+    defaults = getattr(model, "generation_defaults", None)
+    return ids + list(defaults.eos_token_id) if defaults is not None else ids
 
 
 def _check_stop(stop, ignore_eos, model, tokenizer) -> tuple[frozenset[int], tuple[str, ...]]:

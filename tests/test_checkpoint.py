@@ -163,6 +163,9 @@ def test_tokenizer_json_is_loaded_and_saved(packed_dir, tmp_path):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.add_special_tokens(specials)
     tok.save(os.path.join(packed_dir, "tokenizer.json"))
+    config_path = os.path.join(packed_dir, "config.json")     # config.json's ids name the same specials
+    config = json.load(open(config_path))
+    json.dump(dict(config, bos_token_id=3, eos_token_id=4), open(config_path, "w"))
     model = refbitnet.load(packed_dir)
     assert model.tokenizer is not None and model.tokenizer.encode("hello world") == [1, 2]
     new_ids = model.generate("hello world", 4)                    # text prompt: encoded with BOS
@@ -184,7 +187,8 @@ def test_in_memory_tokenizer_is_written_on_save(tmp_path):
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     backend.add_special_tokens(specials)
-    model = model_from_tensors(numpy_config(SIZES), numpy_release_tensors(SIZES, 5), source="memory",
+    model = model_from_tensors(numpy_config(SIZES).replace(bos_token_id=3, eos_token_id=4),
+                               numpy_release_tensors(SIZES, 5), source="memory",
                                tokenizer=Tokenizer(backend))
     refbitnet.save(model, tmp_path / "saved")
     loaded = refbitnet.load(tmp_path / "saved")
