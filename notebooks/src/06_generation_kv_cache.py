@@ -247,7 +247,7 @@ from pathlib import Path
 shipped = refbitnet.load()                                          # refbitnet/shipped
 print(shipped)
 prompt_ids = shipped.tokenizer.encode("ROMEO.\nBut soft, what light", add_bos=True)
-ours_text = shipped.generate(prompt_ids, max_new_tokens=32)
+ours_text = shipped.generate(prompt_ids, max_new_tokens=32, temperature=0.0)   # greedy (the shipped default samples)
 hf_shipped = transformers.BitNetForCausalLM.from_pretrained(str(Path(refbitnet.__file__).parent / "shipped"),
                                                             dtype=torch.float32, attn_implementation="eager")
 with torch.no_grad():
@@ -262,7 +262,7 @@ shipped_rel = float(np.abs(shipped.forward(prompt_ids) - hf_shipped_logits).max(
 print(f"logits of the prompt: max |refbitnet - transformers| / max |logit| = {shipped_rel:.1e}")
 print("refbitnet, greedy   :", repr(shipped.tokenizer.decode(ours_text)))
 print("transformers, greedy:", repr(shipped.tokenizer.decode(hf_text)))
-print("float16 KV cache, same greedy text as float32:", shipped.generate(prompt_ids, max_new_tokens=32, kv_dtype="float16") == ours_text)
+print("float16 KV cache, same greedy text as float32:", shipped.generate(prompt_ids, max_new_tokens=32, temperature=0.0, kv_dtype="float16") == ours_text)
 print("refbitnet, sampled  :", repr(shipped.tokenizer.decode(
     shipped.generate(prompt_ids, max_new_tokens=32, temperature=0.8, top_p=0.95, seed=3))))
 
