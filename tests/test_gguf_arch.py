@@ -128,3 +128,26 @@ def test_a_file_that_says_another_activation_is_refused(tmp_path):
         gguf_to_tensors(path)
     path.write_bytes(gguf_bytes(kv + [("bitnet-b1.58.hidden_activation", 8, "relu2")], tensors))
     assert gguf_to_tensors(path)[0] == TINY
+
+
+def test_progress_and_a_tokenizer_rebuilt_from_gguf(tmp_path, tensors):
+    """save_gguf reports each tensor, then the written file; a model loaded from a GGUF file (its
+    tokenizer rebuilt from metadata, no tokenizer.json behind it) exports with its tokenizer."""
+    from refbitnet.gguf import load_gguf, save_gguf
+    from test_gguf import TEXTS, make_tokenizer_json
+    first = tmp_path / "first.gguf"
+    tok_file = make_tokenizer_json(tmp_path, TINY.vocab_size - 10)
+    write_gguf(first, TINY, tensors, layout="i2_s", tokenizer_file=tok_file)
+    model = load_gguf(first, backend="numpy")
+    calls = []
+    second = tmp_path / "second.gguf"
+    save_gguf(model, second, layout="tq2_0", progress=lambda *call: calls.append(call))
+    per_layer = 4 + 7
+    total = 2 + TINY.num_hidden_layers * per_layer + 1
+    assert [c[0] for c in calls] == list(range(1, total + 1)) and all(c[1] == total for c in calls)
+    assert calls[0][2] == "token_embd.weight" and calls[-1][2] == str(second)
+    again = load_gguf(second, backend="numpy")
+    assert again.tokenizer is not None
+    for text in TEXTS:
+        assert again.tokenizer.encode(text) == model.tokenizer.encode(text), text
+    assert np.array_equal(again.forward(np.arange(8)), model.forward(np.arange(8)))

@@ -52,17 +52,20 @@ FP16_MIN_NORMAL = 2.0 ** -14
 
 def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layout: str = "i2_s",
                tokenizer_file=None, name: str = "refbitnet", embedding_type: str = "f16",
-               arch: str = ARCH_2B4T) -> None:
+               arch: str = ARCH_2B4T, progress=None) -> None:
     """Write a BitNet b1.58 model given as (Config, tensors in the released HF naming) as GGUF.
 
     layout "i2_s" (projections I2_S: bitnet.cpp, ik_llama.cpp), "tq2_0" or "tq1_0" (also upstream
     llama.cpp's ggml). arch: "bitnet-b1.58" (default, 2B4T's graph in bitnet.cpp and ik_llama.cpp),
     "bitnet-25" (the same graph), or "bitnet" (upstream llama.cpp loads it, but every engine computes a
     SiLU-gated FFN for it: an EngineGraphWarning says so). Norms F32.
-    embedding_type "f16" (default, what the official bitnet.cpp file uses; exact for bf16 values with |x| >= 2**-14, absolute error <= 2**-25 below), "bf16" (exact; both
-    runtimes' ggml read BF16 rows) or "f32". tensors: what ``model_from_tensors`` takes (packed uint8
+    embedding_type "f16" (default, what the official bitnet.cpp file uses; exact for bf16 values with
+    |x| >= 2**-14, absolute error <= 2**-25 below), "bf16" (exact; the engines' ggml read BF16 rows)
+    or "f32". tensors: what ``model_from_tensors`` takes (packed uint8
     [N/4, K] projections with ``.weight_scale``; embedding and norms as bf16 bits or float).
     tokenizer_file: a HF tokenizer.json to embed (runtimes need it; refbitnet's reader does not).
+    progress: None or a callable progress(done, total, name), called after each tensor is converted
+    and once more when the file is written (total = tensors + 1).
     """
     import gguf
 
@@ -94,22 +97,35 @@ def write_gguf(path, config: Config, tensors: Mapping[str, np.ndarray], *, layou
     if embed.shape != (config.vocab_size, config.hidden_size):
         raise GGUFError(f"model.embed_tokens.weight: expected shape {[config.vocab_size, config.hidden_size]}, "
                         f"found {list(embed.shape)}")
-    w.add_tensor("token_embd.weight", _convert_table(embed, embedding_type),
-                 raw_dtype=gguf.GGMLQuantizationType.BF16 if embedding_type == "bf16" else None)
-    w.add_tensor("output_norm.weight", _as_f32(need("model.norm.weight")))
+    per_layer = len(layer_norms(config, 0)) + len(layer_projections(config, 0))
+    total = 2 + config.num_hidden_layers * per_layer + 1             # tensors, then the file written
+    done = 0
+
+    def add(gname, data, **kwargs):
+        nonlocal done
+        w.add_tensor(gname, data, **kwargs)
+        done += 1
+        if progress is not None:
+            progress(done, total, gname)
+
+    add("token_embd.weight", _convert_table(embed, embedding_type),
+        raw_dtype=gguf.GGMLQuantizationType.BF16 if embedding_type == "bf16" else None)
+    add("output_norm.weight", _as_f32(need("model.norm.weight")))
     for i in range(config.num_hidden_layers):
         for gname, hf, _ in layer_norms(config, i):
-            w.add_tensor(gname, _as_f32(need(hf)))
+            add(gname, _as_f32(need(hf)))
         for gname, hf, (n, k) in layer_projections(config, i):
             data = _pack_projection(need(hf), _scale_of(tensors, hf), hf, n, k, layout)
             # Added by raw type id (the gguf package has no I2_S); int8 view so the writer keeps the
             # element shape [N, K] instead of treating the array as a byte shape.
-            w.add_tensor(gname, np.asarray(data, dtype=np.uint8).view(np.int8), raw_shape=(n, k),
-                         raw_dtype=LAYOUT_TYPES[layout])
+            add(gname, np.asarray(data, dtype=np.uint8).view(np.int8), raw_shape=(n, k),
+                raw_dtype=LAYOUT_TYPES[layout])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if progress is not None:
+        progress(total, total, os.fspath(path))
 
 
 def _warn_if_not_2b4t(arch: str) -> None:
@@ -218,19 +234,28 @@ def _convert_table(table: np.ndarray, kind: str, rows: int = 8192) -> np.ndarray
 
 
 def save_gguf(source, path, *, layout: str = "i2_s", tokenizer_file=None, name: str = "refbitnet",
-              embedding_type: str = "f16", arch: str = ARCH_2B4T) -> None:
-    """Export a refbitnet Model, a model directory (packed release or bf16 master; what refbitnet.load
-    reads) or a (Config, tensors) pair as a GGUF file (layout and arch: see write_gguf). The model's
-    tokenizer.json is embedded unless tokenizer_file says otherwise."""
+              embedding_type: str = "f16", arch: str = ARCH_2B4T, progress=None) -> None:
+    """Export a refbitnet Model, anything refbitnet.load reads (a model directory, packed release or
+    bf16 master; a .gguf file; a hub id) or a (Config, tensors) pair as a GGUF file (layout, arch and
+    progress: see write_gguf). The model's tokenizer is embedded unless tokenizer_file says otherwise
+    (one rebuilt from a GGUF file's metadata too, written out to a temporary tokenizer.json)."""
+    import tempfile
+
     if isinstance(source, tuple) and len(source) == 2:
         config, tensors = source
     else:
-        if not hasattr(source, "release_tensors"):                      # not a Model: a directory
-            from ..checkpoint import load_model_dir
-            source = load_model_dir(source)
+        if not hasattr(source, "release_tensors"):                      # not a Model: a path or hub id
+            import refbitnet
+            source = refbitnet.load(source, backend="numpy")            # only its tensors are needed
         config, tensors = source.config, source.release_tensors()
-        if tokenizer_file is None and source.tokenizer is not None:
-            candidate = getattr(source.tokenizer, "path", None)
-            tokenizer_file = candidate if candidate is not None and os.path.isfile(candidate) else None
-    write_gguf(path, config, tensors, layout=layout, tokenizer_file=tokenizer_file, name=name,
-               embedding_type=embedding_type, arch=arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = getattr(source, "tokenizer", None)
+        if tokenizer_file is None and tok is not None:
+            candidate = getattr(tok, "path", None)
+            if candidate is not None and os.path.isfile(candidate):
+                tokenizer_file = candidate
+            elif hasattr(tok, "save"):
+                tokenizer_file = os.path.join(tmp, "tokenizer.json")
+                tok.save(tokenizer_file)
+        write_gguf(path, config, tensors, layout=layout, tokenizer_file=tokenizer_file, name=name,
+                   embedding_type=embedding_type, arch=arch, progress=progress)
