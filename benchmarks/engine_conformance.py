@@ -306,20 +306,21 @@ def ggml_quantized_tables(runner: Path, model, workdir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- the check
-def run_conformance(runner: Path, n_tokens: int = 32, workdir: Path | None = None) -> dict:
+def run_conformance(runner: Path, n_tokens: int = 32, workdir: Path | None = None, model_path=None) -> dict:
     """Export the shipped model, run every file, return the results (see the module docstring)."""
     import refbitnet
     from refbitnet.gguf import save_gguf
     from refbitnet.gguf.mapping import EngineGraphWarning
     import warnings
 
-    model = refbitnet.load()
+    model = refbitnet.load(model_path)                     # None: the model shipped with refbitnet
     tok = model.tokenizer
     bos = model.config.bos_token_id
     prompts = [[bos] + tok.encode(p) for p in PROMPTS]
     sequences = [greedy_sequence(model, p, n_tokens) for p in prompts]
     workdir = Path(workdir or tempfile.mkdtemp(prefix="engine-conformance-"))
-    results = {"files": []}
+    results = {"model": os.fspath(model_path) if model_path else "the shipped model (refbitnet/shipped)",
+               "files": []}
     for layout, arch in FILES:
         path = workdir / f"shipped-{layout}-{arch}.gguf"
         with warnings.catch_warnings():
@@ -378,7 +379,7 @@ def expectations(results: dict) -> list[str]:
 
 
 def markdown(results: dict, version: str, n_tokens: int) -> str:
-    lines = [f"# Engine conformance: refbitnet's exports of the shipped model in upstream llama.cpp",
+    lines = [f"# Engine conformance: refbitnet's exports of {results['model']} in upstream llama.cpp",
              "", f"Written by `python benchmarks/engine_conformance.py` ({version}; {len(PROMPTS)} prompts x "
              f"{n_tokens} greedy tokens, exact token ids, every position's logits).", "",
              "| file | loads | first greedy divergence per prompt | max abs logit diff "
@@ -424,6 +425,7 @@ def main(argv=None) -> int:
     parser.add_argument("--version", help="llama-cpp-python sdist version (default: the newest cached, "
                                           "else the newest on PyPI)")
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
+    parser.add_argument("--model", help="what refbitnet.load reads (default: the shipped model)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print, do not write benchmarks/results")
     args = parser.parse_args(argv)
@@ -434,7 +436,7 @@ def main(argv=None) -> int:
     t2 = time.perf_counter()
     runner = build_runner(llama_src, build)
     t3 = time.perf_counter()
-    results = run_conformance(runner, args.tokens)
+    results = run_conformance(runner, args.tokens, model_path=args.model)
     t4 = time.perf_counter()
     version = engine_version(llama_src)
     results.update(version=version, seconds={"sdist": round(t1 - t0, 1), "build": round(t2 - t1, 1),
