@@ -19,6 +19,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .reference import LANES
+from .sync import fetch_add
 
 ROWS_PER_STEP = 4      # rows dotted together: each 16-float block of x is loaded once for four rows
 ROWS_PER_TASK = 64     # rows per parallel task
@@ -101,3 +102,31 @@ def bf16_matmul_v2(x: np.ndarray, table: np.ndarray) -> np.ndarray:
     out = np.empty((x.shape[0], table.shape[0]), np.float32)
     bf16_matmul_kernel_v2(x, table, out)
     return out
+
+
+@njit(cache=True, parallel=True)
+def bf16_matmul_claimed_v2(x, table, out, sync, n_threads):
+    """bf16_matmul_kernel_v2 for one token (decoding: x float32 [1, K] -> out [1, V]) with the rows claimed
+    ROWS_PER_TASK at a time from a shared counter (sync int64 [1], zeroed here) instead of split in halves
+    in advance: a thread that is descheduled claims nothing, the running ones do its share (the same dots,
+    so the same bits as bf16_matmul_kernel_v2). n_threads: numba.get_num_threads() of the caller."""
+    V = table.shape[0]
+    n_tasks = (V + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    sync[0] = 0
+    for t in prange(n_threads):
+        while True:
+            task = fetch_add(sync, 0, 1)
+            if task >= n_tasks:
+                break
+            v_end = min(V, (task + 1) * ROWS_PER_TASK)
+            v0 = task * ROWS_PER_TASK
+            while v0 + ROWS_PER_STEP <= v_end:
+                d0, d1, d2, d3 = row_dots4(table, x[0], v0)
+                out[0, v0] = d0
+                out[0, v0 + 1] = d1
+                out[0, v0 + 2] = d2
+                out[0, v0 + 3] = d3
+                v0 += ROWS_PER_STEP
+            while v0 < v_end:
+                out[0, v0] = row_dots1(table, x[0], v0)[0]
+                v0 += 1
