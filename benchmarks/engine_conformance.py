@@ -307,7 +307,11 @@ def ggml_quantized_tables(runner: Path, model, workdir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- the check
 def run_conformance(runner: Path, n_tokens: int = 32, workdir: Path | None = None, model_path=None) -> dict:
-    """Export the shipped model, run every file, return the results (see the module docstring)."""
+    """Export the model, run every file, return the results (see the module docstring). The exported
+    files go to workdir (default: a temporary directory, removed afterwards)."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="engine-conformance-") as tmp:
+            return run_conformance(runner, n_tokens, Path(tmp), model_path)
     import refbitnet
     from refbitnet.gguf import save_gguf
     from refbitnet.gguf.mapping import EngineGraphWarning
@@ -316,13 +320,17 @@ def run_conformance(runner: Path, n_tokens: int = 32, workdir: Path | None = Non
     model = refbitnet.load(model_path)                     # None: the model shipped with refbitnet
     tok = model.tokenizer
     bos = model.config.bos_token_id
-    prompts = [[bos] + tok.encode(p) for p in PROMPTS]
+    if tok is not None:
+        prompts = [[bos] + tok.encode(p) for p in PROMPTS]
+    else:                                                  # a model without a tokenizer: fixed random ids
+        rng = np.random.default_rng(0)
+        prompts = [[bos or 0] + [int(i) for i in rng.integers(0, model.config.vocab_size, 8 + 4 * k)]
+                   for k in range(len(PROMPTS))]
     sequences = [greedy_sequence(model, p, n_tokens) for p in prompts]
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="engine-conformance-"))
     results = {"model": os.fspath(model_path) if model_path else "the shipped model (refbitnet/shipped)",
                "files": []}
     for layout, arch in FILES:
-        path = workdir / f"shipped-{layout}-{arch}.gguf"
+        path = workdir / f"export-{layout}-{arch}.gguf"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EngineGraphWarning)
             save_gguf(model, path, layout=layout, arch=arch)
