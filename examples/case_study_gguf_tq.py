@@ -38,6 +38,9 @@ from refbitnet.testing import compare_ternary_codes, decode, encode, quantize_we
 SHAPES = {"q/o_proj": (2560, 2560), "k/v_proj": (640, 2560), "gate/up_proj": (6912, 2560),
           "down_proj": (2560, 6912)}
 
+#: --small: the same four roles at a tenth of the size (K a multiple of 256), for a quick run and the tests.
+SMALL_SHAPES = {"q/o_proj": (256, 512), "k/v_proj": (64, 512), "gate/up_proj": (768, 512), "down_proj": (256, 768)}
+
 
 def load_gguf(path):
     if path is not None:
@@ -59,7 +62,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gguf-py", default=None, help="folder holding the gguf package (llama.cpp/gguf-py)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="shapes a tenth of 2B4T's (a quick run)")
     args = p.parse_args(argv)
+    shapes = SMALL_SHAPES if args.small else SHAPES
     gguf, quants = load_gguf(args.gguf_py)
     try:
         from importlib.metadata import version
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
     print("\n1. packing already-ternary weights W = codes * gamma (all-zero blocks included)")
     types = gguf.GGMLQuantizationType
     for qtype, layout in ((types.TQ2_0, "tq2_0"), (types.TQ1_0, "tq1_0")):
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in shapes.items():
             latent = rng.standard_normal((n, k)).astype(np.float32) * 0.02
             codes, gamma = quantize_weights(latent)
             codes.reshape(-1, 256)[::7] = 0                              # every 7th block all zero
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
                   f"scale fp16 {float(d)!r} for gamma {float(gamma)!r}")
 
     print("\n2. the quantizer's own rule on latent weights (per-block absmax) vs BitNet's absmean")
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes.items():
         latent = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
         theirs = np.asarray(quants.quantize(latent, gguf.GGMLQuantizationType.TQ2_0)).reshape(-1)
         their_codes, _ = decode_blocks(theirs, n, k)

@@ -42,6 +42,9 @@ from refbitnet.testing.dump import hard_activations  # noqa: E402
 SHAPES = {"q/o_proj": (2560, 2560), "k/v_proj": (640, 2560), "gate/up_proj": (6912, 2560),
           "down_proj": (2560, 6912)}
 
+#: --small: the same four roles at a tenth of the size (K a multiple of 256), for a quick run and the tests.
+SMALL_SHAPES = {"q/o_proj": (256, 512), "k/v_proj": (64, 512), "gate/up_proj": (768, 512), "down_proj": (256, 768)}
+
 
 def load_file(path, name):
     spec = importlib.util.spec_from_file_location(name, path)
@@ -65,7 +68,9 @@ def torch_activation_kernel(torch, x):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--onebitllms", required=True, help="folder of the onebitllms package (kernels/, utils/)")
+    p.add_argument("--small", action="store_true", help="shapes a tenth of 2B4T's (a quick run)")
     args = p.parse_args(argv)
+    shapes = SMALL_SHAPES if args.small else SHAPES
     root = os.path.abspath(args.onebitllms)
     utils_path = os.path.join(root, "utils", "quantization_utils.py")
     if not os.path.isfile(utils_path):
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
     print("\n1. quantize_to_1bit's _weight_quant (bf16 torch) vs numerics 'onebitllms-checkpoint'")
     utils = load_file(utils_path, "onebitllms_quantization_utils")
     rng = np.random.default_rng(0)
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes.items():
         wb = torch.from_numpy((rng.standard_normal((n, k)) * 0.02).astype(np.float32)).to(torch.bfloat16)
         codes_t, scale_t = utils._weight_quant(wb.clone())
         wf = wb.float().numpy()
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
         dflt = compare_int8_codes("xq", xt.float().numpy(), np.clip(codes_t, -128, 127).astype(np.int8))
         print(f"       vs refbitnet's ties to even: {dflt.detail or 'equal'}")
     if gpu:
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in shapes.items():
             w = torch.from_numpy((rng.standard_normal((n, k)) * 0.02).astype(np.float32))
             out = wq.weight_quant_triton(w.cuda()).cpu().numpy()
             codes_t = np.sign(out).astype(np.int8)

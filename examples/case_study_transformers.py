@@ -50,6 +50,9 @@ from refbitnet.testing.dump import hard_activations  # noqa: E402
 SHAPES = {"q/o_proj": (2560, 2560), "k/v_proj": (640, 2560), "gate/up_proj": (6912, 2560),
           "down_proj": (2560, 6912)}
 
+#: --small: the same four roles at a tenth of the size (K a multiple of 256), for a quick run and the tests.
+SMALL_SHAPES = {"q/o_proj": (256, 512), "k/v_proj": (64, 512), "gate/up_proj": (768, 512), "down_proj": (256, 768)}
+
 
 def load(path):
     if path is not None:
@@ -76,7 +79,9 @@ def line(label, ok, text):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--transformers", default=None, help="folder holding the transformers package")
+    p.add_argument("--small", action="store_true", help="shapes a tenth of 2B4T's (a quick run)")
     args = p.parse_args(argv)
+    shapes = SMALL_SHAPES if args.small else SHAPES
     torch, transformers, bitnet = load(args.transformers)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     print(f"transformers {transformers.__version__} from {os.path.dirname(transformers.__file__)}, "
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
 
     print("\n2. WeightQuant (online weights) for 2B4T's shapes")
     rng = np.random.default_rng(0)
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes.items():
         w = torch.from_numpy((rng.standard_normal((n, k)) * 0.02).astype(np.float32)).to(torch.bfloat16)
         wf = w.float().numpy()
         wq = bitnet.WeightQuant.apply(w).float().numpy()
@@ -150,7 +155,7 @@ def main(argv=None) -> int:
                f"{c.n_differ} of {c.n_total} not bit-equal")
 
     print("\n4. AutoBitLinear (offline, the release's class) in bf16, 8 tokens")
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes.items():
         xk = hard_activations(8, k, seed=n)
         codes, gamma = quantize_weights(rng.standard_normal((n, k)).astype(np.float32))
         gamma = bf16_values(gamma)
