@@ -191,7 +191,10 @@ def main():
     ap.add_argument("--against", metavar="TREE",
                     help="another refbitnet checkout (e.g. a git worktree of an older commit): time it and this "
                          "one in alternating warm processes instead of the runs above, and print both")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --against")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds with --against / --llama-cpp")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="side by side with upstream llama.cpp (built from the llama-cpp-python sdist by "
+                         "engine_conformance.py, cached): alternating processes, per-round ratios")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-transformers", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,6 +215,8 @@ def main():
               "--context", str(args.context), "--kv-cache", args.kv_cache, "--child"]
     if args.against:
         return compare_trees(args, common)
+    if args.llama_cpp:
+        return side_by_side(args, common)
     runs = []
     with tempfile.TemporaryDirectory() as numba_cache:
         env["NUMBA_CACHE_DIR"] = numba_cache
@@ -265,6 +270,97 @@ def main():
         with open(args.json, "w") as f:
             json.dump(dict(bandwidth=bandwidth, bytes_per_token=per_token, kv_cache=args.kv_cache,
                            rss_unit="MiB (ru_maxrss KiB / 1024)", runs=rows, loadavg=os.getloadavg()), f, indent=1)
+
+
+# ------------------------------------------------------------------------------ upstream llama.cpp, side by side
+def llama_cpp_runner():
+    """benchmarks/engine_speed.c compiled against upstream llama.cpp as engine_conformance.py builds it (the
+    llama-cpp-python sdist's vendored copy, libllama only, cached under ~/.cache/refbitnet); returns its path."""
+    import hashlib
+    import glob as globmod
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import engine_conformance as ec
+    llama_src = ec.fetch_sdist(None)
+    build = ec.build_llama(llama_src)
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_speed.c")
+    digest = hashlib.sha256(open(source, "rb").read() + str(build).encode()).hexdigest()[:12]
+    exe = ec.cache_dir() / "bin" / f"engine_speed-{digest}"
+    if not exe.exists():
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        libs = sorted({os.path.dirname(p) for p in globmod.glob(str(build / "**" / "lib*.so*"), recursive=True)})
+        cmd = [os.environ.get("CC", "cc"), "-O2", "-std=c11", source, "-o", str(exe),
+               "-I", str(llama_src / "include"), "-I", str(llama_src / "ggml" / "include")]
+        for d in libs:
+            cmd += ["-L", d, f"-Wl,-rpath,{d}"]
+        subprocess.run(cmd + ["-lllama", "-lggml", "-lggml-base"], check=True)
+    return str(exe), ec.engine_version(llama_src)
+
+
+def llama_cpp_gguf(model_dir):
+    """The model exported for upstream llama.cpp (TQ2_0 projections, F16 tied embedding, arch 'bitnet':
+    llama.cpp then computes a SiLU-gated FFN instead of 2B4T's ReLU^2, the same matrices and bytes, so the
+    same speed), cached beside the build; made once with refbitnet's own exporter."""
+    import engine_conformance as ec
+    out = ec.cache_dir() / "bench" / f"{os.path.basename(os.path.abspath(model_dir))}-tq2_0-bitnet.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"exporting {model_dir} -> {out} (python -m refbitnet.gguf export --layout tq2_0 --arch bitnet) ...")
+        subprocess.run([sys.executable, "-m", "refbitnet.gguf", "export", model_dir, str(out) + ".part",
+                        "--layout", "tq2_0", "--arch", "bitnet", "--embedding-type", "f16"], check=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+        os.replace(str(out) + ".part", out)
+    return str(out)
+
+
+def run_llama_cpp(exe, gguf, threads, prompt, decode, context):
+    r = subprocess.run([exe, gguf, str(threads), str(prompt), str(decode), str(context)], capture_output=True,
+                       text=True)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"{exe} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["loadavg"] = [os.getloadavg()[0]] * 2
+    return result
+
+
+def side_by_side(args, common):
+    """refbitnet (float16 KV cache, as llama.cpp's default) and upstream llama.cpp on the same model, each in its
+    own process, alternating for args.rounds rounds at each thread count; prints per-round ratios."""
+    exe, version = llama_cpp_runner()
+    gguf = llama_cpp_gguf(args.model)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ours_common = [c if c != "float32" else "float16" for c in common]
+    rows = []
+    with tempfile.TemporaryDirectory() as numba_cache:
+        env["NUMBA_CACHE_DIR"] = numba_cache
+        run_child(ours_common + ["--threads", str(max(args.threads))], env)            # compile once
+        for n in args.threads:
+            for i in range(args.rounds):
+                ours = run_child(ours_common + ["--threads", str(n)], env)
+                theirs = run_llama_cpp(exe, gguf, n, args.prompt, args.decode, args.context)
+                rows.append(dict(round=i + 1, threads=n, refbitnet=ours, llama_cpp=theirs))
+    lines = [f"refbitnet vs upstream llama.cpp ({version}), {args.model}: prompt {args.prompt}, decode "
+             f"{args.decode}, context {args.context}, KV cache float16 in both; llama.cpp runs the TQ2_0 export "
+             f"(arch 'bitnet', F16 tied embedding) through benchmarks/engine_speed.c",
+             f"{'thr':>3} {'round':>5} {'ours pre t/s':>12} {'llama pre':>9} {'ratio':>5} {'ours dec t/s':>12} "
+             f"{'llama dec':>9} {'ratio':>5} {'ours RSS':>8} {'llama RSS':>9} {'loadavg':>7}"]
+    for r in rows:
+        a, b = r["refbitnet"], r["llama_cpp"]
+        lines.append(f"{r['threads']:>3} {r['round']:>5} {a['prefill_tokens_per_s']:>12.1f} "
+                     f"{b['prefill_tokens_per_s']:>9.1f} {a['prefill_tokens_per_s'] / b['prefill_tokens_per_s']:>5.2f} "
+                     f"{a['decode_tokens_per_s']:>12.2f} {b['decode_tokens_per_s']:>9.2f} "
+                     f"{a['decode_tokens_per_s'] / b['decode_tokens_per_s']:>5.2f} {a['peak_rss_mb']:>8.0f} "
+                     f"{b['peak_rss_mb']:>9.0f} {a['loadavg'][0]:>7.1f}")
+    for n in args.threads:
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            ratios = sorted(r["refbitnet"][key] / r["llama_cpp"][key] for r in rows if r["threads"] == n)
+            lines.append(f"{n} threads, {key}: refbitnet / llama.cpp median {ratios[len(ratios) // 2]:.2f} "
+                         f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(llama_cpp=version, rows=rows), f, indent=1)
+    return lines
 
 
 def compare_trees(args, common):

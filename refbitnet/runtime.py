@@ -22,7 +22,7 @@ from . import kernels  # (sets the LLVM options before anything below compiles)
 from .errors import RefBitNetError, RefBitNetTypeError
 from .kernels import TernaryLinear
 from .kernels import act_quant
-from .kernels.sync import fetch_add, store_release, wait_nonzero
+from .kernels.sync import claim, fetch_add, store_release, wait_nonzero
 from .kernels.v3_word_planes import MAX_K
 from .kernels.lm_head_v2 import bf16_matmul_claimed_v2
 from .kernels.v4_maddubs import dot_row as v4_dot_row
@@ -261,7 +261,7 @@ def read_kv(cache, layer, end):
 PHASE_O, PHASE_GATE_UP, PHASE_DOWN, PHASE_QKV = 0, 1, 2, 3
 PHASE_NAMES = ("o", "gate_up", "down", "qkv")
 CHUNK_ROWS = 32                          # rows per claimed chunk (as ROWS_PER_TASK of the v4 GEMV)
-CLAIM, DONE, READY = 0, 4, 8             # offsets of the per-phase counters in `sync` (int64 [12])
+CLAIM, DONE, READY, FRONT, BACK = 0, 4, 8, 12, 16    # offsets of the per-phase counters in `sync` (int64 [20])
 READY_OK, READY_ABORT = 1, 2
 
 
@@ -303,7 +303,7 @@ def decode_region(first, last, w, bufs, eps, sync, n_threads):
     arrays), then attn_sub_norm, post_attention_layernorm, ffn_sub_norm and the next layer's
     input_layernorm. bufs: float32 [1, .] (h_cur, a, a_norm, h_attn, x2, m, m_norm, x, o_out, gu_out,
     dn_out, qkv_out), byte planes int8 [1, 4, D/4] and [1, 4, F/4], s float32 [4] and xsum int32 [4] (one
-    of each per GEMV). first == PHASE_QKV: x holds the first layer's normed input. sync: int64 [12].
+    of each per GEMV). first == PHASE_QKV: x holds the first layer's normed input. sync: int64 [20].
     Returns -1, or the phase whose input held a NaN/inf (the region then stopped before that GEMV).
     """
     for i in range(sync.shape[0]):
@@ -326,8 +326,8 @@ def decode_region(first, last, w, bufs, eps, sync, n_threads):
                 packed, row_scale, planes, out = w[6], w[7], bufs[12], bufs[11]
             n_chunks = (packed.shape[0] + CHUNK_ROWS - 1) // CHUNK_ROWS
             while True:
-                chunk = fetch_add(sync, CLAIM + phase, 1)
-                if chunk >= n_chunks:
+                chunk = claim(sync, CLAIM + phase, FRONT + phase, BACK + phase, n_chunks, t)
+                if chunk < 0:
                     break
                 _gemv_chunk(packed, planes, bufs[14][si:si + 1], bufs[15][si:si + 1], row_scale, out, chunk)
                 if fetch_add(sync, DONE + phase, 1) == n_chunks - 1 and phase < last:
@@ -417,7 +417,7 @@ class FastPath:
                                   for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self._region_weights = [self._region_tuple(i) for i in range(len(self.layers))]
         self._region_ws = None
-        self._head_sync = np.zeros(1, np.int64)
+        self._head_sync = np.zeros(3, np.int64)
 
     def forward(self, ids, cache=None, start=0, trace=None, last_only=False, trace_integers=False):
         """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers)."""
@@ -472,7 +472,7 @@ class FastPath:
             bufs = (f32(d), f32(cfg.num_attention_heads * cfg.head_dim), f32(d), f32(d), f32(d), f32(f), f32(f),
                     f32(d), f32(d), f32(2 * f), f32(d), f32(n_qkv), np.zeros((1, 4, d // 4), np.int8),
                     np.zeros((1, 4, f // 4), np.int8), np.zeros(4, np.float32), np.zeros(4, np.int32))
-            self._region_ws = (bufs, np.zeros(12, np.int64))
+            self._region_ws = (bufs, np.zeros(20, np.int64))
         return self._region_ws
 
     def _region(self, i, first, last):

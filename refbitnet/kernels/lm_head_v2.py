@@ -19,7 +19,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .reference import LANES
-from .sync import fetch_add
+from .sync import claim
 
 ROWS_PER_STEP = 4      # rows dotted together: each 16-float block of x is loaded once for four rows
 ROWS_PER_TASK = 64     # rows per parallel task
@@ -107,16 +107,16 @@ def bf16_matmul_v2(x: np.ndarray, table: np.ndarray) -> np.ndarray:
 @njit(cache=True, parallel=True)
 def bf16_matmul_claimed_v2(x, table, out, sync, n_threads):
     """bf16_matmul_kernel_v2 for one token (decoding: x float32 [1, K] -> out [1, V]) with the rows claimed
-    ROWS_PER_TASK at a time from a shared counter (sync int64 [1], zeroed here) instead of split in halves
+    ROWS_PER_TASK at a time (sync.claim: counters sync int64 [3], zeroed here) instead of split in halves
     in advance: a thread that is descheduled claims nothing, the running ones do its share (the same dots,
     so the same bits as bf16_matmul_kernel_v2). n_threads: numba.get_num_threads() of the caller."""
     V = table.shape[0]
     n_tasks = (V + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    sync[0] = 0
+    sync[:] = 0
     for t in prange(n_threads):
         while True:
-            task = fetch_add(sync, 0, 1)
-            if task >= n_tasks:
+            task = claim(sync, 0, 1, 2, n_tasks, t)
+            if task < 0:
                 break
             v_end = min(V, (task + 1) * ROWS_PER_TASK)
             v0 = task * ROWS_PER_TASK

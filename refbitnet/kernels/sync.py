@@ -102,3 +102,18 @@ def wait_nonzero(arr, index):
             cpu_relax()
         else:
             sched_yield()
+
+
+@njit(cache=True)
+def claim(sync, total, front, back, n, thread):
+    """The next of n chunks for `thread`, or -1 when all are claimed. Even threads take chunks from the
+    front (0, 1, ..) and odd ones from the back (n-1, n-2, ..), so with two threads each streams through one
+    contiguous half of the rows, as a static split would, and whichever finishes first goes on into the
+    other's half until they meet; a thread that never runs takes nothing. sync[total] counts the claims
+    (at most n succeed, so the front and back never overlap); sync[front], sync[back] the chunks taken
+    from each end."""
+    if fetch_add(sync, total, 1) >= n:
+        return -1
+    if thread % 2 == 0:
+        return fetch_add(sync, front, 1)
+    return n - 1 - fetch_add(sync, back, 1)
