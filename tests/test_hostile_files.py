@@ -25,6 +25,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import refbitnet
+
 import _corrupt as C
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -499,14 +501,28 @@ def _tok_bigger_than_model(n):
 
 
 @pytest.mark.parametrize("what,tj", [
-    ("no BOS", _tok_without("<|begin_of_text|>")),
-    ("no EOT", _tok_without("<|eot_id|>")),
     ("ids beyond the model's vocab_size", _tok_bigger_than_model(100)),
 ])
 def test_tokenizer_contradicting_the_model(worker, scratch, reference, what, tj):
     path = scratch / "tokenizer.json"
     path.write_text(json.dumps(tj))
     assert_error(load_variant(worker, scratch, reference, "tokenizer.json"), path)
+
+
+@pytest.mark.parametrize("special", ["<|begin_of_text|>", "<|eot_id|>"])
+def test_tokenizer_without_a_2b4t_special_takes_the_model_files_ids(scratch, special):
+    """The 2B4T special-token names are a fallback, not a requirement (as in transformers): without
+    <|begin_of_text|> the BOS is config.json's bos_token_id; without <|eot_id|> there is no end-of-turn id
+    and config.json's eos_token_id still stops generation. (Until the tokenizer followed the model's own
+    files, both were refused.)"""
+    (scratch / "tokenizer.json").write_text(json.dumps(_tok_without(special)))
+    model = refbitnet.load(scratch, backend="numpy")
+    tokenizer, config = model.tokenizer, model.config
+    assert tokenizer.bos_id == config.bos_token_id
+    assert config.eos_token_id in tokenizer.eos_ids
+    if special == "<|eot_id|>":
+        assert tokenizer.eot_id is None
+    assert model.generate([config.bos_token_id, 5], max_new_tokens=2, temperature=0.0) is not None
 
 
 @given(data=st.data())
