@@ -252,3 +252,22 @@ def test_refused_table_types_and_bad_scales(tmp_path):
     (tmp_path / "q6-proj.gguf").write_bytes(gguf_bytes(kv, q6))
     with pytest.raises(GGUFError, match=r"blk\.0\.attn_q\.weight.*expected a ternary type.*Q6_K"):
         gguf_to_tensors(tmp_path / "q6-proj.gguf")
+
+
+def test_f16_export_of_the_shipped_model(tmp_path):
+    """The default F16 embedding moves exactly the shipped bf16 values below fp16's normal range
+    (|x| < 2**-14) that are not on fp16's subnormal grid, each by at most 2**-25; a BF16 embedding moves
+    none (and the logits stay bit-identical: tests/test_gguf.py::test_shipped_model_round_trip)."""
+    import refbitnet
+    from refbitnet.errors import CheckpointError
+    from refbitnet.gguf import save_gguf
+    try:
+        model = refbitnet.load(backend="numpy")
+    except CheckpointError:
+        pytest.skip("no model ships with this build")
+    x = bf16_to_f32(np.asarray(model.release_tensors()["model.embed_tokens.weight"]))
+    save_gguf(model, tmp_path / "f16.gguf", layout="tq2_0")
+    y = gguf_to_tensors(tmp_path / "f16.gguf")[1]["model.embed_tokens.weight"].astype(np.float32)
+    moved = y != x
+    expected = (np.abs(x) < 2.0 ** -14) & (x.astype(np.float16).astype(np.float32) != x)
+    assert np.array_equal(moved, expected) and np.abs(y - x).max() <= 2.0 ** -25
