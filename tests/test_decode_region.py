@@ -24,18 +24,23 @@ WIDE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_att
             num_key_value_heads=2, vocab_size=300)
 
 
-def models(seed=5):
+def models(seed=5, regions=True):
+    """The wide tiny model on the fast path with decode regions on (they are opt-in), and on the readable one."""
     tensors = numpy_release_tensors(WIDE, seed)
     fast = model_from_tensors(numpy_config(WIDE), tensors, source="wide", backend="numba")
     slow = model_from_tensors(numpy_config(WIDE), tensors, source="wide", backend="numpy")
+    if not fast._fast.regions_fit:
+        pytest.skip("no AVX2: the fast path runs v3 and no decode regions")
+    fast._fast.decode_regions = regions
     return fast, slow
 
 
-def test_the_wide_tiny_model_decodes_through_regions():
-    fast, _ = models()
-    if not fast._fast.layers[0].qkv.linear.kernel_for(1) == "v4":
-        pytest.skip("no AVX2: the fast path runs v3 and no decode regions")
-    assert fast._fast.decode_regions
+def test_the_wide_tiny_model_fits_the_regions_and_they_are_opt_in(monkeypatch):
+    fast, _ = models(regions=False)
+    assert fast._fast.regions_fit and not fast._fast.decode_regions
+    monkeypatch.setenv("REFBITNET_DECODE_REGIONS", "1")
+    again = model_from_tensors(numpy_config(WIDE), numpy_release_tensors(WIDE, 5), source="wide", backend="numba")
+    assert again._fast.decode_regions
 
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
@@ -105,6 +110,7 @@ def test_overflow_in_a_region_names_the_layer(layer):
     tensors = fast.release_tensors()
     tensors[f"model.layers.{layer}.self_attn.o_proj.weight_scale"] = np.array([3e38], np.float32)
     bad = model_from_tensors(numpy_config(WIDE), tensors, source="wide", backend="numba")
+    bad._fast.decode_regions = True
     cache = bad.new_cache(4)
     with pytest.raises(RefBitNetError, match=rf"layers\.{layer}\..*finite"):
         bad.forward(np.array([3]), cache=cache)
