@@ -106,46 +106,12 @@ def set_threads(n: int) -> None:
 
 
 def load_model(spec: str | None, numerics: str = "int", backend: str = "auto"):
-    """(model, local path or None for the shipped model): a directory, a GGUF file or a hub id."""
-    import refbitnet
+    """(model, local path or None for the shipped model): a directory, a GGUF file or a hub id
+    (refbitnet.loading.load: the tokenizer's specials and generation_config.json come with the model)."""
     from refbitnet import hub
+    from refbitnet.loading import load
     path = hub.resolve(spec) if spec is not None else None
-    if path is not None and path.is_file():
-        if path.suffix.lower() != ".gguf":
-            from refbitnet.errors import CheckpointError
-            raise CheckpointError(f"{path}: expected a model directory or a .gguf file, found another file")
-        from refbitnet.gguf import load_gguf
-        return load_gguf(path, numerics=numerics, backend=backend), path
-    model = refbitnet.load(path, numerics=numerics, backend=backend)
-    directory = path if path is not None else _shipped_dir()
-    _use_model_files_tokenizer(model, directory)
-    return model, directory
-
-
-def _shipped_dir():
-    from pathlib import Path
-    return Path(__file__).parent / "shipped"
-
-
-def _use_model_files_tokenizer(model, directory) -> None:
-    """Make sure model.tokenizer has the directory's special tokens and chat template
-    (refbitnet.tokenizer.load_tokenizer), whichever way the loader built it."""
-    from refbitnet.tokenizer import load_tokenizer
-    tok = model.tokenizer
-    if directory is None or (tok is not None and getattr(tok, "files", None)):
-        return
-    extra = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
-    if tok is None or any((directory / name).exists() for name in extra):
-        loaded = load_tokenizer(directory, model.config)
-        if loaded is not None:
-            model.tokenizer = loaded
-
-
-def generation_defaults(directory):
-    from refbitnet.generation_config import GenerationDefaults
-    if directory is None or not directory.is_dir():
-        return GenerationDefaults()
-    return GenerationDefaults.from_dir(directory)
+    return load(path, numerics=numerics, backend=backend), path
 
 
 def peak_memory_mib() -> float:
@@ -275,11 +241,11 @@ def run_generate(args, chat_mode: bool) -> int:
         value = getattr(args, name)
         if value is not None:
             check_sampling_args(**{"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, name: value})
-    model, directory = load_model(args.model, args.numerics, args.backend)
+    model, _ = load_model(args.model, args.numerics, args.backend)
     if model.tokenizer is None:
         raise RefBitNetError(f"{args.model or 'the shipped model'}: has no tokenizer.json; generating text "
                              f"needs one")
-    settings = Settings(args, generation_defaults(directory))
+    settings = Settings(args, model.generation_defaults)
     if args.threads is not None and model.backend == "numba":
         from refbitnet import kernels
         kernels.set_num_threads(args.threads)

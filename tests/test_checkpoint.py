@@ -201,7 +201,8 @@ def test_load_without_path_explains_what_to_pass(monkeypatch, tmp_path):
     """A build without refbitnet/shipped: load() says what to pass (the package is pointed at an empty
     directory, since this build does ship a model)."""
     import refbitnet as rb
-    monkeypatch.setattr(rb, "__file__", str(tmp_path / "__init__.py"))
+    from refbitnet import loading
+    monkeypatch.setattr(loading, "SHIPPED", tmp_path / "shipped")
     with pytest.raises(CheckpointError, match="pass a model directory"):
         rb.load()
 

@@ -131,7 +131,7 @@ def test_bitlinear_int_vs_autobitlinear_teacher_forced(case):
     model = refbitnet.load(case["dir"], numerics="int")
     _, ref = run_transformers(case["hf"], case["ids"])
     worst = 0.0
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(model.weights.layers):
         for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
             proj = getattr(layer, module.split(".")[1])

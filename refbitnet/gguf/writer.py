@@ -245,8 +245,8 @@ def save_gguf(source, path, *, layout: str = "i2_s", tokenizer_file=None, name: 
         config, tensors = source
     else:
         if not hasattr(source, "release_tensors"):                      # not a Model: a path or hub id
-            import refbitnet
-            source = refbitnet.load(source, backend="numpy")            # only its tensors are needed
+            from ..loading import load
+            source = load(source, backend="numpy")                      # only its tensors are needed
         config, tensors = source.config, source.release_tensors()
     with tempfile.TemporaryDirectory() as tmp:
         tok = getattr(source, "tokenizer", None)

@@ -5,7 +5,6 @@ Everything takes NumPy arrays or torch tensors (see ``arrays.as_array``) and ret
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -90,16 +89,13 @@ def load_reference_model(source, *, numerics: str = "int", backend: str = "numpy
     """A refbitnet Model from a checkpoint directory, a ``.gguf`` file (I2_S, TQ1_0, TQ2_0), or None for
     the model refbitnet.load() finds by default. Load once (e.g. a session-scoped pytest fixture, see
     the ``refbitnet_model`` fixture of the pytest plugin) and pass the Model to reference_activations."""
-    if source is not None and (os.path.isfile(os.fspath(source)) or os.fspath(source).endswith(".gguf")):
-        from ..gguf import load_gguf
-        return load_gguf(source, numerics=numerics, backend=backend)
-    import refbitnet
-    return refbitnet.load(source, numerics=numerics, backend=backend)
+    from ..loading import load                 # a directory, a .gguf file, a hub id, or the shipped model
+    return load(source, numerics=numerics, backend=backend)
 
 
 def _is_model(model) -> bool:
-    import refbitnet
-    return isinstance(model, refbitnet.Model)
+    from ..api import Model
+    return isinstance(model, Model)
 
 
 def reference_activations(model, ids, *, numerics: str = "int",
