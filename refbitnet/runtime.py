@@ -409,6 +409,9 @@ class FastLayer:
         self.down = FusedLinear((("down_proj", w.down_proj),))
 
 
+SHORT_BLOCK = 8   # blocks of up to this many tokens (no trace) run one token at a time (see FastPath.forward)
+
+
 class FastPath:
     """refbitnet.model.forward on the Numba kernels (see the module docstring). Built once per Model;
     holds reused decode buffers, so one FastPath serves one thread at a time."""
@@ -433,7 +436,13 @@ class FastPath:
         self.claimed_head = True              # one token's LM head with claimed rows (bf16_matmul_claimed_v2)
 
     def forward(self, ids, cache=None, start=0, trace=None, last_only=False, trace_integers=False):
-        """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers)."""
+        """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers).
+
+        A block of 2 .. SHORT_BLOCK tokens without a trace runs through the layers one token at a time, on the
+        decode kernels: the same bits (every op treats each token on its own, so a block equals its tokens
+        one by one; test_runtime checks it), and a fresh install's first short prompt then compiles only
+        the decode kernels, not the prefill GEMM and its glue as well (they compile with the first longer
+        block). Up to 8 tokens this costs a 2B4T prompt a few decode steps' worth of weight reads."""
         cfg = self.config
         s_len = ids.shape[0]
         cos, sin = rope_tables(start + np.arange(s_len), cfg.head_dim, cfg.rope_theta)    # [S, HD] x2
@@ -443,7 +452,11 @@ class FastPath:
             record("embed", h)
         # without a cache: a float32 one for this call only, which holds k and v exactly as computed
         layer_cache = cache if cache is not None else KVCache(cfg, s_len)
-        h = self.layers_forward(h, cos, sin, layer_cache, start, record)                   # [S, D]
+        if record is None and 1 < s_len <= SHORT_BLOCK:      # one token at a time: the decode kernels
+            h = np.concatenate([self.layers_forward(h[j:j + 1], cos[j:j + 1], sin[j:j + 1], layer_cache, start + j)
+                                for j in range(s_len)])                                    # [S, D]
+        else:
+            h = self.layers_forward(h, cos, sin, layer_cache, start, record)               # [S, D]
         if cache is not None:
             cache.commit(start, ids)
         x = rms_norm(h, self.norm, cfg.rms_norm_eps)                                       # [S, D]
