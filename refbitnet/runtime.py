@@ -26,6 +26,7 @@ from .kernels import TernaryLinear
 from .kernels import act_quant
 from .kernels.sync import claim, fetch_add, store_release, wait_nonzero
 from .kernels.v3_word_planes import MAX_K
+from .kernels.lm_head_int8 import int8_matmul, quantize_rows_int8
 from .kernels.lm_head_v2 import bf16_matmul_claimed_v2
 from .kernels.v4_maddubs import dot_row as v4_dot_row
 from .kernels.repack import kernel_layout_rows
@@ -434,6 +435,20 @@ class FastPath:
         self._region_ws = None
         self._head_sync = np.zeros(3, np.int64)
         self.claimed_head = True              # one token's LM head with claimed rows (bf16_matmul_claimed_v2)
+        self.int8_head = None                 # (q int8 [V, D], scale f32 [V]) when the 8-bit head is on
+        if os.environ.get("REFBITNET_LM_HEAD", "") == "int8":
+            self.use_int8_head()
+
+    def use_int8_head(self, on: bool = True) -> None:
+        """Opt in (or out) of the 8-bit LM head (kernels.lm_head_int8): the table quantized per row to int8
+        and a float32 scale, half the bytes per token. It changes the logits (not the model's arithmetic;
+        its cost: benchmarks/results/int8_head.md). Also REFBITNET_LM_HEAD=int8 when the path is built."""
+        if not on:
+            self.int8_head = None
+        elif self.int8_head is None:
+            if self.output_table.shape[1] % 16:
+                raise RefBitNetError(f"int8 LM head: needs D % 16 == 0, found D = {self.output_table.shape[1]}")
+            self.int8_head = quantize_rows_int8(self.output_table)
 
     def forward(self, ids, cache=None, start=0, trace=None, last_only=False, trace_integers=False):
         """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers).
@@ -469,6 +484,8 @@ class FastPath:
 
     def lm_head(self, x):
         """x float32 [S, D] -> logits [S, V]: the bf16 kernel for a bf16 table, refbitnet.model.lm_head otherwise."""
+        if self.int8_head is not None:
+            return int8_matmul(np.ascontiguousarray(x, dtype=np.float32), *self.int8_head)
         if self.output_table.dtype == np.uint16:
             x = np.ascontiguousarray(x, dtype=np.float32)
             if x.shape[0] == 1 and self.claimed_head and x.shape[1] % 16 == 0:     # decoding: rows claimed

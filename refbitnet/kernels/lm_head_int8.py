@@ -1,0 +1,153 @@
+"""An opt-in 8-bit LM head: the tied bf16 embedding quantized per row to int8 codes and one float32 scale.
+
+Why: in a 2B4T decode step the bf16 LM head is the largest single read (V x D x 2 bytes = 0.66 GB against
+0.52 GB for all packed projections). Rows of int8 codes halve it. This is NOT the model's arithmetic: the
+logits change (by about scale/2 per weight, summed over D), so it is opt-in, and its cost is measured
+(logit error, greedy agreement, perplexity: benchmarks/bench_int8_head.py, results/int8_head.md).
+
+Quantization (``quantize_rows_int8``), per vocabulary row v of the widened table W [V, K]:
+    scale[v] = max_k |W[v, k]| / 127 (float32; 1 for an all-zero row)
+    q[v, k]  = round_half_even(W[v, k] / scale[v]), in -127 .. 127
+Logits (``int8_matmul``): y[s, v] = fl(scale[v] * dot(x[s], q[v])), the dot in the 16-lane order of the
+bf16 kernels (lane l takes k = l, l + 16, ..; each product and sum rounded; lanes added left to right),
+each code widened exactly to float32 in registers (``row_dots_int8``, an LLVM intrinsic: load 16 bytes,
+sign-extend, convert). K % 16 == 0.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from ..checks import check_array
+from ..errors import RefBitNetError
+from .reference import LANES
+from .sync import claim
+
+ROWS_PER_STEP = 4
+ROWS_PER_TASK = 64
+
+
+def quantize_rows_int8(table: np.ndarray, chunk_rows: int = 4096):
+    """Table [V, K] (bf16 bits uint16, or float16/float32) -> (q int8 [V, K], scale float32 [V]), a chunk of
+    rows widened at a time (no float32 copy of the whole table)."""
+    from ..model import widen
+    table = check_array(table, "table", None, 2, nonempty=True)
+    v_rows, k = table.shape
+    q = np.empty((v_rows, k), np.int8)
+    scale = np.empty(v_rows, np.float32)
+    for r0 in range(0, v_rows, chunk_rows):
+        w = widen(table[r0:r0 + chunk_rows])                                         # [chunk, K] float32
+        if not np.isfinite(w).all():
+            raise RefBitNetError(f"table: expected finite values (rows {r0}..{r0 + w.shape[0] - 1})")
+        m = np.abs(w).max(axis=1)                                                   # [chunk]
+        s = np.where(m > 0, m / np.float32(127), np.float32(1)).astype(np.float32)
+        q[r0:r0 + w.shape[0]] = np.clip(np.rint(w / s[:, None]), -127, 127).astype(np.int8)
+        scale[r0:r0 + w.shape[0]] = s
+    return q, scale
+
+
+def _make_row_dots(n_rows):
+    """Intrinsic (q int8 [V, K], x float32 [K], v0) -> UniTuple(float32, n_rows): 16-lane dots of x with the
+    int8 rows v0 .. v0+n_rows-1, codes widened in registers. No bounds checks: v0 + n_rows <= V, K % 16 == 0."""
+
+    @intrinsic
+    def row_dots_int8(typingctx, table, x, v0):
+        if not (isinstance(table, types.Array) and table.dtype == types.int8 and table.ndim == 2
+                and isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1):
+            return None
+        sig = types.UniTuple(types.float32, n_rows)(table, x, types.intp)
+
+        def codegen(context, builder, signature, args):
+            t_a = context.make_array(signature.args[0])(context, builder, args[0])
+            x_a = context.make_array(signature.args[1])(context, builder, args[1])
+            v0 = args[2]
+            i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+            v16i8, v16i32, v16f32 = ir.VectorType(i8, LANES), ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
+            row_stride = builder.extract_value(t_a.strides, 0)
+            n_blocks = builder.udiv(builder.extract_value(t_a.shape, 1), ir.Constant(v0.type, LANES))
+            t_ptr = builder.bitcast(t_a.data, i8.as_pointer())
+            rows = [builder.bitcast(builder.gep(t_ptr, [builder.mul(builder.add(v0, ir.Constant(v0.type, r)),
+                                                                    row_stride)]), v16i8.as_pointer())
+                    for r in range(n_rows)]
+            x_ptr = builder.bitcast(x_a.data, v16f32.as_pointer())
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f32, [0.0] * LANES)) for _ in range(n_rows)]
+            with cgutils.for_range(builder, n_blocks) as loop:
+                xv = builder.load(builder.gep(x_ptr, [loop.index]), align=4)
+                for r in range(n_rows):
+                    codes = builder.load(builder.gep(rows[r], [loop.index]), align=1)
+                    w = builder.sitofp(builder.sext(codes, v16i32), v16f32)                 # exact
+                    builder.store(builder.fadd(builder.load(accs[r]), builder.fmul(xv, w)), accs[r])
+            totals = []
+            for acc in accs:
+                lanes = builder.load(acc)
+                total = builder.extract_element(lanes, ir.Constant(i32, 0))
+                for lane in range(1, LANES):
+                    total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(i32, lane)))
+                totals.append(total)
+            return context.make_tuple(builder, signature.return_type, totals)
+        return sig, codegen
+
+    return row_dots_int8
+
+
+row_dots4 = _make_row_dots(ROWS_PER_STEP)
+row_dots1 = _make_row_dots(1)
+
+
+@njit(cache=True)
+def _rows(x, q, scale, out, s, v0, v_end):
+    while v0 + ROWS_PER_STEP <= v_end:
+        d0, d1, d2, d3 = row_dots4(q, x[s], v0)
+        out[s, v0] = np.float32(scale[v0] * d0)
+        out[s, v0 + 1] = np.float32(scale[v0 + 1] * d1)
+        out[s, v0 + 2] = np.float32(scale[v0 + 2] * d2)
+        out[s, v0 + 3] = np.float32(scale[v0 + 3] * d3)
+        v0 += ROWS_PER_STEP
+    while v0 < v_end:
+        out[s, v0] = np.float32(scale[v0] * row_dots1(q, x[s], v0)[0])
+        v0 += 1
+
+
+@njit(cache=True, parallel=True)
+def int8_matmul_kernel(x, q, scale, out, sync, n_threads):
+    """x float32 [S, K], q int8 [V, K], scale float32 [V] -> out float32 [S, V]; rows claimed ROWS_PER_TASK at
+    a time (sync.claim; sync int64 [3], zeroed here)."""
+    V = q.shape[0]
+    n_tasks = (V + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    sync[:] = 0
+    for t in prange(n_threads):
+        while True:
+            task = claim(sync, 0, 1, 2, n_tasks, t)
+            if task < 0:
+                break
+            for s in range(x.shape[0]):
+                _rows(x, q, scale, out, s, task * ROWS_PER_TASK, min(V, (task + 1) * ROWS_PER_TASK))
+
+
+def int8_matmul(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Checked: x float32 [S, K], q int8 [V, K] (K % 16 == 0), scale float32 [V] -> logits float32 [S, V]."""
+    import numba
+    x = check_array(x, "x", np.float32, 2, contiguous=True, nonempty=True)
+    q = check_array(q, "q", np.int8, 2, contiguous=True, nonempty=True)
+    scale = check_array(scale, "scale", np.float32, 1, contiguous=True)
+    if q.shape[1] != x.shape[1] or q.shape[1] % LANES or scale.shape[0] != q.shape[0]:
+        raise RefBitNetError(f"q: expected int8 [V, K] with K = {x.shape[1]} (a multiple of {LANES}) and scale "
+                             f"[V], found q {q.shape}, scale {scale.shape}")
+    out = np.empty((x.shape[0], q.shape[0]), np.float32)
+    int8_matmul_kernel(x, q, scale, out, np.zeros(3, np.int64), numba.get_num_threads())
+    return out
+
+
+def int8_matmul_reference(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """NumPy, the same 16-lane order: what int8_matmul must equal bit for bit."""
+    s_len, k = x.shape
+    lanes = (x.reshape(s_len, 1, k // LANES, LANES) * q.astype(np.float32).reshape(1, -1, k // LANES, LANES))
+    acc = np.zeros((s_len, q.shape[0], LANES), np.float32)
+    for b in range(k // LANES):                                      # lane l: k = l, l + 16, ... in order
+        acc += lanes[:, :, b, :]
+    total = acc[..., 0].copy()
+    for lane in range(1, LANES):
+        total += acc[..., lane]
+    return (scale[None, :] * total).astype(np.float32)
