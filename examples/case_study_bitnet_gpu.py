@@ -3,6 +3,7 @@
     python examples/case_study_bitnet_gpu.py --bitnet-dir ~/src/BitNet
     python examples/case_study_bitnet_gpu.py --bitnet-dir ~/src/BitNet \\
         --kernel-lib ~/src/BitNet/gpu/bitnet_kernels/libbitnet.so          # + the CUDA decode kernel
+    python examples/case_study_bitnet_gpu.py --bitnet-dir ~/src/BitNet --compiled     # + torch.compile'd quantizer
 
 --bitnet-dir is your own checkout of https://github.com/microsoft/BitNet (its root, or its gpu/ folder).
 --kernel-lib is the library you built from its gpu/bitnet_kernels (``bash compile.sh`` there, as its
@@ -18,7 +19,8 @@ What it checks, each against refbitnet.testing:
    Neither can be imported as it stands (the first is nested; importing model.py loads xformers and
    ``bitnet_kernels/libbitnet.so`` relative to the working directory), so the two function bodies are
    read from your files with ``ast`` and run as written, without their ``@torch.compile`` decorator
-   (eager torch: compiled code may keep intermediates in float32 where eager rounds to bf16);
+   (eager torch). Their model runs the activation quantizer under ``torch.compile``, which keeps some of
+   eager's bf16 roundings and not others: --compiled also runs it compiled and reports how it compares;
 3. with --kernel-lib, on a CUDA GPU: the decode kernel ``bitlinear_int8xint2`` (M = 1 token) for each
    2B4T projection. It is given refbitnet's own int8 activations xq and scale s, and the codes packed by
    their packer; its bf16 output is compared bit for bit with refbitnet's float32 reference
@@ -50,7 +52,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from refbitnet.bf16 import f32_to_bf16, round_to_bf16  # noqa: E402
-from refbitnet.testing import (compare_tensor, pack_bitnet_gpu, quantize_activations,  # noqa: E402
+from refbitnet.testing import (Numerics, compare_tensor, pack_bitnet_gpu, quantize_activations,  # noqa: E402
                                quantize_weights, reference_bitlinear, unpack_bitnet_gpu)
 
 # ---- BitNet b1.58 2B4T's projections as microsoft/BitNet gpu/ lays them out ------------------------------
@@ -262,7 +264,7 @@ def check_packer(packer, torch, rng) -> bool:
     return ok
 
 
-def check_quantizers(quant_weight, quant_input, torch, rng) -> bool:
+def check_quantizers(quant_weight, quant_input, torch, rng, compiled_device=None) -> bool:
     print("quantizers (eager torch, decorators removed)")
     ok = True
     w = (rng.standard_normal((D, D)) * 0.02).astype(np.float32)          # [N, K]
@@ -290,13 +292,36 @@ def check_quantizers(quant_weight, quant_input, torch, rng) -> bool:
           f"{'identical' if good else 'DIFFERENT'}: {n_xq} of {x.size} codes, {n_s} of {len(ref_s)} scales differ")
 
     xb = torch.from_numpy(x).to(torch.bfloat16)                          # their model runs in bf16
-    xq_b, s_b = quant_input(xb)
-    ref_xq_b, ref_s_b = quantize_activations(xb.float().numpy())
-    n_xq_b = int(np.count_nonzero(xq_b.numpy() != ref_xq_b))
-    print(f"  activations in bf16, as their model runs them: s is rounded to bf16 ({s_b.dtype}) and x * s is "
-          f"rounded to bf16 before round(): {n_xq_b} of {x.size} codes differ from the float32 rule "
-          f"(a numerics difference, not a defect)")
+    xq_b, s_b = quant_input(xb)                                          # eager: every op rounded to bf16
+    eager_bf16 = Numerics(dtype="bfloat16", quant_dtype="bfloat16")
+    for label, numerics in (("Numerics(dtype='bfloat16', quant_dtype='bfloat16')", eager_bf16),
+                            ("preset 'bitnet-gpu'", "bitnet-gpu")):
+        ref_xq_b, ref_s_b = quantize_activations(xb, numerics)
+        n_xq_b = int(np.count_nonzero(xq_b.numpy() != ref_xq_b))
+        n_s_b = int(np.count_nonzero(s_b.float().numpy().reshape(-1) != ref_s_b))
+        good = n_xq_b == 0 and n_s_b == 0
+        if numerics is eager_bf16:
+            ok &= good
+        print(f"  activations in bf16 (eager) vs quantize_activations(x, {label}): "
+              f"{'identical' if good else 'different'}: {n_xq_b} of {x.size} codes, {n_s_b} of {len(ref_s_b)} "
+              f"scales differ")
+    if compiled_device is not None:
+        compare_compiled(quant_input, torch, xb, xq_b, compiled_device)
     return ok
+
+
+def compare_compiled(quant_input, torch, xb, xq_eager, device: str) -> None:
+    """Their activation quantizer under torch.compile, as gpu/model.py runs it, on bf16 input xb [S, K]:
+    compared with the eager one and with refbitnet's 'bitnet-gpu' preset. Informative only (no exit status):
+    inductor decides which bf16 roundings of the eager chain it keeps."""
+    xq_c, s_c = torch.compile(quant_input)(xb.to(device))
+    xq_c, s_c = xq_c.cpu().numpy(), s_c.float().cpu().numpy().reshape(-1)
+    ref_xq, ref_s = quantize_activations(xb, "bitnet-gpu")
+    print(f"  activations in bf16 under torch.compile ({device}, as gpu/model.py runs them), s returned as bf16:")
+    print(f"      vs eager: {int(np.count_nonzero(xq_c != xq_eager.numpy()))} of {xq_c.size} codes differ")
+    print(f"      vs preset 'bitnet-gpu': {int(np.count_nonzero(xq_c != ref_xq))} of {xq_c.size} codes differ; "
+          f"s equals the preset's s rounded to bf16 in {int(np.count_nonzero(s_c == round_to_bf16(ref_s)))} "
+          f"of {len(ref_s)} rows (and the preset's float32 s itself in {int(np.count_nonzero(s_c == ref_s))})")
 
 
 def run_kernel(kernel, torch, xq, packed, s, scales, n: int, k: int) -> np.ndarray:
@@ -373,6 +398,9 @@ def parse_args(argv=None):
     p.add_argument("--kernel-lib", default=None,
                    help="libbitnet.so you built from gpu/bitnet_kernels (needs a CUDA GPU); "
                         "omit to skip the kernel")
+    p.add_argument("--compiled", action="store_true",
+                   help="also run their activation quantizer under torch.compile, as gpu/model.py does "
+                        "(needs a working torch.compile: a C++ compiler on the CPU, Triton on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random codes, weights and inputs")
     return p.parse_args(argv)
 
@@ -406,7 +434,8 @@ def main(argv=None) -> int:
         print(f"  CUDA {torch.version.cuda}, {prop.name} (sm_{prop.major}{prop.minor}), kernel {args.kernel_lib}")
     rng = np.random.default_rng(args.seed)
     ok = check_packer(packer, torch, rng)
-    ok &= check_quantizers(quant_weight, quant_input, torch, rng)
+    compiled_device = ("cuda" if kernel is not None else "cpu") if args.compiled else None
+    ok &= check_quantizers(quant_weight, quant_input, torch, rng, compiled_device)
     if kernel is None:
         print("decode kernel: skipped (no --kernel-lib)")
     else:
