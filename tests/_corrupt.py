@@ -1,7 +1,7 @@
 """Helpers for the hostile-input tests: tiny real files, maps of their bytes, and a loader worker.
 
 - ``write_checkpoint_dir`` / ``write_gguf_file``: a tiny BitNet model written by refbitnet's own writers
-  (``checkpoint.save_checkpoint`` and ``gguf_io.write_gguf``), plus a small word-level tokenizer.json.
+  (``checkpoint.save_checkpoint`` and ``gguf.write_gguf``), plus a small word-level tokenizer.json.
 - ``safetensors_spans`` / ``gguf_spans``: where each part of such a file lives (header, metadata, tensor
   table, each tensor's bytes), parsed here independently of refbitnet, so a test can say what a
   corruption at a given offset must do.
@@ -93,13 +93,13 @@ def write_checkpoint_dir(directory, config=None, seed=0) -> Path:
 
 
 def write_gguf_file(path, layout="i2_s", config=None, seed=0) -> Path:
-    """A tiny model exported with gguf_io.write_gguf (no tokenizer metadata)."""
-    from refbitnet import gguf as gguf_io
+    """A tiny model exported with gguf.write_gguf (no tokenizer metadata)."""
+    from refbitnet import gguf
     from refbitnet.checkpoint import read_checkpoint_tensors
     path = Path(path)
     src = path.parent / f"{path.stem}-src"
     write_checkpoint_dir(src, config, seed)
-    gguf_io.write_gguf(path, config or tiny_config(), dict(read_checkpoint_tensors(src)), layout=layout)
+    gguf.write_gguf(path, config or tiny_config(), dict(read_checkpoint_tensors(src)), layout=layout)
     return path
 
 
@@ -281,7 +281,7 @@ class WorkerFailure(AssertionError):
 class LoaderWorker:
     """Loads files in a subprocess. ``run(op, path)`` -> outcome dict (see module docstring).
 
-    ops: "dir" (refbitnet.load), "safetensors" (checkpoint.read_safetensors), "gguf" (gguf_io.load_gguf),
+    ops: "dir" (refbitnet.load), "safetensors" (checkpoint.read_safetensors), "gguf" (gguf.load_gguf),
     "config" (Config.from_json), "tokenizer" (Tokenizer.from_file). Extra environment (e.g.
     NUMBA_BOUNDSCHECK) can be passed at construction.
     """
@@ -359,7 +359,7 @@ def _serve():
     sys.setrecursionlimit(1000)            # the default; a hostile file must not rely on more
     import refbitnet
     from refbitnet import checkpoint
-    from refbitnet import gguf as gguf_io
+    from refbitnet import gguf
     from refbitnet.config import Config
     from refbitnet.errors import RefBitNetError
     from refbitnet.tokenizer import Tokenizer
@@ -372,7 +372,7 @@ def _serve():
             if op == "dir":
                 answer["fingerprint"] = _fingerprint(refbitnet.load(path))
             elif op == "gguf":
-                answer["fingerprint"] = _fingerprint(gguf_io.load_gguf(path, tokenizer=True))
+                answer["fingerprint"] = _fingerprint(gguf.load_gguf(path, tokenizer=True))
             elif op == "safetensors":
                 tensors = checkpoint.read_safetensors(path)
                 answer["fingerprint"] = str(sorted((k, v.dtype.str, v.shape, bytes(np.asarray(v)).hex()[:64])
