@@ -3,11 +3,11 @@
 Reading (``load_model_dir``, ``refbitnet.load``): a directory with ``config.json``, ``model.safetensors``
 (or shards listed in ``model.safetensors.index.json``) and optionally ``tokenizer.json``. Two formats:
 
-- "packed": the released ``microsoft/bitnet-b1.58-2B-4T`` layout (SPEC §4). Projections are uint8
+- "packed": the released ``microsoft/bitnet-b1.58-2B-4T`` layout (docs/SPEC.md §4). Projections are uint8
   [N/4, K] (four output-row blocks per byte) with a ``<proj>.weight_scale`` [1] that the output is
   MULTIPLIED by. Used as stored: no float copy of any projection.
 - "bf16-master": ``bitnet-b1.58-2B-4T-bf16``: projections as real-valued bf16 [N, K]. Quantized here
-  with absmean (SPEC §3) one tensor at a time; gamma is rounded to bf16, as the packed export stores
+  with absmean (docs/SPEC.md §3) one tensor at a time; gamma is rounded to bf16, as the packed export stores
   it, so a master and its packed export give identical logits.
 
 numpy has no bfloat16 and safetensors' numpy API refuses it, so the header is parsed here and each

@@ -127,7 +127,7 @@ class Config:
     @property
     def num_parameters(self) -> int:
         """Parameter count: embedding (+ untied head), 7 projections and 4 norms per layer, final norm.
-        2B4T: 328,335,360 + 30 x 69,468,160 + 30 x 14,592 + 2,560 = 2,412,820,480 (SPEC §1)."""
+        2B4T: 328,335,360 + 30 x 69,468,160 + 30 x 14,592 + 2,560 = 2,412,820,480 (docs/SPEC.md §1)."""
         d, f, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
         projections = d * d * 2 + 2 * kv * d + 3 * f * d          # q, o; k, v; gate, up, down
         norms = 3 * d + f
@@ -229,7 +229,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-#: BitNet b1.58 2B4T (microsoft/bitnet-b1.58-2B-4T), SPEC §1.
+#: BitNet b1.58 2B4T (microsoft/bitnet-b1.58-2B-4T), docs/SPEC.md §1.
 BITNET_2B4T = Config(
     hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
     num_key_value_heads=5, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0,

@@ -25,7 +25,7 @@ from .quant import check_ternary_codes
 TQ_BLOCK = 256          # elements per TQ1_0 / TQ2_0 block (llama.cpp's QK_K)
 TQ2_0_BLOCK_BYTES = 66  # 64 code bytes + fp16 d
 TQ1_0_BLOCK_BYTES = 54  # 48 qs bytes (5 trits each) + 4 qh bytes (4 trits each) + fp16 d
-I2S_BLOCK = 128         # elements per I2_S block (x86 bitnet.cpp; ARM builds use 64, see SPEC §5)
+I2S_BLOCK = 128         # elements per I2_S block (x86 bitnet.cpp; ARM builds use 64, see docs/SPEC.md §5)
 I2S_TAIL_BYTES = 32     # after the codes: float32 scale, then 28 zero bytes of alignment
 
 _FP16_MAX = 65504.0
@@ -100,7 +100,7 @@ def _check_len(data, expected, name, shape, layout):
 # ----------------------------------------------------------------------------- HF release layout
 
 def pack_hf(codes: np.ndarray) -> np.ndarray:
-    """Pack ternary codes [N, K] into the Hugging Face release layout uint8 [N/4, K] (SPEC §4).
+    """Pack ternary codes [N, K] into the Hugging Face release layout uint8 [N/4, K] (docs/SPEC.md §4).
 
     The output rows are cut into four blocks of R = N/4 rows; block i sits at bits 2i..2i+1::
 

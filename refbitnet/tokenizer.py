@@ -1,4 +1,4 @@
-"""The model's tokenizer: its ``tokenizer.json``, its special tokens and its chat template (SPEC §6).
+"""The model's tokenizer: its ``tokenizer.json``, its special tokens and its chat template (docs/SPEC.md §6).
 
 What it is: a thin wrapper around the `tokenizers` library (byte-level BPE or whatever the
 ``tokenizer.json`` describes) that knows the ids generation needs, taken from the model's own files as
@@ -24,7 +24,7 @@ sandbox configured as transformers configures it (trim_blocks, lstrip_blocks, ``
 ``strftime_now``, a ``tojson`` that does not escape HTML, loop controls, the ``{% generation %}`` tag),
 with the special tokens' strings as variables, and the text is tokenized with no specials added:
 the ids equal transformers' ``apply_chat_template``. A tokenizer without a template gets the format
-of SPEC §6 (the released 2B4T template written out, behind a BOS):
+of docs/SPEC.md §6 (the released 2B4T template written out, behind a BOS):
 
     <|begin_of_text|>System: {content.strip()}<|eot_id|>User: {...}<|eot_id|>Assistant: 
 
@@ -245,7 +245,7 @@ class Tokenizer:
         return ids
 
     def _builtin_chat(self, messages, add_generation_prompt: bool) -> list[int]:
-        """SPEC §6: ``<|begin_of_text|>`` + for each message ``Role: content.strip()<|eot_id|>`` + (if
+        """docs/SPEC.md §6: ``<|begin_of_text|>`` + for each message ``Role: content.strip()<|eot_id|>`` + (if
         asked) ``Assistant: ``; the text between special tokens is tokenized piece by piece, exactly as
         a tokenizer splits a rendered template string at its special tokens."""
         messages = _check_messages(messages, any_role=False)

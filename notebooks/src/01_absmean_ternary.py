@@ -6,7 +6,7 @@
 # quantizes a weight matrix the way the model was trained to be quantized, with
 # `refbitnet.quant.absmean_ternary`, and looks at what happens to it.
 #
-# The rule (SPEC §3):
+# The rule (docs/SPEC.md §3):
 #
 # ```
 # gamma = max(mean(|W|), 1e-5)                 # one scale for the whole matrix

@@ -4,7 +4,7 @@
 # The weights of a BitLinear are ternary (notebook 01). Its input activations are quantized too,
 # to int8, every time the layer runs (they depend on the input, so they cannot be quantized ahead
 # of time). BitNet b1.58 uses **absmax per token**: each row of the activation matrix (one token's
-# hidden vector) gets its own scale (SPEC §3):
+# hidden vector) gets its own scale (docs/SPEC.md §3):
 #
 # ```
 # s  = 127 / max(max(|x|), 1e-5)               # one float32 per token

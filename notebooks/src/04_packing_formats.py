@@ -133,7 +133,7 @@ print(f"TQ2_0 block scales: {np.unique(d)} (fp16(gamma); relative rounding {abs(
 # %% [markdown]
 # ## Sizes for the whole 2B4T model
 #
-# 30 layers × 7 projections; SPEC §1 gives the shapes.
+# 30 layers × 7 projections; docs/SPEC.md §1 gives the shapes.
 
 # %%
 cfg = BITNET_2B4T
@@ -155,7 +155,7 @@ print(f"  log2(3) bound: {elements * np.log2(3) / 8 / 1e9:.3f} GB")
 #
 # Every conversion goes through the codes: unpack one layout, pack the other. Done right it is
 # lossless for the codes (the scale may be rounded: bf16 in the release, fp16 in TQ2_0).
-# Done with the wrong block size it silently scrambles the matrix: SPEC §5 notes that ARM builds of
+# Done with the wrong block size it silently scrambles the matrix: docs/SPEC.md §5 notes that ARM builds of
 # bitnet.cpp use a 64-element I2_S block. Reading 128-element-block bytes with a 64-element map:
 
 # %%
@@ -187,7 +187,7 @@ print(f"decoded with 64-element blocks: {float((wrong != codes).mean()):.0%} of 
 for name in LAYOUTS:                                                        # every layout round-trips
     back, _ = decode(packed[name], name, shape=(N, K))
     assert np.array_equal(back, codes), name
-R = N // 4                                                                  # the SPEC §4 / §5 maps
+R = N // 4                                                                  # the docs/SPEC.md §4 / §5 maps
 for n in range(N):
     for k in range(K):
         j = n * K + k

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 05 · One transformer block of BitNet b1.58, with shapes
 #
-# Notebooks 01-04 built the BitLinear layer. Here it goes into the decoder layer of 2B4T (SPEC §2):
+# Notebooks 01-04 built the BitLinear layer. Here it goes into the decoder layer of 2B4T (docs/SPEC.md §2):
 #
 # ```
 # x = rms_norm(h, input_layernorm)                                   # [S, D]
@@ -47,7 +47,7 @@ for name, value in trace.items():
 # %% [markdown]
 # ## The layer by hand
 #
-# Every line below is one line of SPEC §2, using the model's own functions and weights
+# Every line below is one line of docs/SPEC.md §2, using the model's own functions and weights
 # (`model.weights.layers[0]` holds the norm weights and the packed projections).
 
 # %%
@@ -120,7 +120,7 @@ print("norm widths:", {n: getattr(w, n).shape for n in ("input_layernorm", "attn
 # The FFN is gated like SwiGLU, but with relu(x)² in place of SiLU: `m = relu(gate)² · up`. Half
 # of the gate values are negative and give exact zeros, so the product fed to down_proj is sparse.
 # (bitnet.cpp's graph at one point ran this FFN with SiLU, a bug that raises wikitext-2
-# perplexity from 17 to ~100 — SPEC §5.)
+# perplexity from 17 to ~100 — docs/SPEC.md §5.)
 
 # %%
 t = np.linspace(-3, 3, 601, dtype=np.float32)

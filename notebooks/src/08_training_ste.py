@@ -2,7 +2,7 @@
 # # 08 · Training with the straight-through estimator
 #
 # BitNet b1.58 is not a float model quantized afterwards: it is *trained* with the quantizers in
-# the forward pass ("quantization-aware training", SPEC §3). The optimizer keeps **latent** float
+# the forward pass ("quantization-aware training", docs/SPEC.md §3). The optimizer keeps **latent** float
 # weights; every forward pass quantizes them (absmean → ternary · gamma) and the activations (absmax
 # → int8 / s); the backward pass treats both quantizers as the identity. That last step is the
 # **straight-through estimator (STE)**.

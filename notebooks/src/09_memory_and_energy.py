@@ -183,7 +183,7 @@ plt.show()
 # ## Checks against the library
 
 # %%
-# parameter counts of SPEC §1
+# parameter counts of docs/SPEC.md §1
 assert total == 2_412_820_480 and embedding == 328_335_360
 assert sum(n for k, n in per_layer.items() if k.endswith("_proj.weight")) == 69_468_160
 assert ternary == cfg.num_hidden_layers * 69_468_160

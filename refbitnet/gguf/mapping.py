@@ -248,7 +248,7 @@ def _f32_value(x) -> float:
 def gguf_to_tensors(source) -> tuple[Config, dict[str, np.ndarray]]:
     """Read a BitNet GGUF file (path or GGUFFile) into (Config, tensors in the released HF naming).
 
-    Projections come out as the released packed layout (uint8 [N/4, K], SPEC §4) with a float32 [1]
+    Projections come out as the released packed layout (uint8 [N/4, K], docs/SPEC.md §4) with a float32 [1]
     ``weight_scale``; norms as float32; the embedding (and an untied output head) as
     refbitnet.gguf.tables.float_table gives it: F32/F16/BF16 as stored (a view of the memory-mapped
     file, never widened as a whole), Q8_0/Q6_K/Q4_K dequantized by the gguf package into bf16 bits.

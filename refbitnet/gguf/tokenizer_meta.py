@@ -19,7 +19,7 @@ from ..errors import GGUFError
 LLAMA3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                       r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# The chat format of SPEC §6 as a Jinja template (what llama.cpp's server and bitnet.cpp apply).
+# The chat format of docs/SPEC.md §6 as a Jinja template (what llama.cpp's server and bitnet.cpp apply).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}: "
                  "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
                  "{% if add_generation_prompt %}Assistant: {% endif %}")

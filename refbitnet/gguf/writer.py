@@ -1,7 +1,7 @@
 """refbitnet -> GGUF: write a BitNet b1.58 model as a file bitnet.cpp (I2_S) or llama.cpp (TQ2_0,
 TQ1_0) loads.
 
-What the engines read (SPEC §5, and their converters)::
+What the engines read (docs/SPEC.md §5, and their converters)::
 
     layout   projections          engines that know the type           embedding   norms   LM head
     i2_s     I2_S  (type id 36)   bitnet.cpp, ik_llama.cpp             F16         F32     tied

@@ -6,7 +6,7 @@ Three products (S tokens, K inputs, N output rows, V vocabulary rows):
   layout (``refbitnet.layouts.pack_kernel``: uint8 [N, K/4]) -> int32 accumulators [S, N]. Integer
   arithmetic, so "exact" has one meaning: every accumulator equal.
 - ``epilogue_reference``: acc -> float32 y = (acc / s) * weight_scale, the BitLinear epilogue
-  (SPEC §3), float32 ops in exactly this order, so a kernel that fuses it must round identically.
+  (docs/SPEC.md §3), float32 ops in exactly this order, so a kernel that fuses it must round identically.
 - ``bf16_matmul_reference``: the tied LM head, float32 activations x [S, K] times bf16 rows of the
   embedding table (uint16 bits [V, K]) -> float32 [S, V]. A float sum depends on its order, so this
   reference fixes one ("16 lanes", below) that a vectorized kernel can follow without fastmath.

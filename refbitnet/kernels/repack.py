@@ -1,6 +1,6 @@
 """The load-time repack: packed ternary weights from the release (HF) layout to the kernel layout, compiled.
 
-The released checkpoint packs four ROWS per byte (SPEC §4: field i of packed[r, c] is the code of row
+The released checkpoint packs four ROWS per byte (docs/SPEC.md §4: field i of packed[r, c] is the code of row
 i*R + r, column c); the kernels read four consecutive COLUMNS of one row per byte (``layouts.pack_kernel``),
 so that a row is one contiguous run of codes. The readable definition is
 ``layouts.pack_kernel(layouts.unpack_hf(packed))``; that goes through an int8 [N, K] copy of the codes per

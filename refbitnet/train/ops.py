@@ -8,7 +8,7 @@ gradient checks against torch autograd.
 Shapes (legend in refbitnet/config.py): B sequences of T tokens, D hidden, F intermediate,
 H query heads, KVH key/value heads, HD head dim, V vocabulary. "..." is any leading shape.
 
-Quantization-aware training ("online" mode, SPEC §3): the optimizer updates latent float weights;
+Quantization-aware training ("online" mode, docs/SPEC.md §3): the optimizer updates latent float weights;
 every forward fake-quantizes weights (absmean -> ternary * gamma) and activations (absmax -> int8 / s)
 and the straight-through estimator (STE) passes the gradient through both quantizers unchanged,
 exactly like torch's ``x + (q(x) - x).detach()``.
