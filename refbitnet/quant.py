@@ -72,12 +72,19 @@ class Numerics:
             the scale, x * s (and w * fl(1/gamma) or w / gamma): transformers' legacy BitLinear
             ``activation_quant`` run eagerly in a bf16 model, onebitllms' ``quantize_to_1bit``
             (its bf16 ``_weight_quant``). Under torch.compile inductor keeps such chains in float32.
+    scale_dtype -- the activation scale s as it is used (for x * s and in the epilogue) and returned:
+        "float32": as computed (refbitnet, transformers).
+        "bfloat16": computed as act_scale and quant_dtype say, then rounded once to bf16, and that bf16
+            value multiplies x and divides acc: microsoft/BitNet ``gpu/``, whose ``quant_input`` returns
+            s as a bf16 tensor (under torch.compile the chain runs in float32 and only the returned s is
+            bf16) and whose decode kernel reads ``__nv_bfloat16* s``.
     """
     act_scale: str = "torch"
     weight_round: str = "divide"
     ties: str = "even"
     dtype: str = "float32"
     quant_dtype: str = "float32"
+    scale_dtype: str = "float32"
 
     def __post_init__(self):
         check_choice(self.act_scale, "act_scale", ("torch", "ieee"))
@@ -85,6 +92,7 @@ class Numerics:
         check_choice(self.ties, "ties", ("even", "half_up"))
         check_choice(self.dtype, "dtype", ("float32", "bfloat16"))
         check_choice(self.quant_dtype, "quant_dtype", ("float32", "bfloat16"))
+        check_choice(self.scale_dtype, "scale_dtype", ("float32", "bfloat16"))
 
     @property
     def is_default(self) -> bool:
@@ -110,8 +118,9 @@ NUMERICS = {
     "onebitllms": Numerics(act_scale="ieee", weight_round="reciprocal", ties="half_up"),
     # onebitllms' quantize_to_1bit (the checkpoint writer): bf16 torch, w * (1 / mean|w|), ties to even
     "onebitllms-checkpoint": Numerics(weight_round="reciprocal", quant_dtype="bfloat16"),
-    # microsoft/BitNet gpu/: torch's quantizer, exact int8 x int2 accumulators, bf16 outputs
-    "bitnet-gpu": Numerics(dtype="bfloat16"),
+    # microsoft/BitNet gpu/: torch's quantizer compiled (float32 chain, s returned as bf16 and used as
+    # such for x * s and by the kernel's epilogue), exact int8 x int2 accumulators, bf16 outputs
+    "bitnet-gpu": Numerics(dtype="bfloat16", scale_dtype="bfloat16"),
 }
 
 
@@ -254,7 +263,8 @@ def absmax_int8(x: np.ndarray, numerics=None):
     ``t.reciprocal() * 127``. A single correctly rounded 127 / m differs from it by one ulp for
     some m (e.g. m = 1835), which would change s bit-for-bit and occasionally a code.
     numerics (None, a NUMERICS preset name or a Numerics) selects another implementation's rounding:
-    act_scale, ties, dtype (bf16 inputs) and quant_dtype (bf16 arithmetic; s is then a bf16 value).
+    act_scale, ties, dtype (bf16 inputs), quant_dtype (bf16 arithmetic; s is then a bf16 value) and
+    scale_dtype (s rounded to bf16 before it is used).
     """
     num = as_numerics(numerics)
     x32 = _as_float32(x, "x", 1)
@@ -274,6 +284,8 @@ def absmax_int8(x: np.ndarray, numerics=None):
     else:
         s = rnd((np.float32(127.0) / m).astype(np.float32))                  # [...]
     s = np.asarray(s, dtype=np.float32)
+    if num.scale_dtype == "bfloat16":                                       # the scale as it is used
+        s = np.asarray(bf16_values(s), dtype=np.float32)
     xs = rnd((x32 * s[..., None]).astype(np.float32))                    # [..., K]
     xq = np.clip(round_codes(xs, num.ties), -128, 127).astype(np.int8)  # [..., K]
     return xq, s

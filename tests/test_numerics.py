@@ -234,17 +234,26 @@ def test_onebitllms_weight_rule():
 
 
 # ============================================================== BitLinear with numerics
-def test_bitnet_gpu_output_is_the_float32_epilogue_rounded_to_bf16():
+def test_bitnet_gpu_uses_a_bf16_scale_and_a_float32_epilogue_rounded_to_bf16():
+    """microsoft/BitNet gpu/, transcribed in torch: quant_input compiled keeps 127 / m and x * s in float32
+    but returns s as bf16, and the decode kernel computes bf16(float32(acc) / s_bf16 * ws) from that
+    bf16 s (its quant_input was run compiled on the CPU: s equal to bf16 of the float32 s in 64 of 64
+    rows, codes equal rint(x * bf16(s)) on all 163,840; examples/case_study_bitnet_gpu.py --compiled)."""
     rng = np.random.default_rng(4)
     x = bf16_values(rng.standard_normal((5, 256)).astype(np.float32))     # the model's activations are bf16
     codes, gamma = absmean_ternary(rng.standard_normal((64, 256)).astype(np.float32))
-    base = bitlinear_int(x, codes, gamma)
     out = bitlinear_int(x, codes, gamma, "bitnet-gpu")
-    for field in ("acc", "xq", "s"):
-        assert np.array_equal(getattr(out, field), getattr(base, field))
-    acc_t, s_t = torch.from_numpy(base.acc).float(), torch.from_numpy(base.s)[:, None]
-    y_t = (acc_t / s_t * float(gamma)).to(torch.bfloat16)
+    xt = torch.from_numpy(x)
+    s_t = (127 / xt.abs().amax(-1, keepdim=True).clamp(min=1e-5)).to(torch.bfloat16)   # float32 chain, bf16 s
+    xq_t = (xt * s_t.float()).round().clamp(-128, 127)
+    acc_t = xq_t @ torch.from_numpy(codes.astype(np.float32)).T                       # exact integers
+    y_t = (acc_t / s_t.float() * float(gamma)).to(torch.bfloat16)
+    assert np.array_equal(out.s, s_t.float().numpy()[:, 0])
+    assert np.array_equal(out.xq, xq_t.numpy().astype(np.int8))
+    assert np.array_equal(out.acc, acc_t.numpy().astype(np.int32))
     assert np.array_equal(out.y, y_t.float().numpy())
+    base = bitlinear_int(x, codes, gamma)                                   # refbitnet's float32 s differs
+    assert not np.array_equal(out.s, base.s)
 
 
 def test_autobitlinear_bf16_within_one_bf16_ulp():
