@@ -141,6 +141,36 @@ def timed_step(fp, token, cache, start, tm):
     return tm("kernel: lm_head", fp.lm_head, xn[-1:])
 
 
+def timed_step_regions(fp, token, cache, start, tm):
+    """FastPath.forward for one token through runtime.decode_region (one region per layer), op by op."""
+    cfg = fp.config
+    n_heads, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = np.float32(cfg.rms_norm_eps)
+    ids = np.array([token])
+    cos, sin = tm("glue: rope tables", runtime.rope_tables, start + np.arange(1), hd, cfg.rope_theta)
+    h = tm("embed", runtime.embed, fp.embed_tokens, ids)
+    bufs, _ = fp._region_buffers()
+    h_cur, a, x, dn_out, qkv_out, h_attn = bufs[0], bufs[1], bufs[7], bufs[10], bufs[11], bufs[3]
+    ws = fp._workspace(1)
+    q_rot, k_rot = ws["q"], ws["k"]
+    h_cur[:] = h
+    tm("glue: norms", runtime.rms_norm_row, h_cur[0], fp.layers[0].input_layernorm, eps, x[0])
+    tm("region: GEMVs + glue", fp._region, -1, runtime.PHASE_QKV, runtime.PHASE_QKV)
+    nq, nk, n_layers = n_heads * hd, n_kv * hd, len(fp.layers)
+    for i in range(n_layers):
+        tm("glue: rope", runtime.rope_heads, qkv_out[0, :nq].reshape(n_heads, hd), cos[0], sin[0], q_rot[0])
+        tm("glue: rope", runtime.rope_heads, qkv_out[0, nq:nq + nk].reshape(n_kv, hd), cos[0], sin[0], k_rot[0])
+        tm("cache store/read", cache.store, i, start, k_rot, qkv_out[:, nq + nk:].reshape(1, n_kv, hd))
+        k_all, v_all = tm("cache store/read", runtime.read_kv, cache, i, start + 1)
+        a[:] = tm("attention (NumPy)", attention, q_rot, k_all, v_all, start).reshape(1, nq)
+        tm("region: GEMVs + glue", fp._region, i, runtime.PHASE_O,
+           runtime.PHASE_QKV if i + 1 < n_layers else runtime.PHASE_DOWN)
+    out = h_attn + dn_out
+    cache.commit(start, ids)
+    xn = tm("glue: final norm (NumPy)", rms_norm, out, fp.norm, cfg.rms_norm_eps)
+    return tm("kernel: lm_head", fp.lm_head, xn[-1:])
+
+
 def region_profile(fp, cache, start, steps, cpu):
     """Per projection group: wake-up, busy, imbalance and join of each GEMV region, stamped by its tasks."""
     groups = {"qkv": [], "o": [], "gate_up": [], "down": []}
@@ -218,6 +248,7 @@ def main():
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--label", default="before")
+    ap.add_argument("--regions", action="store_true", help="profile the decode-region path (runtime.decode_region)")
     args = ap.parse_args()
     kernels.set_num_threads(args.threads)
     import numba
@@ -237,10 +268,12 @@ def main():
     load0 = os.getloadavg()
     # 1. wall time per op
     token, steps_s, tm = 1, [], Timer()
-    timed_step(fp, token, cache, cache.length, Timer())                    # warm
+    step_fn = timed_step_regions if args.regions else timed_step
+    fp.decode_regions = args.regions
+    step_fn(fp, token, cache, cache.length, Timer())                    # warm
     for _ in range(args.steps):
         t = time.perf_counter()
-        logits = timed_step(fp, token, cache, cache.length, tm)
+        logits = step_fn(fp, token, cache, cache.length, tm)
         steps_s.append(time.perf_counter() - t)
         token = int(np.argmax(logits[-1]))
     plain = []
@@ -257,7 +290,8 @@ def main():
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average {load0[0]:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end of part 1.")
     say(f"Command: `python benchmarks/profile_decode.py --threads {args.threads} --prompt {args.prompt} "
-        f"--steps {args.steps}`; model {args.model}; decode at positions {args.prompt}..{args.prompt + 2 * n}.\n")
+        f"--steps {args.steps} --label {args.label}{' --regions' if args.regions else ''}`; model {args.model}; "
+        f"decode at positions {args.prompt}..{args.prompt + 2 * n}; {time.strftime('%H:%M UTC', time.gmtime())}.\n")
     say(f"## 1. One decode step, op by op (mean over {n} steps)\n")
     say(f"Step: {step_ms:.1f} ms timed op by op; model.forward of one token untimed: "
         f"{1e3 * np.median(plain):.1f} ms median ({1 / np.median(plain):.1f} tokens/s).\n")
@@ -267,26 +301,32 @@ def main():
     for name in sorted(tm.total, key=lambda k: -tm.total[k]):
         ms = 1e3 * tm.total[name] / n
         accounted += ms
-        regions = tm.calls[name] // n if name.startswith("kernel") else 0
+        regions = tm.calls[name] // n if name.startswith(("kernel", "region")) else 0
         say(f"| {name} | {ms:.2f} | {100 * ms / step_ms:.1f} | {tm.calls[name] // n} | {regions} |")
     say(f"| python between ops | {step_ms - accounted:.2f} | {100 * (step_ms - accounted) / step_ms:.1f} | | |")
-    total_regions = sum(tm.calls[k] // n for k in tm.total if k.startswith("kernel"))
-    say(f"\nParallel regions per token: {total_regions} (one per GEMV call and one LM head; the quantize pass "
-        f"before each GEMV, the glue, attention and the Python between them run on one thread).\n")
-    # 2. inside the regions
-    say(f"## 2. Inside each GEMV region (medians over {args.steps // 4 or 1} steps x 30 layers; "
-        f"cycle counter {cpu:.0f} per us)\n")
-    stats = region_profile(fp, cache, cache.length, max(1, args.steps // 4), cpu)
-    say("| group | call us | threads | main wake us | worker wake us | main busy us | worker busy us | "
-        "imbalance us | join us |")
-    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in stats.items():
-        say(f"| {name} | {r['call_us']:.1f} | {r['threads_seen']:.0f} | {r['wake_main_us']:.1f} | "
-            f"{r['wake_worker_us']:.1f} | {r['busy_main_us']:.1f} | {r['busy_worker_us']:.1f} | "
-            f"{r['imbalance_us']:.1f} | {r['join_us']:.1f} |")
-    waits = sum(30 * (r["call_us"] - max(r["busy_main_us"], r["busy_worker_us"])) for r in stats.values())
-    say(f"\nPer token, the 120 GEMV regions spend about {waits / 1e3:.2f} ms beyond their busier thread's work "
-        f"(wake-up + imbalance + join).\n")
+    total_regions = sum(tm.calls[k] // n for k in tm.total if k.startswith(("kernel", "region")))
+    if args.regions:
+        say(f"\nParallel regions per token: {total_regions} (runtime.decode_region: one per layer holding o, "
+            f"gate_up, down and the next layer's q/k/v with the glue between them, plus one for layer 0's q/k/v "
+            f"and the LM head; attention, RoPE and the cache between regions on one thread).\n")
+    else:
+        say(f"\nParallel regions per token: {total_regions} (one per GEMV call and one LM head; the quantize pass "
+            f"before each GEMV, the glue, attention and the Python between them run on one thread).\n")
+    # 2. inside the regions (the per-GEMV path's)
+    if not args.regions:
+        say(f"## 2. Inside each GEMV region (medians over {args.steps // 4 or 1} steps x 30 layers; "
+            f"cycle counter {cpu:.0f} per us)\n")
+        stats = region_profile(fp, cache, cache.length, max(1, args.steps // 4), cpu)
+        say("| group | call us | threads | main wake us | worker wake us | main busy us | worker busy us | "
+            "imbalance us | join us |")
+        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, r in stats.items():
+            say(f"| {name} | {r['call_us']:.1f} | {r['threads_seen']:.0f} | {r['wake_main_us']:.1f} | "
+                f"{r['wake_worker_us']:.1f} | {r['busy_main_us']:.1f} | {r['busy_worker_us']:.1f} | "
+                f"{r['imbalance_us']:.1f} | {r['join_us']:.1f} |")
+        waits = sum(30 * (r["call_us"] - max(r["busy_main_us"], r["busy_worker_us"])) for r in stats.values())
+        say(f"\nPer token, the 120 GEMV regions spend about {waits / 1e3:.2f} ms beyond their busier thread's work "
+            f"(wake-up + imbalance + join).\n")
     # 3. empty region
     med, p90, p99, gap = empty_region_cost(args.threads)
     say("## 3. An empty parallel region after serial work\n")
