@@ -76,12 +76,12 @@ def test_random_2b4t_numba_layers_equal_numpy_at_full_width(random_2b4t):
     from refbitnet.model import embed
     ref = refbitnet.load(random_2b4t, backend="numpy")
     fast = refbitnet.load(random_2b4t, backend="numba")
-    h = embed(ref.embed_tokens, np.array([128000, 9906, 1917, 374, 264]))        # [5, 2560]
+    h = embed(ref.weights.embed_tokens, np.array([128000, 9906, 1917, 374, 264]))        # [5, 2560]
     for i in (0, 29):
         t_ref, t_fast = {}, {}
         out_ref = ref.forward_layer(i, h, trace=t_ref)
         out_fast = fast.forward_layer(i, h, trace=t_fast)
-        assert np.array_equal(out_ref, out_fast)
+        assert np.array_equal(out_ref, out_fast) and t_ref.keys() == t_fast.keys()
         for key in t_ref:
             assert np.array_equal(t_ref[key], t_fast[key]), key
 
@@ -110,7 +110,7 @@ def test_two_layers_at_full_width_match_transformers(tmp_path, one_torch_thread)
     hf = load_transformers(str(tmp_path))
     ref_logits, ref = run_transformers(hf, ids)
     model = refbitnet.load(tmp_path, numerics="fake-quant")
-    for i, layer in enumerate(model.layers):              # each projection teacher-forced: exact codes, error bound
+    for i, layer in enumerate(model.weights.layers):              # each projection teacher-forced: exact codes, error bound
         for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
             proj = getattr(layer, module.split(".")[1])
