@@ -25,7 +25,7 @@ from ..errors import RefBitNetError
 from .reference import LANES
 from .sync import claim
 
-ROWS_PER_STEP = 4
+ROWS_PER_STEP = 16     # rows per step: 16 independent accumulators, 16 row streams in flight (as lm_head_v2)
 ROWS_PER_TASK = 64
 
 
@@ -92,18 +92,16 @@ def _make_row_dots(n_rows):
     return row_dots_int8
 
 
-row_dots4 = _make_row_dots(ROWS_PER_STEP)
+row_dots_step = _make_row_dots(ROWS_PER_STEP)
 row_dots1 = _make_row_dots(1)
 
 
 @njit(cache=True)
 def _rows(x, q, scale, out, s, v0, v_end):
     while v0 + ROWS_PER_STEP <= v_end:
-        d0, d1, d2, d3 = row_dots4(q, x[s], v0)
-        out[s, v0] = np.float32(scale[v0] * d0)
-        out[s, v0 + 1] = np.float32(scale[v0 + 1] * d1)
-        out[s, v0 + 2] = np.float32(scale[v0 + 2] * d2)
-        out[s, v0 + 3] = np.float32(scale[v0 + 3] * d3)
+        d = row_dots_step(q, x[s], v0)
+        for r in range(ROWS_PER_STEP):
+            out[s, v0 + r] = np.float32(scale[v0 + r] * d[r])
         v0 += ROWS_PER_STEP
     while v0 < v_end:
         out[s, v0] = np.float32(scale[v0] * row_dots1(q, x[s], v0)[0])

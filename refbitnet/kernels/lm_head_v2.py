@@ -21,7 +21,9 @@ from numba.extending import intrinsic
 from .reference import LANES
 from .sync import claim
 
-ROWS_PER_STEP = 4      # rows dotted together: each 16-float block of x is loaded once for four rows
+ROWS_PER_STEP = 16     # rows dotted together: each 16-float block of x is loaded once for 16 rows, and 16
+                       # independent accumulators keep 16 row streams in flight (4 rows read 0.66 GB at 14.6
+                       # GB/s on one Zen 4 thread, 8 at 17, 16 at 19: the same sums, so the same bits)
 ROWS_PER_TASK = 64     # rows per parallel task
 
 
@@ -70,7 +72,7 @@ def _make_row_dots(n_rows):
     return row_dots
 
 
-row_dots4 = _make_row_dots(ROWS_PER_STEP)
+row_dots_step = _make_row_dots(ROWS_PER_STEP)
 row_dots1 = _make_row_dots(1)
 
 
@@ -85,11 +87,9 @@ def bf16_matmul_kernel_v2(x, table, out):
         v0 = task * ROWS_PER_TASK
         while v0 + ROWS_PER_STEP <= v_end:
             for s in range(S):
-                d0, d1, d2, d3 = row_dots4(table, x[s], v0)
-                out[s, v0] = d0
-                out[s, v0 + 1] = d1
-                out[s, v0 + 2] = d2
-                out[s, v0 + 3] = d3
+                d = row_dots_step(table, x[s], v0)
+                for r in range(ROWS_PER_STEP):
+                    out[s, v0 + r] = d[r]
             v0 += ROWS_PER_STEP
         while v0 < v_end:
             for s in range(S):
@@ -121,11 +121,9 @@ def bf16_matmul_claimed_v2(x, table, out, sync, n_threads):
             v_end = min(V, (task + 1) * ROWS_PER_TASK)
             v0 = task * ROWS_PER_TASK
             while v0 + ROWS_PER_STEP <= v_end:
-                d0, d1, d2, d3 = row_dots4(table, x[0], v0)
-                out[0, v0] = d0
-                out[0, v0 + 1] = d1
-                out[0, v0 + 2] = d2
-                out[0, v0 + 3] = d3
+                d = row_dots_step(table, x[0], v0)
+                for r in range(ROWS_PER_STEP):
+                    out[0, v0 + r] = d[r]
                 v0 += ROWS_PER_STEP
             while v0 < v_end:
                 out[0, v0] = row_dots1(table, x[0], v0)[0]
