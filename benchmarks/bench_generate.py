@@ -24,6 +24,13 @@ decoded token (all packed projections + the bf16 LM head table + the KV cache at
 position) / bandwidth. The parent also probes the bandwidth once more at the end. --transformers adds transformers' BitNetForCausalLM on the same
 checkpoint (2 threads; a few tokens only, it is slow).
 
+--against TREE: this checkout and another in alternating warm processes, per-round ratios.
+--llama-cpp: refbitnet (float16 KV cache) and upstream llama.cpp side by side in alternating processes, per
+thread count in --threads, --rounds rounds, per-round ratios. llama.cpp is the copy vendored in the
+llama-cpp-python sdist, built (libllama only, cached under ~/.cache/refbitnet) by engine_conformance.py's
+functions; benchmarks/engine_speed.c (our runner on llama.h) times it the same way; the model is exported
+with refbitnet's own exporter as TQ2_0 with an F16 tied embedding and arch 'bitnet' (the one upstream loads).
+
 The machine is shared: the load average is printed; compare runs made under similar load only.
 """
 
