@@ -483,7 +483,8 @@ class FastPath:
         return logits
 
     def lm_head(self, x):
-        """x float32 [S, D] -> logits [S, V]: the bf16 kernel for a bf16 table, refbitnet.model.lm_head otherwise."""
+        """x float32 [S, D] -> logits [S, V]: the bf16 kernel for a bf16 table (one token: rows claimed),
+        refbitnet.model.lm_head otherwise; the int8 kernel when the opt-in 8-bit head is on."""
         if self.int8_head is not None:
             return int8_matmul(np.ascontiguousarray(x, dtype=np.float32), *self.int8_head)
         if self.output_table.dtype == np.uint16:
