@@ -10,6 +10,11 @@ operations in NumPy's order, so every integer code and every float of the layers
 readable path; attention, the embedding and the final norm are refbitnet.model's own ops, and only the
 bf16 LM head (kernels.bf16_matmul) sums in another order. It records the same trace names itself, so a
 trace checks the path that ships. Imports point one way: this module uses refbitnet.model, never the reverse.
+
+Also here, each with the same bits: blocks of up to SHORT_BLOCK tokens run one token at a time (a fresh
+install's first short prompt compiles only the decode kernels); the opt-in ``decode_region`` runs a decode
+step's GEMVs and glue in one parallel region per layer (REFBITNET_DECODE_REGIONS=1). Not the same bits, and
+opt-in: the 8-bit LM head (``FastPath.use_int8_head``, REFBITNET_LM_HEAD=int8).
 """
 
 from __future__ import annotations
