@@ -37,7 +37,7 @@ from numba.core import cgutils, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 import refbitnet  # noqa: E402
-from refbitnet import kernels, runtime  # noqa: E402
+from refbitnet import glue, kernels, runtime  # noqa: E402
 from refbitnet.kernels import act_quant  # noqa: E402
 from refbitnet.kernels.v4_maddubs import ROWS_PER_TASK, dot_row  # noqa: E402
 from refbitnet.model import attention, rms_norm  # noqa: E402
@@ -116,23 +116,23 @@ def timed_step(fp, token, cache, start, tm):
     ws = fp._workspace(1)
     h_cur, x, h_attn, x2, q_rot, k_rot = ws["h"], ws["x"], ws["h_attn"], ws["x2"], ws["q"], ws["k"]
     h_cur[:] = h
-    tm("glue: norms", runtime._rms_norm, h_cur, fp.layers[0].input_layernorm, eps, x)
+    tm("glue: norms", glue.rms_norm_into, h_cur, fp.layers[0].input_layernorm, eps, x)
     for i, w in enumerate(fp.layers):
         q, k, v = tm("kernel: qkv", w.qkv, i, x)
-        tm("glue: rope", runtime._rope, q.reshape(1, n_heads, hd), cos, sin, q_rot)
-        tm("glue: rope", runtime._rope, k.reshape(1, n_kv, hd), cos, sin, k_rot)
+        tm("glue: rope", glue.rope_into, q.reshape(1, n_heads, hd), cos, sin, q_rot)
+        tm("glue: rope", glue.rope_into, k.reshape(1, n_kv, hd), cos, sin, k_rot)
         v = v.reshape(1, n_kv, hd)
         tm("cache store/read", cache.store, i, start, k_rot, v)
-        k_all, v_all = tm("cache store/read", runtime.read_kv, cache, i, start + 1)
+        k_all, v_all = tm("cache store/read", glue.read_kv, cache, i, start + 1)
         a = tm("attention (NumPy)", attention, q_rot, k_all, v_all, start).reshape(1, n_heads * hd)
-        tm("glue: norms", runtime._rms_norm, a, w.attn_sub_norm, eps, ws["a_norm"])
+        tm("glue: norms", glue.rms_norm_into, a, w.attn_sub_norm, eps, ws["a_norm"])
         (o,) = tm("kernel: o", w.o, i, ws["a_norm"])
-        tm("glue: norms", runtime._add_rms_norm, h_cur, o, w.post_attention_layernorm, eps, h_attn, x2)
+        tm("glue: norms", glue.add_rms_norm_into, h_cur, o, w.post_attention_layernorm, eps, h_attn, x2)
         gate, up = tm("kernel: gate_up", w.gate_up, i, x2)
-        tm("glue: norms", runtime._relu2_mul_rms_norm, gate, up, w.ffn_sub_norm, eps, ws["m"], ws["m_norm"])
+        tm("glue: norms", glue.relu2_mul_rms_norm_into, gate, up, w.ffn_sub_norm, eps, ws["m"], ws["m_norm"])
         (down,) = tm("kernel: down", w.down, i, ws["m_norm"])
         if i + 1 < len(fp.layers):
-            tm("glue: norms", runtime._add_rms_norm, h_attn, down, fp.layers[i + 1].input_layernorm, eps, h_cur, x)
+            tm("glue: norms", glue.add_rms_norm_into, h_attn, down, fp.layers[i + 1].input_layernorm, eps, h_cur, x)
             out = h_cur
         else:
             out = h_attn + down
@@ -154,14 +154,14 @@ def timed_step_regions(fp, token, cache, start, tm):
     ws = fp._workspace(1)
     q_rot, k_rot = ws["q"], ws["k"]
     h_cur[:] = h
-    tm("glue: norms", runtime.rms_norm_row, h_cur[0], fp.layers[0].input_layernorm, eps, x[0])
+    tm("glue: norms", glue.rms_norm_row, h_cur[0], fp.layers[0].input_layernorm, eps, x[0])
     tm("region: GEMVs + glue", fp._region, -1, runtime.PHASE_QKV, runtime.PHASE_QKV)
     nq, nk, n_layers = n_heads * hd, n_kv * hd, len(fp.layers)
     for i in range(n_layers):
-        tm("glue: rope", runtime.rope_heads, qkv_out[0, :nq].reshape(n_heads, hd), cos[0], sin[0], q_rot[0])
-        tm("glue: rope", runtime.rope_heads, qkv_out[0, nq:nq + nk].reshape(n_kv, hd), cos[0], sin[0], k_rot[0])
+        tm("glue: rope", glue.rope_heads, qkv_out[0, :nq].reshape(n_heads, hd), cos[0], sin[0], q_rot[0])
+        tm("glue: rope", glue.rope_heads, qkv_out[0, nq:nq + nk].reshape(n_kv, hd), cos[0], sin[0], k_rot[0])
         tm("cache store/read", cache.store, i, start, k_rot, qkv_out[:, nq + nk:].reshape(1, n_kv, hd))
-        k_all, v_all = tm("cache store/read", runtime.read_kv, cache, i, start + 1)
+        k_all, v_all = tm("cache store/read", glue.read_kv, cache, i, start + 1)
         a[:] = tm("attention (NumPy)", attention, q_rot, k_all, v_all, start).reshape(1, nq)
         tm("region: GEMVs + glue", fp._region, i, runtime.PHASE_O,
            runtime.PHASE_QKV if i + 1 < n_layers else runtime.PHASE_DOWN)

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("refbitnet.kernels")
 
-from refbitnet import runtime  # noqa: E402
+from refbitnet import glue  # noqa: E402
 from refbitnet.checkpoint import model_from_tensors  # noqa: E402
 from refbitnet.errors import RefBitNetError  # noqa: E402
 
@@ -75,23 +75,23 @@ def test_decode_step_names_the_layer_of_a_non_finite_activation():
 
 
 def test_widen_float16_equals_numpy_cast_for_every_bit_pattern():
-    """runtime.widen_float16 (the float16 KV cache's read on the numba backend) against NumPy's cast: all 65536
+    """glue.widen_float16 (the float16 KV cache's read on the numba backend) against NumPy's cast: all 65536
     float16 bit patterns (zeros, subnormals, normals, infs, NaN payloads), bit for bit, and lengths that are
     not a multiple of the per-thread block."""
     every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     out = np.full(every.shape, 7.0, np.float32)
-    runtime.widen_float16(every, out)
+    glue.widen_float16(every, out)
     nan = np.isnan(every)               # (a NaN's payload bits may differ: F16C quiets signalling NaNs;
     assert nan.sum() == 2046            # KVCache.store never lets a NaN into a cache anyway)
     assert np.array_equal(out[~nan].view(np.uint32), every[~nan].astype(np.float32).view(np.uint32))
     assert np.isnan(out[nan]).all()
     rng = np.random.default_rng(3)
-    for n in (1, 7, runtime.WIDEN_BLOCK - 1, runtime.WIDEN_BLOCK + 5, 3 * runtime.WIDEN_BLOCK):
+    for n in (1, 7, glue.WIDEN_BLOCK - 1, glue.WIDEN_BLOCK + 5, 3 * glue.WIDEN_BLOCK):
         src = rng.integers(0, 2**16, n).astype(np.uint16).view(np.float16).reshape(n, 1)
         out = np.empty((n, 1), np.float32)
-        runtime.widen_float16(src, out)
+        glue.widen_float16(src, out)
         assert np.array_equal(out, src.astype(np.float32), equal_nan=True)
     with pytest.raises(TypeError, match="widen_float16"):
-        runtime.widen_float16(np.zeros(4, np.float32), np.zeros(4, np.float32))
+        glue.widen_float16(np.zeros(4, np.float32), np.zeros(4, np.float32))
     with pytest.raises(TypeError, match="widen_float16"):
-        runtime.widen_float16(np.zeros(8, np.float16)[::2], np.zeros(4, np.float32))
+        glue.widen_float16(np.zeros(8, np.float16)[::2], np.zeros(4, np.float32))
