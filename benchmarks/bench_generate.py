@@ -55,7 +55,7 @@ def child(args):
     import refbitnet
     from refbitnet import kernels
     kernels.set_num_threads(args.threads)
-    model = refbitnet.load(args.model, backend="numba")
+    model = refbitnet.load(args.model)                       # the default API (backend "auto": the fast path)
     t_loaded = time.perf_counter()
     model.forward(np.array([1]), cache=model.new_cache(8))                   # compile / load cached kernels
     t_ready = time.perf_counter()
@@ -75,6 +75,10 @@ def child(args):
         token = int(np.argmax(logits[-1]))
         steps.append(time.perf_counter() - t)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024            # KiB -> MiB (Linux)
+    t = time.perf_counter()                             # the same through model.generate (prefill + decode)
+    model.generate(prompt, max_new_tokens=args.decode, temperature=0.0, ignore_eos=True,
+                   kv_dtype=args.kv_cache)
+    generate_s = time.perf_counter() - t
     cache.k.fill(0)                                    # touch every page of the 4096-position cache: the
     cache.v.fill(0)                                    # RSS a full context would have (keys/values of its dtype)
     cache.length = args.context - 3                    # ... and decoding at its end (attention over all of it)
@@ -83,7 +87,8 @@ def child(args):
         t = time.perf_counter()
         model.forward(np.array([token]), cache=cache)
         end_steps.append(time.perf_counter() - t)
-    result = dict(threads=args.threads, kv_cache=cache.dtype, load_s=t_loaded - t_start, ready_s=t_ready - t_start,
+    result = dict(threads=args.threads, backend=model.backend, generate_s=generate_s,
+                  kv_cache=cache.dtype, load_s=t_loaded - t_start, ready_s=t_ready - t_start,
                   first_token_s=first_token, prefill_tokens_per_s=args.prompt / first_token,
                   decode_tokens_per_s=args.decode / sum(steps), decode_median_ms=1e3 * float(np.median(steps)),
                   decode_best_ms=1e3 * float(np.min(steps)),
@@ -266,6 +271,12 @@ def main():
               f"{r['prefill_tokens_per_s'] / r['decode_tokens_per_s']:>7.1f}x {_mib_gb(r['peak_rss_mb'])} "
               f"{_mib_gb(r.get('peak_rss_full_context_mb', float('nan')))} "
               f"{r.get('decode_context_end_ms', float('nan')):>6.0f} {la[0]:>4.1f}/{la[1]:<4.1f}")
+    for label, r in runs:
+        if "generate_s" in r:
+            loop_s = r["first_token_s"] + args.decode / r["decode_tokens_per_s"]
+            print(f"{label:13} {r['threads']:>3} refbitnet.load(dir).generate(...) (backend {r['backend']!r}): "
+                  f"{r['generate_s']:.2f} s for {args.prompt} + {args.decode} tokens, the forward loop above "
+                  f"{loop_s:.2f} s (ratio {loop_s / r['generate_s']:.2f})")
     print(f"(prompt {args.prompt} tokens in one forward, LM head on its last position only; decode {args.decode} "
           f"greedy steps; KV cache capacity {args.context}: 'peak RSS' with {args.prompt + args.decode} positions "
           f"filled, 'full ctx' after touching all {args.context} ({args.kv_cache} keys/values) and decoding "
