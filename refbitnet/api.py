@@ -29,6 +29,7 @@ from .weights import ModelWeights, model_weights
 
 NUMERICS = ("int", "fake-quant")
 BACKENDS = ("auto", "numba", "numpy")
+LM_HEADS = ("bf16", "int8")
 
 
 class Model:
@@ -75,6 +76,19 @@ class Model:
     def release_tensors(self) -> dict:
         """The weights as release-format tensors by checkpoint name (what refbitnet.save writes)."""
         return self.weights.release_tensors()
+
+    def set_lm_head(self, kind: str) -> None:
+        """"int8" opts in to an 8-bit copy of the tied LM head (each vocabulary row int8 with one float32
+        scale: half the bytes read per token, logits changed slightly; measured in
+        benchmarks/results/int8_head.md): not the model's arithmetic, so never the default. "bf16" goes
+        back to the model's own head. The 8-bit head runs on the Numba kernels only."""
+        check_choice(kind, "lm_head", LM_HEADS)
+        if self._fast is None:
+            if kind == "int8":
+                raise RefBitNetError(f"lm_head='int8': the 8-bit LM head runs on the Numba kernels, found "
+                                     f"backend {self.backend!r}")
+            return
+        self._fast.use_int8_head(kind == "int8")
 
     # -- computing ---------------------------------------------------------------------------------
     def new_cache(self, max_tokens: int | None = None, kv_dtype: str = "float32") -> KVCache:

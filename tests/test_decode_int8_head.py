@@ -65,3 +65,22 @@ def test_fast_path_with_the_int8_head():
     bound = np.abs(x).sum(axis=1)[:, None] * scale[None, :] / 2 + 1e-5 * np.abs(exact).max()
     assert np.all(np.abs(approx - exact) <= bound)
     assert not np.array_equal(approx, exact)
+
+
+def test_model_lm_head_option():
+    """model.set_lm_head("int8") is the public switch: the fast path's 8-bit head on, logits close to the
+    bf16 head's but not equal, and back with "bf16"; an unknown head, or int8 on the readable path, is
+    refused by name."""
+    import refbitnet
+    model = refbitnet.load()
+    ids = np.array([0, 5, 9, 200])
+    a = model.forward(ids)
+    model.set_lm_head("int8")
+    b = model.forward(ids)
+    assert not np.array_equal(a, b) and np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+    model.set_lm_head("bf16")
+    assert np.array_equal(model.forward(ids), a)
+    with pytest.raises(RefBitNetError, match="lm_head"):
+        model.set_lm_head("fp8")
+    with pytest.raises(RefBitNetError, match="lm_head='int8'"):
+        refbitnet.load(backend="numpy").set_lm_head("int8")
