@@ -162,9 +162,8 @@ class Model:
         if self._fast is not None:
             return np.array(self._fast.layers_forward(h, cos, sin, KVCache(cfg, h.shape[0]), 0, record,
                                                       first=i, last=i + 1))
-        prefixed = None if record is None else (lambda name, value: record(f"layers.{i}.{name}", value))
         return readable.decoder_layer(i, h, self.weights.layers[i], cfg, cos, sin, self.numerics,
-                                      record=prefixed)
+                                      record=None if record is None else readable.prefixed(record, f"layers.{i}."))
 
     def generate(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed=None, stop=None, stream: bool = False,
