@@ -10,18 +10,16 @@ Quantization (``quantize_rows_int8``), per vocabulary row v of the widened table
     q[v, k]  = round_half_even(W[v, k] / scale[v]), in -127 .. 127
 Logits (``int8_matmul``): y[s, v] = fl(scale[v] * dot(x[s], q[v])), the dot in the 16-lane order of the
 bf16 kernels (lane l takes k = l, l + 16, ..; each product and sum rounded; lanes added left to right),
-each code widened exactly to float32 in registers (``row_dots_int8``, an LLVM intrinsic: load 16 bytes,
-sign-extend, convert). K % 16 == 0.
+each code widened exactly to float32 in registers (lm_head_v2's ``make_row_dots`` with int8 elements: load
+16 bytes, sign-extend, convert). K % 16 == 0.
 """
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 
 from ..checks import check_array
 from ..errors import RefBitNetError
+from .lm_head_v2 import make_row_dots
 from .reference import LANES
 from .sync import claim
 
@@ -48,52 +46,8 @@ def quantize_rows_int8(table: np.ndarray, chunk_rows: int = 4096):
     return q, scale
 
 
-def _make_row_dots(n_rows):
-    """Intrinsic (q int8 [V, K], x float32 [K], v0) -> UniTuple(float32, n_rows): 16-lane dots of x with the
-    int8 rows v0 .. v0+n_rows-1, codes widened in registers. No bounds checks: v0 + n_rows <= V, K % 16 == 0."""
-
-    @intrinsic
-    def row_dots_int8(typingctx, table, x, v0):
-        if not (isinstance(table, types.Array) and table.dtype == types.int8 and table.ndim == 2
-                and isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1):
-            return None
-        sig = types.UniTuple(types.float32, n_rows)(table, x, types.intp)
-
-        def codegen(context, builder, signature, args):
-            t_a = context.make_array(signature.args[0])(context, builder, args[0])
-            x_a = context.make_array(signature.args[1])(context, builder, args[1])
-            v0 = args[2]
-            i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-            v16i8, v16i32, v16f32 = ir.VectorType(i8, LANES), ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
-            row_stride = builder.extract_value(t_a.strides, 0)
-            n_blocks = builder.udiv(builder.extract_value(t_a.shape, 1), ir.Constant(v0.type, LANES))
-            t_ptr = builder.bitcast(t_a.data, i8.as_pointer())
-            rows = [builder.bitcast(builder.gep(t_ptr, [builder.mul(builder.add(v0, ir.Constant(v0.type, r)),
-                                                                    row_stride)]), v16i8.as_pointer())
-                    for r in range(n_rows)]
-            x_ptr = builder.bitcast(x_a.data, v16f32.as_pointer())
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f32, [0.0] * LANES)) for _ in range(n_rows)]
-            with cgutils.for_range(builder, n_blocks) as loop:
-                xv = builder.load(builder.gep(x_ptr, [loop.index]), align=4)
-                for r in range(n_rows):
-                    codes = builder.load(builder.gep(rows[r], [loop.index]), align=1)
-                    w = builder.sitofp(builder.sext(codes, v16i32), v16f32)                 # exact
-                    builder.store(builder.fadd(builder.load(accs[r]), builder.fmul(xv, w)), accs[r])
-            totals = []
-            for acc in accs:
-                lanes = builder.load(acc)
-                total = builder.extract_element(lanes, ir.Constant(i32, 0))
-                for lane in range(1, LANES):
-                    total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(i32, lane)))
-                totals.append(total)
-            return context.make_tuple(builder, signature.return_type, totals)
-        return sig, codegen
-
-    return row_dots_int8
-
-
-row_dots_step = _make_row_dots(ROWS_PER_STEP)
-row_dots1 = _make_row_dots(1)
+row_dots_step = make_row_dots(ROWS_PER_STEP, "int8")      # lm_head_v2's row dots, int8 codes widened
+row_dots1 = make_row_dots(1, "int8")
 
 
 @njit(cache=True)

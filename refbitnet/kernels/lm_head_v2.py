@@ -27,13 +27,27 @@ ROWS_PER_STEP = 16     # rows dotted together: each 16-float block of x is loade
 ROWS_PER_TASK = 64     # rows per parallel task
 
 
-def _make_row_dots(n_rows):
-    """Intrinsic (table uint16 [V, K], x float32 [K], v0) -> UniTuple(float32, n_rows): the 16-lane dots of
-    x with bf16 rows v0 .. v0+n_rows-1. No bounds checks: the caller keeps v0 + n_rows <= V, K % 16 == 0."""
+# How each table element becomes float32 in registers: (Numba dtype, LLVM element bits, widen(builder, v)).
+# bf16 bits: zero-extend, shift left by 16, bit-cast (exact); int8 codes (lm_head_int8): sign-extend, convert.
+ELEMENTS = {
+    "bf16": (types.uint16, 16, lambda b, v: b.bitcast(b.shl(b.zext(v, ir.VectorType(ir.IntType(32), LANES)),
+                                                            ir.Constant(ir.VectorType(ir.IntType(32), LANES),
+                                                                        [16] * LANES)),
+                                                      ir.VectorType(ir.FloatType(), LANES))),
+    "int8": (types.int8, 8, lambda b, v: b.sitofp(b.sext(v, ir.VectorType(ir.IntType(32), LANES)),
+                                                  ir.VectorType(ir.FloatType(), LANES))),
+}
+
+
+def make_row_dots(n_rows, element="bf16"):
+    """Intrinsic (table [V, K] of element, x float32 [K], v0) -> UniTuple(float32, n_rows): the 16-lane dots
+    of x with rows v0 .. v0+n_rows-1, each element widened exactly in registers (ELEMENTS). No bounds checks:
+    the caller keeps v0 + n_rows <= V, K % 16 == 0."""
+    dtype, bits, widen = ELEMENTS[element]
 
     @intrinsic
     def row_dots(typingctx, table, x, v0):
-        if not (isinstance(table, types.Array) and table.dtype == types.uint16 and table.ndim == 2
+        if not (isinstance(table, types.Array) and table.dtype == dtype and table.ndim == 2
                 and isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 1):
             return None
         sig = types.UniTuple(types.float32, n_rows)(table, x, types.intp)
@@ -42,22 +56,20 @@ def _make_row_dots(n_rows):
             t_a = context.make_array(signature.args[0])(context, builder, args[0])
             x_a = context.make_array(signature.args[1])(context, builder, args[1])
             v0 = args[2]
-            i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-            v16i16, v16i32, v16f32 = ir.VectorType(i16, LANES), ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
+            i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+            v16e, v16f32 = ir.VectorType(ir.IntType(bits), LANES), ir.VectorType(f32, LANES)
             row_stride = builder.extract_value(t_a.strides, 0)              # bytes per table row
             n_blocks = builder.udiv(builder.extract_value(t_a.shape, 1), ir.Constant(v0.type, LANES))
             t_ptr = builder.bitcast(t_a.data, i8.as_pointer())
             rows = [builder.bitcast(builder.gep(t_ptr, [builder.mul(builder.add(v0, ir.Constant(v0.type, r)),
-                                                                    row_stride)]), v16i16.as_pointer())
+                                                                    row_stride)]), v16e.as_pointer())
                     for r in range(n_rows)]
             x_ptr = builder.bitcast(x_a.data, v16f32.as_pointer())
             accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f32, [0.0] * LANES)) for _ in range(n_rows)]
-            shift = ir.Constant(v16i32, [16] * LANES)
             with cgutils.for_range(builder, n_blocks) as loop:
                 xv = builder.load(builder.gep(x_ptr, [loop.index]), align=4)
                 for r in range(n_rows):
-                    bits = builder.load(builder.gep(rows[r], [loop.index]), align=2)
-                    w = builder.bitcast(builder.shl(builder.zext(bits, v16i32), shift), v16f32)   # bf16 -> f32, exact
+                    w = widen(builder, builder.load(builder.gep(rows[r], [loop.index]), align=bits // 8))
                     builder.store(builder.fadd(builder.load(accs[r]), builder.fmul(xv, w)), accs[r])
             totals = []
             for acc in accs:
@@ -72,8 +84,8 @@ def _make_row_dots(n_rows):
     return row_dots
 
 
-row_dots_step = _make_row_dots(ROWS_PER_STEP)
-row_dots1 = _make_row_dots(1)
+row_dots_step = make_row_dots(ROWS_PER_STEP)
+row_dots1 = make_row_dots(1)
 
 
 @njit(cache=True, parallel=True)
