@@ -119,7 +119,17 @@ def test_activations_file_holds_every_trace_tensor_and_the_integers(tmp_path):
 def test_integers_from_the_model_equal_integers_recomputed_from_its_trace():
     """The model's own trace_integers and the oracle's derivation (refbitnet.bitlinear on the traced
     inputs and the model's codes) agree bit for bit: the derivation is exact."""
-    from refbitnet.testing.reference import _add_integers
+    from refbitnet.bitlinear import bitlinear_int
+    from refbitnet.testing.reference import INTEGER_PARTS, PROJECTION_INPUTS
+
+    def _add_integers(model, trace):             # xq, s, acc of each projection from its traced input
+        for i, layer in enumerate(model.weights.layers):
+            for proj, source in PROJECTION_INPUTS.items():
+                w = getattr(layer, proj)
+                out = bitlinear_int(trace[f"layers.{i}.{source}"], w.codes(), w.weight_scale)
+                for part in INTEGER_PARTS:
+                    trace[f"layers.{i}.{proj}.{part}"] = getattr(out, part)
+
     model = oracle.load_reference_model(None)
     ids = np.array([3, 1, 4, 1, 5, 9, 2, 6])
     trace = oracle.reference_activations(model, ids, integers=True)

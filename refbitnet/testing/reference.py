@@ -116,24 +116,8 @@ def reference_activations(model, ids, *, numerics: str = "int",
     if not integers:
         model.forward(ids, trace=trace)
         return trace
-    try:
-        model.forward(ids, trace=trace, trace_integers=True)
-    except TypeError:                        # a Model without trace_integers: derive them, exactly
-        trace.clear()
-        model.forward(ids, trace=trace)
-        _add_integers(model, trace)
+    model.forward(ids, trace=trace, trace_integers=True)      # recorded by the path that runs
     return trace
-
-
-def _add_integers(model, trace):
-    """xq, s, acc of every projection from its traced input and the model's codes: the same integer
-    BitLinear the model ran, so the same bits (tests/test_dump.py checks it against the model's own)."""
-    for i, layer in enumerate(model.weights.layers):
-        for proj, source in PROJECTION_INPUTS.items():
-            w = getattr(layer, proj)
-            out = bitlinear_int(trace[f"layers.{i}.{source}"], w.codes(), w.weight_scale)
-            for part in INTEGER_PARTS:
-                trace[f"layers.{i}.{proj}.{part}"] = getattr(out, part)
 
 
 def trace_names(num_layers: int, integers: bool = False) -> list[str]:
