@@ -8,6 +8,12 @@ picks how to compute, the way microsoft/BitNet's gpu/model.py picks ``BitLinearK
 - ``backend="auto"`` (default): numba when it can run this model (Numba importable, numerics "int", every
   projection's width fitting the kernels), else numpy. Both compute the same integer codes bit for bit.
 
+``numerics`` picks the arithmetic: "int" (refbitnet's, the integer form), "fake-quant" (float32, as
+transformers in a float32 model), "transformers-bf16" (the whole model as transformers' BitNet computes it
+in bf16, the release's torch_dtype: ``refbitnet.model_bf16``) and "transformers-legacy-bf16" (the same
+with transformers' legacy BitLinear, which a divide-convention checkpoint gets). The last three run on
+the NumPy path.
+
 Behind the door nothing is checked again: refbitnet.model and refbitnet.runtime trust their inputs.
 """
 
@@ -19,6 +25,7 @@ import warnings
 import numpy as np
 
 from . import model as readable
+from . import model_bf16
 from .checks import check_choice, check_int, check_token_ids
 from .config import Config
 from .errors import RefBitNetError, RefBitNetTypeError
@@ -27,7 +34,9 @@ from .generation_config import GenerationDefaults
 from .kv_cache import KVCache, check_kv_dtype
 from .weights import ModelWeights, model_weights
 
-NUMERICS = ("int", "fake-quant")
+NUMERICS = ("int", "fake-quant", "transformers-bf16", "transformers-legacy-bf16")
+# numerics computed by refbitnet.model_bf16, with the transformers BitLinear class each one follows
+BF16_NUMERICS = {"transformers-bf16": "autobitlinear", "transformers-legacy-bf16": "legacy"}
 BACKENDS = ("auto", "numba", "numpy")
 LM_HEADS = ("bf16", "int8")
 
@@ -48,6 +57,7 @@ class Model:
         check_choice(backend, "backend", BACKENDS)
         if not isinstance(weights, ModelWeights):
             weights = model_weights(config, weights, source=source)
+        _check_bf16_numerics(numerics, weights)
         self.config = config
         self.weights = weights
         self.numerics = numerics
@@ -143,6 +153,9 @@ class Model:
         self._check_trace(trace, trace_integers)
         if self._fast is not None:
             return self._fast.forward(ids, cache, start, trace, bool(last_only), trace_integers)
+        if self.numerics in BF16_NUMERICS:
+            return model_bf16.forward(cfg, self.weights, ids, cache, start, trace, bool(last_only),
+                                      BF16_NUMERICS[self.numerics])
         return readable.forward(cfg, self.weights, ids, self.numerics, cache, start, trace, bool(last_only),
                                 trace_integers)
 
@@ -150,7 +163,8 @@ class Model:
         """Decoder layer i alone on hidden states h float32 [S, D] at positions 0..S-1 -> [S, D].
 
         Stateless; for layer-by-layer checks that feed each layer a reference model's input. trace
-        receives the layer's intermediates as "layers.{i}.<name>", as in forward."""
+        receives the layer's intermediates as "layers.{i}.<name>", as in forward. With the bf16 numerics
+        h is rounded to bf16 first (the hidden state such a model passes between layers is bf16)."""
         cfg = self.config
         i = check_int(i, "layer", 0, cfg.num_hidden_layers - 1)
         h = np.asarray(h, dtype=np.float32)
@@ -159,11 +173,16 @@ class Model:
         self._check_trace(trace, False)
         cos, sin = readable.rope_tables(np.arange(h.shape[0]), cfg.head_dim, cfg.rope_theta)
         record = readable.recorder(trace)
+        layer_record = None if record is None else readable.prefixed(record, f"layers.{i}.")
+        if self.numerics in BF16_NUMERICS:
+            cos, sin = model_bf16.rope_tables_bf16(np.arange(h.shape[0]), cfg.head_dim, cfg.rope_theta)
+            return model_bf16.decoder_layer(i, model_bf16.bf16(h), self.weights.layers[i], cfg, cos, sin,
+                                            record=layer_record, linear=BF16_NUMERICS[self.numerics])
         if self._fast is not None:
             return np.array(self._fast.layers_forward(h, cos, sin, KVCache(cfg, h.shape[0]), 0, record,
                                                       first=i, last=i + 1))
         return readable.decoder_layer(i, h, self.weights.layers[i], cfg, cos, sin, self.numerics,
-                                      record=None if record is None else readable.prefixed(record, f"layers.{i}."))
+                                      record=layer_record)
 
     def generate(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed=None, stop=None, stream: bool = False,
@@ -229,6 +248,25 @@ class Model:
         return (f"Model(L={c.num_hidden_layers}, D={c.hidden_size}, F={c.intermediate_size}, "
                 f"H={c.num_attention_heads}, KVH={c.num_key_value_heads}, V={c.vocab_size}, "
                 f"numerics={self.numerics!r}, backend={self.backend!r}, source_format={self.source_format!r})")
+
+
+def _check_bf16_numerics(numerics: str, weights: ModelWeights) -> None:
+    """The bf16 numerics follow the BitLinear class transformers builds for this checkpoint: offline
+    AutoBitLinear for a packed multiply-convention file, the legacy BitLinear for a divide-convention one.
+    Asking for the other class, or for a bf16 master (transformers quantizes it online from the master
+    weights, which refbitnet does not keep), is refused rather than answered for another model."""
+    if numerics not in BF16_NUMERICS:
+        return
+    if weights.source_format != "packed":
+        raise RefBitNetError(f"numerics={numerics!r}: follows a packed checkpoint (uint8 + weight_scale); "
+                             f"these weights are {weights.source_format!r}, which transformers quantizes online "
+                             f"from the master weights (use numerics='fake-quant' or 'int')")
+    want = "transformers-bf16" if weights.scale_convention == "multiply" else "transformers-legacy-bf16"
+    if numerics != want:
+        cls = "AutoBitLinear" if want == "transformers-bf16" else "the legacy BitLinear"
+        raise RefBitNetError(f"numerics={numerics!r}: this checkpoint's weight_scale convention is "
+                             f"{weights.scale_convention!r}, which transformers runs with {cls}; "
+                             f"use numerics={want!r}")
 
 
 def _choose_backend(backend: str, numerics: str, config: Config) -> str:
