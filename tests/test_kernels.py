@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refbitnet import kernels
+from refbitnet.kernels import v6_vnni
 from refbitnet.bf16 import bf16_to_f32, f32_to_bf16
 from refbitnet.bitlinear import bitlinear_epilogue, bitlinear_int
 from refbitnet.errors import RefBitNetError, RefBitNetTypeError
@@ -80,8 +81,10 @@ def test_accumulators_equal_reference_all_versions(problem):
 
 
 def runnable_kernels(K):
-    """The kernel names TernaryLinear runs for this K on this CPU (v4/v4_blocked/v5: AVX2, K % 128 == 0)."""
-    return [k for k in KERNELS if k not in ("v4", "v4_blocked", "v5") or (avx2_available() and K % 128 == 0)]
+    """The kernel names TernaryLinear runs for this K on this CPU (v4/v4_blocked/v5: AVX2, K % 128 == 0;
+    v6 also AVX512-VNNI)."""
+    return [k for k in KERNELS if k not in ("v4", "v4_blocked", "v5", "v6")
+            or (avx2_available() and K % 128 == 0 and (k != "v6" or v6_vnni.available()))]
 
 
 @pytest.mark.parametrize("K", [2560, 6912, MAX_K])

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from refbitnet import kernels
 from refbitnet.bitlinear import bitlinear_int
 from refbitnet.errors import RefBitNetError, RefBitNetTypeError
-from refbitnet.kernels import KERNELS, TernaryLinear, act_quant, linear, reference, v4_maddubs
+from refbitnet.kernels import KERNELS, TernaryLinear, act_quant, linear, reference, v4_maddubs, v6_vnni
 from refbitnet.kernels.avx2 import available
 from refbitnet.kernels.repack import kernel_layout_rows
 from refbitnet.kernels.v3_word_planes import MAX_K
@@ -28,12 +28,14 @@ from refbitnet.quant import absmax_int8
 
 from _kernel_testing import bits, restore_threads  # noqa: F401  (restore_threads: autouse fixture)
 
-AVX2 = ("v4", "v4_blocked", "v5")
+AVX2 = ("v4", "v4_blocked", "v5", "v6")
 needs_avx2 = pytest.mark.skipif(not available(), reason="v4 / v5 need AVX2")
+GEMV = "v6" if v6_vnni.available() else "v4"      # the door's S = 1 kernel on this CPU (K % 128 == 0)
 
 
 def runnable(K):
-    return [k for k in KERNELS if k not in AVX2 or (available() and K % 128 == 0)]
+    return [k for k in KERNELS if k not in AVX2 or (available() and K % 128 == 0
+                                                    and (k != "v6" or v6_vnni.available()))]
 
 
 def _activations(seed, s_len, k, kind):
@@ -78,7 +80,7 @@ def test_every_kernel_bit_identical_to_reference(seed, s_len, n, k, kind, weight
 @pytest.mark.parametrize("k, avx2", [(256, True), (136, False), (2560, True), (8, False)])
 def test_auto_picks_the_kernel_by_token_count(k, avx2):
     door = TernaryLinear(pack_kernel(np.zeros((4, k), np.int8)))
-    want = {1: "v4", 2: "v4_blocked", 4: "v4_blocked", 5: "v5", 64: "v5"} if avx2 and available() else \
+    want = {1: GEMV, 2: "v4_blocked", 4: "v4_blocked", 5: "v5", 64: "v5"} if avx2 and available() else \
         {s: "v3" for s in (1, 2, 4, 5, 64)}
     assert {s: door.kernel_for(s) for s in want} == want
     for name in runnable(k):
@@ -94,6 +96,17 @@ def test_without_avx2_auto_runs_v3_and_avx2_kernels_are_refused(monkeypatch):
         with pytest.raises(RefBitNetError, match="without AVX2"):
             TernaryLinear(packed, kernel=name)
     np.testing.assert_array_equal(door.acc(np.ones((3, 256), np.int8)), np.full((3, 4), 256))
+
+
+def test_without_vnni_auto_runs_v4_and_v6_is_refused(monkeypatch):
+    monkeypatch.setattr(v6_vnni, "available", lambda: False)
+    packed = pack_kernel(np.ones((4, 256), np.int8))
+    door = TernaryLinear(packed)
+    if available():
+        assert door.kernel_for(1) == "v4"
+    with pytest.raises(RefBitNetError, match="AVX512-VNNI" if available() else "without AVX2"):
+        TernaryLinear(packed, kernel="v6")
+    np.testing.assert_array_equal(door(np.ones((1, 256), np.float32)), np.full((1, 4), 256, np.float32))
 
 
 @settings(max_examples=20)
@@ -246,7 +259,7 @@ def test_avx2_kernels_equal_v3(seed, s_len, n, blocks, extreme):
         x[:, 0] = 1.0 if seed % 2 else -1.0          # one opposite value: the rest quantize to -127 or 127
     row_scale = rng.uniform(0.01, 2.0, n).astype(np.float32)
     door = TernaryLinear(pack_kernel(codes), row_scale)
-    assert door.kernel_for(s_len) == ("v4" if s_len == 1 else "v4_blocked" if s_len <= 4 else "v5")
+    assert door.kernel_for(s_len) == (GEMV if s_len == 1 else "v4_blocked" if s_len <= 4 else "v5")
     xq, s = absmax_int8(x)
     assert np.array_equal(door(x), TernaryLinear(pack_kernel(codes), row_scale, kernel="v3").matmul(xq, s))
 

@@ -8,13 +8,14 @@ compiled kernels behind it check nothing (Numba does no bounds checks).
 
 Which kernel runs (``kernel_for(S)``, S tokens; shown for kernel="auto"):
 
-    AVX2 and K % 128 == 0:  S = 1 "v4" (GEMV)  |  2 <= S <= 4 "v4_blocked" (one 4-token block costs about
-                            one GEMV)  |  S > 4 "v5" (each tile of codes unpacked once, 8 tokens per pass)
+    AVX2 and K % 128 == 0:  S = 1 "v6" (GEMV, vpdpbusd) where the CPU has AVX512-VNNI, else "v4" (GEMV,
+                            vpmaddubsw)  |  2 <= S <= 4 "v4_blocked" (one 4-token block costs about one
+                            GEMV)  |  S > 4 "v5" (each tile of codes unpacked once, 8 tokens per pass)
     otherwise:              "v3" (plain Numba, any K % 8 == 0)
 
 kernel= forces one of KERNELS for every S, e.g. to compare them or to teach the ladder: "reference"
 (NumPy, int64), "v1" (unpacked int8 codes, unpacked here once), "v2" (scalar decode), "v3", "v4",
-"v4_blocked", "v5". Every kernel gives the same bits: the integers are exact, and the epilogue is the same
+"v4_blocked", "v5", "v6". Every kernel gives the same bits: the integers are exact, and the epilogue is the same
 float32 expression fl(fl(float32(acc) / s) * row_scale) in every one (``reference.epilogue_reference``).
 """
 
@@ -26,15 +27,15 @@ from ..checks import check_array, check_choice, check_int
 from ..errors import RefBitNetError, RefBitNetTypeError
 from ..layouts import unpack_kernel
 from ..quant import absmax_int8
-from . import act_quant, v3_word_planes, v4_maddubs, v5_prefill
+from . import act_quant, v3_word_planes, v4_maddubs, v5_prefill, v6_vnni
 from .avx2 import CHUNK_WEIGHTS, available
 from .reference import epilogue_reference, ternary_matmul_acc_reference
 from .v1_unpacked_int8 import ternary_matmul_acc_v1
 from .v2_packed_scalar import ternary_matmul_acc_v2
 from .v3_word_planes import MAX_K
 
-KERNELS = ("reference", "v1", "v2", "v3", "v4", "v4_blocked", "v5")
-AVX2_KERNELS = ("v4", "v4_blocked", "v5")          # vpmaddubsw on 32-byte chunks: AVX2, K % 128 == 0
+KERNELS = ("reference", "v1", "v2", "v3", "v4", "v4_blocked", "v5", "v6")
+AVX2_KERNELS = ("v4", "v4_blocked", "v5", "v6")    # 32-byte chunks: AVX2 (v6: AVX512-VNNI), K % 128 == 0
 INTEGER_KERNELS = ("reference", "v1", "v2")        # integer accumulators only: the epilogue runs in NumPy
 
 
@@ -100,6 +101,10 @@ class TernaryLinear:
             raise RefBitNetError(f"kernel: {kernel!r} needs AVX2 and K % {CHUNK_WEIGHTS} == 0, found K = {k} "
                                  f"on a CPU {'with' if available() else 'without'} AVX2 (kernel='v3' runs "
                                  f"anywhere)")
+        self._vnni = self._avx2 and v6_vnni.available()
+        if kernel == "v6" and not self._vnni:
+            raise RefBitNetError("kernel: 'v6' needs AVX512-VNNI with AVX512-VL (vpdpbusd), which this CPU "
+                                 "lacks (kernel='v4' is the AVX2 GEMV)")
         self.packed = packed                                         # uint8 [N, K/4]
         self.row_scale = _row_scale(weight_scale, n)                 # float32 [N]
         self.shape = (n, k)
@@ -120,7 +125,7 @@ class TernaryLinear:
         if not self._avx2:
             return "v3"
         if S == 1:
-            return "v4"
+            return "v6" if self._vnni else "v4"
         return "v4_blocked" if S <= v4_maddubs.TOKENS_PER_PASS else "v5"
 
     # ---------------------------------------------------------------------------------- float32 x in
@@ -149,7 +154,7 @@ class TernaryLinear:
         n, k = self.shape
         if kernel in ("v4_blocked", "v5"):      # int8 [ceil(S/T), K/128, T, 4, 32], 64-byte aligned
             act = act_quant.empty_token_blocks(S, k, _TOKENS[kernel])
-        elif kernel == "v4":
+        elif kernel in ("v4", "v6"):
             act = np.empty((S, 4, k // 4), np.int8)
         else:
             act = np.empty((S, 8, k // 8), np.int16)
@@ -167,6 +172,8 @@ class TernaryLinear:
             v4_maddubs.matmul_scaled_v4_blocked(self.packed, act, xsum, s, row_scale, out)
         elif kernel == "v4":
             v4_maddubs.matmul_scaled_v4(self.packed, act, xsum, s, row_scale, out)
+        elif kernel == "v6":
+            v6_vnni.matmul_scaled_v6(self.packed, act, xsum, s, row_scale, out)
         else:
             v3_word_planes.matmul_scaled(self._words, act, xsum, s, row_scale, out)
 
@@ -195,7 +202,7 @@ class TernaryLinear:
         if kernel == "v3":
             v3_word_planes.matmul_acc(self._words, act, xsum, out)
             return out
-        # v4, v4_blocked, v5 have only the scaled epilogue: with unit scales it returns float32(acc), which
+        # v4, v4_blocked, v5, v6 have only the scaled epilogue: with unit scales it returns float32(acc), which
         # is exact because |acc| <= 128 K <= 2**24 (K <= MAX_K), so the integers come back unchanged.
         y = np.empty(out.shape, np.float32)
         self._run(kernel, act, xsum, np.ones(xq.shape[0], np.float32), np.ones(self.shape[0], np.float32), y)
@@ -223,12 +230,14 @@ _TOKENS = {"v4_blocked": v4_maddubs.TOKENS_PER_PASS, "v5": v5_prefill.TOKENS}
 _QUANTIZE = {  # kernel -> the fused quantize-and-lay-out pass that writes its activations (act_quant)
     "v3": act_quant.quantize_word_planes,
     "v4": act_quant.quantize_byte_planes,
+    "v6": act_quant.quantize_byte_planes,
     "v4_blocked": act_quant.quantize_token_blocks,
     "v5": act_quant.quantize_token_blocks,
 }
 _LAYOUT = {  # kernel -> the readable layout of int8 codes it reads (act_quant), for the xq entry points
     "v3": act_quant.word_planes,
     "v4": act_quant.byte_planes,
+    "v6": act_quant.byte_planes,
     "v4_blocked": lambda xq: act_quant.token_blocks(xq, _TOKENS["v4_blocked"]),
     "v5": lambda xq: act_quant.token_blocks(xq, _TOKENS["v5"]),
 }
