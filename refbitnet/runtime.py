@@ -34,7 +34,7 @@ from .kernels.v3_word_planes import MAX_K
 from .kernels.lm_head_int8 import int8_matmul, quantize_rows_int8
 from .kernels.lm_head_v2 import bf16_matmul_claimed_v2
 from .kernels.v4_maddubs import dot_row as v4_dot_row
-from .kernels.repack import kernel_layout_rows
+from .kernels.repack import WeightArena, kernel_layout_rows
 from .glue import (add_rms_norm_into, add_rms_norm_row, read_kv, relu2_mul_rms_norm_into, relu2_mul_rms_norm_row,
                    rms_norm_into, rms_norm_row, rope_heads, rope_into)
 from .kv_cache import KVCache
@@ -158,10 +158,10 @@ class FusedLinear:
     names: the checkpoint names of the parts in row order; rows: their row counts N_i.
     """
 
-    def __init__(self, weights):                       # weights: ((name, TernaryWeight), ...)
+    def __init__(self, weights, arena=None):           # weights: ((name, TernaryWeight), ...)
         self.names = tuple(name for name, _ in weights)
         self.rows = tuple(w.shape[0] for _, w in weights)
-        packed = kernel_layout_rows([read_private(w.packed) for _, w in weights])    # [sum N_i, K/4]
+        packed = kernel_layout_rows([read_private(w.packed) for _, w in weights], arena)   # [sum N_i, K/4]
         scales = np.concatenate([np.full(w.shape[0], w.weight_scale, np.float32) for _, w in weights])
         self.linear = TernaryLinear(packed, scales)
 
@@ -195,13 +195,16 @@ class FusedLinear:
 class FastLayer:
     """One decoder layer for the kernels: its four norms and three fused matrices plus down_proj."""
 
-    def __init__(self, w):
+    def __init__(self, w, arena=None):
         self.input_layernorm, self.post_attention_layernorm = w.input_layernorm, w.post_attention_layernorm
         self.attn_sub_norm, self.ffn_sub_norm = w.attn_sub_norm, w.ffn_sub_norm
-        self.qkv = FusedLinear((("q_proj", w.q_proj), ("k_proj", w.k_proj), ("v_proj", w.v_proj)))
-        self.o = FusedLinear((("o_proj", w.o_proj),))
-        self.gate_up = FusedLinear((("gate_proj", w.gate_proj), ("up_proj", w.up_proj)))
-        self.down = FusedLinear((("down_proj", w.down_proj),))
+        self.qkv, self.o, self.gate_up, self.down = (FusedLinear(group, arena) for group in self.groups(w))
+
+    @staticmethod
+    def groups(w):
+        """The layer's projections as the four matrices the kernels read, in the order a decode step reads them."""
+        return ((("q_proj", w.q_proj), ("k_proj", w.k_proj), ("v_proj", w.v_proj)), (("o_proj", w.o_proj),),
+                (("gate_proj", w.gate_proj), ("up_proj", w.up_proj)), (("down_proj", w.down_proj),))
 
 
 SHORT_BLOCK = 8   # blocks of up to this many tokens (no trace) run one token at a time (see FastPath.forward)
@@ -216,7 +219,10 @@ class FastPath:
         self.embed_tokens = weights.embed_tokens                # [V, D] bf16 bits (maybe memory-mapped)
         self.output_table = weights.output_table                # [V, D]
         self.norm = weights.norm                                # [D]
-        self.layers = [FastLayer(w) for w in weights.layers]
+        # every packed matrix in one allocation, in decode order (kernels.repack.WeightArena says why)
+        arena = WeightArena([(sum(p.shape[0] for _, p in group), group[0][1].shape[1] // 4)
+                             for w in weights.layers for group in FastLayer.groups(w)])
+        self.layers = [FastLayer(w, arena) for w in weights.layers]
         self._decode_workspace = None
         # decoding in one parallel region per layer (decode_region): opt-in (REFBITNET_DECODE_REGIONS=1), where
         # every GEMV of S = 1 is v4's. The same bits; it costs ~5 s more of first-run compiling for ~2-4% of

@@ -34,9 +34,10 @@ def repack_hf_to_kernel(packed, out):
                                              | (((b2 >> sh) & 3) << 4) | (((b3 >> sh) & 3) << 6))
 
 
-def kernel_layout_rows(parts) -> np.ndarray:
+def kernel_layout_rows(parts, arena=None) -> np.ndarray:
     """HF-layout packed projections uint8 [N_i/4, K] (one K, K % 4 == 0) -> their rows concatenated in
-    kernel layout, uint8 [sum N_i, K/4], written in place (no per-part copies)."""
+    kernel layout, uint8 [sum N_i, K/4], written in place (no per-part copies); into the next slice of
+    arena (a ``WeightArena``) if one is given, else into a new array."""
     if isinstance(parts, np.ndarray) or not isinstance(parts, (list, tuple)) or not parts:
         raise RefBitNetError(f"parts: expected a non-empty list of uint8 [N/4, K] arrays, found "
                              f"{type(parts).__name__}")
@@ -45,9 +46,40 @@ def kernel_layout_rows(parts) -> np.ndarray:
     if k % 4 or any(p.shape[1] != k for p in parts):
         raise RefBitNetError(f"parts: expected uint8 [N/4, K] parts with one K divisible by 4, found shapes "
                              f"{[p.shape for p in parts]}")
-    out = np.empty((sum(4 * p.shape[0] for p in parts), k // 4), np.uint8)
+    shape = (sum(4 * p.shape[0] for p in parts), k // 4)
+    out = np.empty(shape, np.uint8) if arena is None else arena.take(shape)
     r0 = 0
     for p in parts:
         repack_hf_to_kernel(np.ascontiguousarray(p), out[r0:r0 + 4 * p.shape[0]])
         r0 += 4 * p.shape[0]
     return out
+
+
+class WeightArena:
+    """One allocation holding every packed matrix of a model, in the order a decode step reads them.
+
+    Why: a decode step streams each matrix once from memory. As one large NumPy allocation the weights get
+    transparent huge pages (NumPy asks for them on allocations of 4 MiB and more; most of the per-layer
+    matrices are smaller), so the stream crosses fewer page boundaries, where the hardware prefetcher stops
+    and the TLB misses; and consecutive matrices are adjacent, so the GEMV's prefetch past the end of one
+    matrix fetches the start of the next. take() hands out C-contiguous views aligned to 64 bytes."""
+
+    ALIGN = 64
+
+    def __init__(self, shapes):
+        """shapes: the [rows, bytes per row] of every matrix that take() will be asked for."""
+        self.buffer = np.empty(sum(self._padded(r * c) for r, c in shapes), np.uint8)
+        self.used = 0
+
+    def _padded(self, n):
+        return -(-n // self.ALIGN) * self.ALIGN
+
+    def take(self, shape):
+        """The next uint8 [rows, bytes] view (shape as given to the constructor)."""
+        n = shape[0] * shape[1]
+        if self.used + n > self.buffer.size:
+            raise RefBitNetError(f"WeightArena: a matrix of shape {shape} does not fit in the {self.buffer.size - self.used} "
+                                 f"bytes left (the arena was sized for other shapes)")
+        view = self.buffer[self.used:self.used + n].reshape(shape)
+        self.used += self._padded(n)
+        return view

@@ -28,8 +28,9 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .avx2 import CHUNK, I8, I32, V8I32, V32I8
+from .sync import claim
 
-__all__ = ["matmul_scaled_v6", "available"]
+__all__ = ["matmul_scaled_v6", "gemv_claimed_v6", "available"]
 
 UNROLL = 4               # chunks per loop iteration, each with its own 4 field accumulators
 PREFETCH = 4096          # bytes of the row stream requested ahead of the chunk being read
@@ -121,3 +122,24 @@ def matmul_scaled_v6(packed, planes, xsum, s_act, row_scale, out):
                 acc = row_dot(packed[n], planes[s]) - xsum[s]
                 y = np.float32(np.float32(acc) / s_act[s])
                 out[s, n] = np.float32(y * row_scale[n])
+
+
+@njit(cache=True, parallel=True)
+def gemv_claimed_v6(packed, planes, xsum, s_act, row_scale, out, sync, n_threads):
+    """matmul_scaled_v6 for one token (decoding: planes [1, 4, K/4] -> out [1, N]) with the rows claimed
+    ROWS_PER_TASK at a time (``sync.claim``: counters sync int64 [3], zeroed here) instead of split in
+    halves in advance: a worker that wakes late, or is descheduled, claims less and the running thread
+    does the rest, where a static split waits for it. The same dots, so the same bits. n_threads:
+    numba.get_num_threads() of the caller (one prange iteration per thread)."""
+    N = packed.shape[0]
+    n_tasks = (N + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    sync[:] = 0
+    for t in prange(n_threads):
+        while True:
+            task = claim(sync, 0, 1, 2, n_tasks, t)
+            if task < 0:
+                break
+            for n in range(task * ROWS_PER_TASK, min(N, (task + 1) * ROWS_PER_TASK)):
+                acc = row_dot(packed[n], planes[0]) - xsum[0]
+                y = np.float32(np.float32(acc) / s_act[0])
+                out[0, n] = np.float32(y * row_scale[n])
