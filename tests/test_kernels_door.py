@@ -363,3 +363,36 @@ def test_error_names_the_cpu_when_avx2_is_missing(monkeypatch):
     monkeypatch.setattr(linear, "available", lambda: False)
     with pytest.raises(RefBitNetError, match="AVX2.*K = 256 on a CPU without AVX2"):
         TernaryLinear(_packed(256), kernel="v4_blocked")
+
+
+_AVX2_PATHS_SCRIPT = """
+import numpy as np
+from refbitnet.bitlinear import bitlinear_int
+from refbitnet.kernels import TernaryLinear, v5_prefill
+from refbitnet.layouts import pack_kernel
+assert not v5_prefill.VNNI
+rng = np.random.default_rng(7)
+for k, n, s_len in ((2560, 70, 1), (2560, 70, 3), (2560, 70, 19), (6912, 33, 9), (384, 5, 1)):
+    codes = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    ws = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    x = (rng.standard_normal((s_len, k)) * 3).astype(np.float32)
+    door = TernaryLinear(pack_kernel(codes), ws)
+    want = {1: "v4", 3: "v4_blocked"}.get(s_len, "v5")
+    assert door.kernel_for(s_len) == want, (door.kernel_for(s_len), want)
+    assert np.array_equal(door(x).view(np.uint32), bitlinear_int(x, codes, ws).y.view(np.uint32)), (k, n, s_len)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (available() and v6_vnni.available()), reason="needs a CPU with AVX512-VNNI")
+def test_avx2_paths_on_a_vnni_cpu(tmp_path):
+    """With REFBITNET_NO_VNNI=1 (and its own Numba cache) a VNNI CPU runs the AVX2 paths: the door picks v4
+    for one token and v5 sums with vpmaddubsw, bit-identical to the reference BitLinear."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, REFBITNET_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", _AVX2_PATHS_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

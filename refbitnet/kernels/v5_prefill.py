@@ -41,6 +41,10 @@ exact (|sum c x| <= 256 K < 2**31 for K <= 131072). acc = sum c x - sum x = sum 
 epilogue fl(fl(float32(acc) / s_act) * row_scale): the same integers and operations as matmul_scaled_v4
 and refbitnet.kernels.reference, so bit-identical outputs, for any thread count (each output is computed
 by one thread in a fixed order). AVX2 and K % 128 == 0 only.
+
+With AVX512-VNNI (``VNNI``) the inner sums use ``vpdpbusd`` instead (``_vnni_sums``): one instruction per
+32 code bytes x 32 activation bytes into int32 lanes, no int16 accumulators and no widening; the same
+integers, so the same outputs.
 """
 
 import numpy as np
@@ -52,12 +56,14 @@ from numba.extending import intrinsic
 from .act_quant import ALIGN
 from .avx2 import (CHUNK, CHUNK_WEIGHTS, V8I32, V16I16, V32I8, WIDEN_CHUNKS, code_fields, hsum8, load32,
                    madd_intrinsics, widen)
+from .v6_vnni import available as vnni_available
 
 FIELDS = 4                 # 2-bit codes per packed byte
 ROWS = 1                   # register tile: rows ...
 TOKENS = 8                 # ... x tokens (8 int16 accumulators; ROWS * TOKENS == 8)
 TILE_ROWS = 64             # rows per tile: more rows reuse the 8-token activation panel in L1 longer
 PANEL_CHUNKS = 20          # chunks per unpacked panel: 64 x 2560 bytes of codes (160 KB, in L2)
+VNNI = vnni_available()    # sum with vpdpbusd (fixed when the kernel is compiled; Numba's cache is per CPU)
 
 
 # ------------------------------------------------------------------------------------------ intrinsics
@@ -97,8 +103,8 @@ def unpack_panel(typingctx, packed, n0, rows, c0, nch, codes):
 def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
     """acc[T b + t, r0 + r] += sum of c x over chunks c0 .. c0+nch-1, for the rows r0 + r (r < ROWS) of the
     unpacked codes uint8 [tile rows, >= 128 nch] (chunk c0 + ch at column 128 ch) and the tokens T b + t
-    (t < T = TOKENS) of blocks int8 [B, C, T, 4, 32]; acc int32 [T B, tile rows]. The int16 accumulators
-    are widened into int32 ones every WIDEN_CHUNKS chunks. No bounds checks."""
+    (t < T = TOKENS) of blocks int8 [B, C, T, 4, 32]; acc int32 [T B, tile rows]. The products are summed
+    by ``_vnni_sums`` where the CPU has AVX512-VNNI (VNNI), else ``_maddubs_sums``. No bounds checks."""
     if not (isinstance(codes, types.Array) and codes.dtype == types.uint8 and isinstance(blocks, types.Array)
             and blocks.dtype == types.int8 and blocks.ndim == 5 and isinstance(acc, types.Array)
             and acc.dtype == types.int32 and acc.ndim == 2):
@@ -112,7 +118,6 @@ def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
         r0, b, c0, nch = args[1], args[3], args[4], args[5]
         i8, i32 = ir.IntType(8), ir.IntType(32)
         intp = r0.type
-        maddubs, maddwd = madd_intrinsics(builder.module)
         cd_stride = builder.extract_value(cd.strides, 0)
         code_rows = [builder.gep(builder.bitcast(cd.data, i8.as_pointer()),
                                  [builder.mul(builder.add(r0, ir.Constant(intp, r)), cd_stride)]) for r in range(ROWS)]
@@ -120,33 +125,8 @@ def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
         chunk_stride = builder.extract_value(bl.strides, 1)          # = T tokens * 4 fields * 32 bytes
         x_base = builder.gep(builder.bitcast(bl.data, i8.as_pointer()),
                              [builder.add(builder.mul(b, block_stride), builder.mul(c0, chunk_stride))])
-        # accs[ROWS * t + r]: int16 lanes of (token t, row r), 8 registers; wides: their int32 widening
-        assert ROWS * TOKENS == 8                                     # one register per (row, token), hsum8
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(V16I16, None)) for _ in range(ROWS * TOKENS)]
-        wides = [cgutils.alloca_once_value(builder, ir.Constant(V8I32, None)) for _ in range(ROWS * TOKENS)]
-        panel = ir.Constant(intp, WIDEN_CHUNKS)
-        n_panels = builder.udiv(builder.add(nch, ir.Constant(intp, WIDEN_CHUNKS - 1)), panel)
-        with cgutils.for_range(builder, n_panels) as pl:
-            p0 = builder.mul(pl.index, panel)
-            left = builder.sub(nch, p0)
-            count = builder.select(builder.icmp_signed("<", left, panel), left, panel)
-            for a in accs:
-                builder.store(ir.Constant(V16I16, None), a)
-            with cgutils.for_range(builder, count) as loop:
-                ch = builder.add(p0, loop.index)
-                w_off = builder.mul(ch, ir.Constant(intp, CHUNK_WEIGHTS))
-                x_chunk = builder.bitcast(builder.gep(x_base, [builder.mul(ch, chunk_stride)]), V32I8.as_pointer())
-                for i in range(FIELDS):
-                    off = builder.add(w_off, ir.Constant(intp, CHUNK * i))
-                    w = [load32(builder, row, off) for row in code_rows]     # field i of the chunk, ROWS rows
-                    for t in range(TOKENS):
-                        x = builder.load(builder.gep(x_chunk, [ir.Constant(i32, FIELDS * t + i)]), align=1)
-                        for r in range(ROWS):
-                            a = accs[ROWS * t + r]
-                            builder.store(builder.add(builder.load(a), builder.call(maddubs, [w[r], x])), a)
-            for a, wd in zip(accs, wides):                                    # int16 -> int32, exact
-                builder.store(builder.add(builder.load(wd), widen(builder, maddwd, builder.load(a))), wd)
-        sums = hsum8(builder, [builder.load(wd) for wd in wides])           # [8] i32, lane ROWS * t + r
+        chunk_sums = _vnni_sums if VNNI else _maddubs_sums
+        sums = chunk_sums(builder, code_rows, x_base, chunk_stride, nch)          # [8] i32, lane ROWS * t + r
         acc_row_stride = builder.extract_value(ac.strides, 0)
         acc_ptr = builder.bitcast(ac.data, i8.as_pointer())
         for t in range(TOKENS):
@@ -159,6 +139,67 @@ def panel_dot(typingctx, codes, r0, blocks, b, c0, nch, acc):
                 builder.store(builder.add(builder.load(dst), lane), dst)
         return context.get_dummy_value()
     return sig, codegen
+
+
+def _maddubs_sums(builder, code_rows, x_base, chunk_stride, nch):
+    """sum c x over nch chunks for the 8 (token, row) pairs of panel_dot, with vpmaddubsw into int16
+    accumulators widened exactly every WIDEN_CHUNKS chunks: <8 x i32>, lane ROWS * t + r."""
+    i32 = ir.IntType(32)
+    intp = nch.type
+    maddubs, maddwd = madd_intrinsics(builder.module)
+    # accs[ROWS * t + r]: int16 lanes of (token t, row r), 8 registers; wides: their int32 widening
+    assert ROWS * TOKENS == 8                                     # one register per (row, token), hsum8
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(V16I16, None)) for _ in range(ROWS * TOKENS)]
+    wides = [cgutils.alloca_once_value(builder, ir.Constant(V8I32, None)) for _ in range(ROWS * TOKENS)]
+    panel = ir.Constant(intp, WIDEN_CHUNKS)
+    n_panels = builder.udiv(builder.add(nch, ir.Constant(intp, WIDEN_CHUNKS - 1)), panel)
+    with cgutils.for_range(builder, n_panels) as pl:
+        p0 = builder.mul(pl.index, panel)
+        left = builder.sub(nch, p0)
+        count = builder.select(builder.icmp_signed("<", left, panel), left, panel)
+        for a in accs:
+            builder.store(ir.Constant(V16I16, None), a)
+        with cgutils.for_range(builder, count) as loop:
+            ch = builder.add(p0, loop.index)
+            w_off = builder.mul(ch, ir.Constant(intp, CHUNK_WEIGHTS))
+            x_chunk = builder.bitcast(builder.gep(x_base, [builder.mul(ch, chunk_stride)]), V32I8.as_pointer())
+            for i in range(FIELDS):
+                off = builder.add(w_off, ir.Constant(intp, CHUNK * i))
+                w = [load32(builder, row, off) for row in code_rows]     # field i of the chunk, ROWS rows
+                for t in range(TOKENS):
+                    x = builder.load(builder.gep(x_chunk, [ir.Constant(i32, FIELDS * t + i)]), align=1)
+                    for r in range(ROWS):
+                        a = accs[ROWS * t + r]
+                        builder.store(builder.add(builder.load(a), builder.call(maddubs, [w[r], x])), a)
+        for a, wd in zip(accs, wides):                                    # int16 -> int32, exact
+            builder.store(builder.add(builder.load(wd), widen(builder, maddwd, builder.load(a))), wd)
+    return hsum8(builder, [builder.load(wd) for wd in wides])
+
+
+def _vnni_sums(builder, code_rows, x_base, chunk_stride, nch):
+    """_maddubs_sums with vpdpbusd (AVX512-VNNI): each instruction multiplies 32 code bytes by 32 activation
+    bytes and adds groups of 4 products into int32 lanes, so one instruction replaces vpmaddubsw + vpaddw
+    and the int32 accumulators need no widening (|sum c x| <= 256 K < 2**31). Two sets of accumulators
+    (even and odd fields) overlap its latency. The same integers, so the same bits."""
+    i32 = ir.IntType(32)
+    intp = nch.type
+    dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8I32, [V8I32] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+    assert ROWS * TOKENS == 8
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(V8I32, None)) for _ in range(ROWS * TOKENS)]
+            for _ in range(2)]
+    with cgutils.for_range(builder, nch) as loop:
+        w_off = builder.mul(loop.index, ir.Constant(intp, CHUNK_WEIGHTS))
+        x_chunk = builder.bitcast(builder.gep(x_base, [builder.mul(loop.index, chunk_stride)]), V8I32.as_pointer())
+        for i in range(FIELDS):
+            off = builder.add(w_off, ir.Constant(intp, CHUNK * i))
+            w = [builder.bitcast(load32(builder, row, off), V8I32) for row in code_rows]
+            for t in range(TOKENS):
+                x = builder.load(builder.gep(x_chunk, [ir.Constant(i32, FIELDS * t + i)]), align=1)
+                for r in range(ROWS):
+                    a = accs[i % 2][ROWS * t + r]
+                    builder.store(builder.call(dpbusd, [builder.load(a), w[r], x]), a)
+    return hsum8(builder, [builder.add(builder.load(a), builder.load(b)) for a, b in zip(*accs)])
 
 
 @intrinsic

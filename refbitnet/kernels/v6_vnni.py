@@ -20,6 +20,8 @@ every other kernel (tests/test_kernels_door.py). Activations are v4's byte plane
 Needs AVX512-VNNI with AVX512-VL (``available()``) and K % 128 == 0; ``TernaryLinear`` runs v4 otherwise.
 """
 
+import os
+
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
@@ -38,7 +40,11 @@ ROWS_PER_TASK = 32
 
 
 def available() -> bool:
-    """True if this CPU has AVX512-VNNI and AVX512-VL (``vpdpbusd`` on 256-bit registers)."""
+    """True if this CPU has AVX512-VNNI and AVX512-VL (``vpdpbusd`` on 256-bit registers), unless the
+    environment sets REFBITNET_NO_VNNI=1 (to run and test the AVX2 paths on such a CPU; kernels compiled
+    with VNNI stay in Numba's cache, so give such a process its own NUMBA_CACHE_DIR)."""
+    if os.environ.get("REFBITNET_NO_VNNI", "") == "1":
+        return False
     try:
         features = llvm.get_host_cpu_features()
         return bool(features.get("avx512vnni", False) and features.get("avx512vl", False))
