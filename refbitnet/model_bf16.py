@@ -26,11 +26,14 @@ result to bf16; a bf16 matmul multiplies bf16 values exactly, sums in float32 an
 - LM head (``lm_head``, tied to the bf16 embedding): x @ table.T rounded, so logits are bf16 values.
 
 What it cannot promise: bits where torch and NumPy sum in another order (the matmuls' float32
-accumulators, RMSNorm's mean, softmax's sum) or evaluate exp / cos / sin differently. Those differ by
-float32 ulps, far below a bf16 ulp (2**16 float32 ulps), so after rounding to bf16 almost every value
-is the same bits; tests/test_model_bf16.py counts the ones that are not and bounds them.
-Under ``torch.compile`` transformers' quantizers run as compiled float32 chains; this file follows
-eager torch (``TORCHDYNAMO_DISABLE=1``), which is what transformers runs on a CPU without a compiler.
+accumulators, RMSNorm's mean, softmax's sum) or evaluate exp / cos / sin differently; torch's order
+itself depends on the CPU's vector width and the kernel library, so no fixed order could match every
+machine. Those differ by float32 ulps, far below a bf16 step (2**16 float32 ulps), so after rounding to
+bf16 a value differs only where it sits that close to a rounding boundary, and then by a step; an int8
+activation code one apart at the next quantizer then carries the difference on through its token's
+row. tests/test_model_bf16.py checks that every differing row has such a cause, and counts them.
+This file follows eager torch (``TORCHDYNAMO_DISABLE=1``). Compiled, ActQuant computes the same float32
+chain; the legacy BitLinear's bf16 quantizer and ``post_quant_process`` would be fused in float32.
 
 Like refbitnet.model it checks nothing: refbitnet.api.Model checks every argument first. The KV
 cache stores the bf16 keys and values exactly in float32 (a float16 cache may round them again).
@@ -47,7 +50,6 @@ from .model import (LM_HEAD_CHUNK_ROWS, embed as embed_f32, prefixed, recorder, 
 from .quant import absmax_int8, bf16_values as bf16
 
 ONE = np.float32(1.0)
-BITLINEAR_KINDS = ("autobitlinear", "legacy")     # the two transformers BitLinear classes followed here
 
 
 # ============================================================================ the ops
