@@ -349,7 +349,8 @@ def test_float32_path_is_further_from_transformers_bf16(case):
         want = got[f"{i}.out"]
         ours = np.mean(ours_model.forward_layer(i, got[f"{i}.in"]) == want)
         f32 = np.mean(bf16(int_model.forward_layer(i, got[f"{i}.in"])) == want)
-        assert ours > 0.97 and f32 < 0.9, (i, ours, f32)
+        # measured: ours >= 0.9914 (at most one token row of 96 differs), the float32 path 0.11 to 0.31
+        assert ours > 0.97 and f32 < 0.5, (i, ours, f32)
     ref = case["logits"]
     ours = ours_model.forward(case["ids"])
     f32 = int_model.forward(case["ids"])
