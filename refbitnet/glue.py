@@ -10,7 +10,10 @@ refbitnet.runtime only.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from . import kernels  # noqa: F401  (sets the LLVM options before anything below compiles)
 from .errors import RefBitNetTypeError
@@ -20,37 +23,117 @@ from .errors import RefBitNetTypeError
 # The elementwise ops between the projections of one token, compiled. Each reproduces the NumPy
 # expression of refbitnet.model bit for bit: the same float32 operations in the same order, and, for the
 # mean in rms_norm, numpy's own pairwise summation (8 interleaved partial sums in blocks of up to 128,
-# halves above that), so the integer codes the next quantizer makes are the same.
+# halves above that), so the integer codes the next quantizer makes are the same. The same pairwise sum
+# of rounded products serves refbitnet.attention_kernel (np.sum(q * k, axis=-1) and the softmax's sum).
+
+def _lane_sums_ir(builder, rows_a, ptr_b, n8):
+    """IR: for each pointer in rows_a (float*), numpy's 8 partial sums of its products with ptr_b (float*) as
+    one 8-lane vector: r_j = a[j]*b[j] + a[8+j]*b[8+j] + ... over n8 >= 1 groups of 8 (each product rounded,
+    then added in that order: vmulps, vaddps, no fused multiply-add), then ((r0+r1)+(r2+r3)) + ((r4+r5)+(r6+r7))
+    -> one float per row. Several rows share each load of b and run independent chains."""
+    v8 = ir.VectorType(ir.FloatType(), 8)
+    vb = builder.bitcast(ptr_b, v8.as_pointer())
+    va = [builder.bitcast(p, v8.as_pointer()) for p in rows_a]
+
+    def products(k):                                       # the 8 rounded products of group k, per row
+        b = builder.load(builder.gep(vb, [k]), align=4)
+        return [builder.fmul(builder.load(builder.gep(a, [k]), align=4), b) for a in va]
+    accs = [cgutils.alloca_once_value(builder, p) for p in products(ir.Constant(n8.type, 0))]
+    with cgutils.for_range(builder, builder.sub(n8, ir.Constant(n8.type, 1))) as loop:
+        k = builder.add(loop.index, ir.Constant(n8.type, 1))
+        for acc, p in zip(accs, products(k)):
+            builder.store(builder.fadd(builder.load(acc), p), acc)
+    trees = []
+    for acc in accs:
+        r = [builder.extract_element(builder.load(acc), ir.Constant(ir.IntType(32), j)) for j in range(8)]
+        trees.append(builder.fadd(builder.fadd(builder.fadd(r[0], r[1]), builder.fadd(r[2], r[3])),
+                                  builder.fadd(builder.fadd(r[4], r[5]), builder.fadd(r[6], r[7]))))
+    return trees
+
+
+def _c_float32(x, ndim):
+    return isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == ndim and x.layout == "C"
+
+
+@intrinsic
+def _lane_sums(typingctx, a, b, lo, n8):
+    """_lane_sums_ir of a[lo:] and b[lo:] -> float32. a, b: C-contiguous float32 [>= lo + 8*n8]; no bounds
+    checks. (LLVM does not vectorize numpy's 8 scalar partial sums by itself.)"""
+    if not (_c_float32(a, 1) and _c_float32(b, 1)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arr_a = context.make_array(signature.args[0])(context, builder, args[0])
+        arr_b = context.make_array(signature.args[1])(context, builder, args[1])
+        lo = args[2]
+        return _lane_sums_ir(builder, [builder.gep(arr_a.data, [lo])], builder.gep(arr_b.data, [lo]), args[3])[0]
+    return types.float32(a, b, types.intp, types.intp), codegen
+
+
+ROWS = 4                                                 # rows of a per _lane_sums_rows call
+
+
+@intrinsic
+def _lane_sums_rows(typingctx, a, r0, b, n8, out):
+    """out[j] = _lane_sums_ir of a[r0 + j] and b (from element 0), j < ROWS: a C-contiguous float32 [R, N]
+    with r0 + ROWS <= R and N >= 8*n8, b float32 [>= 8*n8], out float32 [>= ROWS]; no bounds checks."""
+    if not (_c_float32(a, 2) and _c_float32(b, 1) and _c_float32(out, 1)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arr_a = context.make_array(signature.args[0])(context, builder, args[0])
+        arr_b = context.make_array(signature.args[2])(context, builder, args[2])
+        arr_out = context.make_array(signature.args[4])(context, builder, args[4])
+        row_len = builder.extract_value(arr_a.shape, 1)
+        first = builder.mul(args[1], row_len)
+        rows = [builder.gep(arr_a.data, [builder.add(first, builder.mul(row_len, ir.Constant(row_len.type, j)))])
+                for j in range(ROWS)]
+        for j, tree in enumerate(_lane_sums_ir(builder, rows, arr_b.data, args[3])):
+            builder.store(tree, builder.gep(arr_out.data, [ir.Constant(ir.IntType(64), j)]))
+        return context.get_dummy_value()
+    return types.none(a, types.intp, b, types.intp, out), codegen
+
 
 @njit(cache=True)
-def _block_sum_sq(x, lo, n):
-    """numpy's float32 pairwise sum of x[lo:lo+n]**2 for a block of n <= 128 (each square rounded first)."""
+def _block_dot(a, b, lo, n):
+    """numpy's float32 pairwise sum of a[i] * b[i], i = lo .. lo+n-1, for a block of n <= 128 (each product
+    rounded first): 8 partial sums r_j of the elements j, j+8, j+16, ... added as ((r0+r1)+(r2+r3)) +
+    ((r4+r5)+(r6+r7)) (_lane_sums), then the last n % 8 one by one; fewer than 8 one by one from -0.0."""
     if n < 8:
         res = np.float32(-0.0)
         for i in range(lo, lo + n):
-            res = np.float32(res + np.float32(x[i] * x[i]))
+            res = np.float32(res + np.float32(a[i] * b[i]))
         return res
-    r = np.empty(8, np.float32)
-    for j in range(8):
-        r[j] = np.float32(x[lo + j] * x[lo + j])
-    i = 8
-    while i < n - (n % 8):
-        for j in range(8):
-            r[j] = np.float32(r[j] + np.float32(x[lo + i + j] * x[lo + i + j]))
-        i += 8
-    res = np.float32(np.float32(np.float32(r[0] + r[1]) + np.float32(r[2] + r[3]))
-                     + np.float32(np.float32(r[4] + r[5]) + np.float32(r[6] + r[7])))
-    while i < n:
-        res = np.float32(res + np.float32(x[lo + i] * x[lo + i]))
-        i += 1
+    res = _lane_sums(a, b, lo, n // 8)
+    for i in range(lo + n - n % 8, lo + n):
+        res = np.float32(res + np.float32(a[i] * b[i]))
     return res
 
 
 @njit(cache=True)
-def _pairwise_sum_sq(x, n):
-    """numpy's float32 pairwise sum of x[:n]**2: blocks of <= 128 as above; a longer range is split at
-    half (rounded down to a multiple of 8) and the halves' sums added. Written with an explicit stack
-    (a recursive function in Numba's on-disk cache crashed on reload)."""
+def block_dot_rows(a, r0, b, n, out):
+    """out[j] = _block_dot(a[r0 + j], b, 0, n) for j < ROWS, n <= 128, the rows' chains interleaved (a: C float32
+    [R, >= n], b: C float32 [>= n], out: float32 [>= ROWS]): the same bits as ROWS calls of _block_dot."""
+    if n < 8:
+        for j in range(ROWS):
+            out[j] = _block_dot(a[r0 + j], b, 0, n)
+        return
+    _lane_sums_rows(a, r0, b, n // 8, out)
+    for j in range(ROWS):
+        res = out[j]
+        for i in range(n - n % 8, n):
+            res = np.float32(res + np.float32(a[r0 + j, i] * b[i]))
+        out[j] = res
+
+
+@njit(cache=True)
+def pairwise_dot(a, b, n):
+    """numpy's float32 pairwise sum of a[i] * b[i], i < n (np.sum(a[:n] * b[:n], dtype=np.float32) less its
+    initial 0.0): blocks of <= 128 as _block_dot; a longer range is split at half (rounded down to a
+    multiple of 8) and the halves' sums added. Written with an explicit stack (a recursive function in
+    Numba's on-disk cache crashed on reload)."""
+    if n <= 128:
+        return _block_dot(a, b, 0, n)
     seg_lo = np.empty(64, np.int64)
     seg_n = np.empty(64, np.int64)
     seg_combine = np.empty(64, np.bool_)
@@ -64,7 +147,7 @@ def _pairwise_sum_sq(x, n):
             values[nv - 2] = np.float32(values[nv - 2] + values[nv - 1])
             nv -= 1
         elif m <= 128:
-            values[nv] = _block_sum_sq(x, lo, m)
+            values[nv] = _block_dot(a, b, lo, m)
             nv += 1
         else:
             half = m // 2
@@ -80,7 +163,7 @@ def _pairwise_sum_sq(x, n):
 def rms_norm_row(x, weight, eps, out):
     """model.rms_norm for one row: out = weight * (x * (1 / sqrt(mean(x*x) + eps))), float32 [N]."""
     n = x.shape[0]
-    variance = np.float32(np.float32(np.float32(0.0) + _pairwise_sum_sq(x, n)) / np.float32(n))
+    variance = np.float32(np.float32(np.float32(0.0) + pairwise_dot(x, x, n)) / np.float32(n))
     inv_rms = np.float32(np.float32(1.0) / np.float32(np.sqrt(np.float32(variance + eps))))
     for i in range(n):
         out[i] = np.float32(weight[i] * np.float32(x[i] * inv_rms))
@@ -175,34 +258,48 @@ def rope_into(x, cos, sin, out):
         rope_rows(x, cos, sin, out)
 
 
-WIDEN_BLOCK = 16384                 # float16 values widened per task (three passes over it stay in L1/L2)
+WIDEN_BLOCK = 16384                 # float16 values widened per task
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the unsigned integer bits (a bitcast, which Numba
+    has no scalar form of)."""
+    if not (isinstance(bits, types.Integer) and not bits.signed):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = args[0] if bits.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@njit(cache=True, inline="always")
+def float16_value(bits):
+    """The float16 with bit pattern bits (uint16) as float32, exactly: its exponent and mantissa bits shifted
+    into place (and its sign on top) form a float32 2**-112 times the value (a subnormal float16 becomes a
+    subnormal float32), which one multiply by 2**112 restores exactly; inf/NaN get the all-ones exponent
+    (payload kept). Equals NumPy's float16 -> float32 cast for every bit pattern (up to a NaN's payload)."""
+    b = np.uint32(bits)
+    shifted = ((b & np.uint32(0x7FFF)) << np.uint32(13)) | ((b & np.uint32(0x8000)) << np.uint32(16))
+    if (b & np.uint32(0x7C00)) == np.uint32(0x7C00):                     # inf or NaN
+        return _float32_from_bits(shifted | np.uint32(0x7F800000))
+    return np.float32(_float32_from_bits(shifted) * np.float32(2.0 ** 112))
 
 
 @njit(cache=True)
-def _widen_float16_block(bits, out_bits, out):
-    """float16 bits uint16 [n] -> float32 [n] (out, with out_bits its uint32 view), exactly: the exponent and
-    mantissa bits shifted into place form a float32 2**-112 times the value (a subnormal float16 becomes a
-    subnormal float32), one multiply by 2**112 restores it exactly, then inf/NaN get the all-ones exponent
-    (payload kept) and the sign is put back. Equals NumPy's float16 -> float32 cast for every bit pattern."""
-    n = bits.shape[0]
-    for i in range(n):
-        out_bits[i] = (np.uint32(bits[i]) & np.uint32(0x7FFF)) << np.uint32(13)
-    for i in range(n):
-        out[i] = out[i] * np.float32(2.0 ** 112)
-    for i in range(n):
-        b = np.uint32(bits[i])
-        r = out_bits[i]
-        if (b & np.uint32(0x7C00)) == np.uint32(0x7C00):                 # inf or NaN
-            r = r | np.uint32(0x7F800000)
-        out_bits[i] = r | ((b & np.uint32(0x8000)) << np.uint32(16))
+def widen_float16_row(bits, out):
+    """out[i] = float16_value(bits[i]): float16 bits uint16 [n] -> float32 [n]."""
+    for i in range(bits.shape[0]):
+        out[i] = float16_value(bits[i])
 
 
 @njit(cache=True, parallel=True)
-def _widen_float16(bits, out_bits, out):
+def _widen_float16(bits, out):
     n = bits.shape[0]
     for task in prange((n + WIDEN_BLOCK - 1) // WIDEN_BLOCK):
         lo, hi = task * WIDEN_BLOCK, min((task + 1) * WIDEN_BLOCK, n)
-        _widen_float16_block(bits[lo:hi], out_bits[lo:hi], out[lo:hi])
+        widen_float16_row(bits[lo:hi], out[lo:hi])
 
 
 def widen_float16(src: np.ndarray, out: np.ndarray) -> None:
@@ -213,12 +310,13 @@ def widen_float16(src: np.ndarray, out: np.ndarray) -> None:
             or not (src.flags.c_contiguous and out.flags.c_contiguous):
         raise RefBitNetTypeError(f"widen_float16: expected contiguous float16 and float32 arrays of one shape, "
                                  f"found {src.dtype} {src.shape} and {out.dtype} {out.shape}")
-    flat = out.reshape(-1)
-    _widen_float16(src.reshape(-1).view(np.uint16), flat.view(np.uint32), flat)
+    _widen_float16(src.reshape(-1).view(np.uint16), out.reshape(-1))
 
 
 def read_kv(cache, layer, end):
-    """cache.read(layer, end) (float32 keys and values [T, KVH, HD]) with a float16 cache's widening compiled."""
+    """cache.read(layer, end) (float32 keys and values [T, KVH, HD]) with a float16 cache's widening compiled.
+    (The fast path's attention reads the cache as stored, refbitnet.attention_kernel.attend; this stays for
+    benchmarks/profile_decode.py.)"""
     if cache.k.dtype != np.float16:
         return cache.read(layer, end)
     k32, v32 = cache.widened_buffers(end)

@@ -78,6 +78,37 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos[:, None, :] + rotated * sin[:, None, :]                          # [S, heads, HD]
 
 
+# exp_float32's constants (float32): log2(e); 1.5 * 2**23, whose add-and-subtract rounds a float32 of
+# magnitude < 2**22 to the nearest integer; ln 2 split in a high part with few bits (n * LN2_HI is exact
+# for |n| < 2**15) and the rest; the polynomial of Cephes' expf; the input below which e**x rounds to 0.
+EXP_LOG2E = np.float32(1.44269504088896341)
+EXP_ROUND = np.float32(12582912.0)
+EXP_LN2_HI, EXP_LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                         4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+EXP_LOWEST = np.float32(-104.0)         # e**-104 < 2**-150, half the smallest float32: rounds to 0
+
+
+def exp_float32(x: np.ndarray) -> np.ndarray:
+    """e**x for float32 x <= 0 (softmax's shifted scores), in plain float32 operations, elementwise.
+
+    Why not np.exp: NumPy's float32 exp is SIMD code whose last bit no compiled loop reproduces; these
+    multiplies and adds (no fused multiply-add) Numba computes identically, so the fast path's attention
+    (refbitnet.attention_kernel) gets the same bits. e**x = 2**n * e**r with n the integer nearest
+    x / ln 2 and r = x - n ln 2 in [-0.35, 0.35], where a degree-7 polynomial gives e**r; np.ldexp scales
+    by 2**n exactly (one rounding where the result is subnormal). Faithful: under 1 ulp from e**x over every
+    float32 in [-104, 0] (tests/test_attention.py). A NaN stays NaN.
+    """
+    x = np.maximum(x, EXP_LOWEST)                                 # x < -104 (and -inf) -> 0 at the end
+    n = (x * EXP_LOG2E + EXP_ROUND) - EXP_ROUND                   # nearest integer to x / ln 2, in [-150, 0]
+    r = (x - n * EXP_LN2_HI) - n * EXP_LN2_LO                     # x - n ln 2
+    c0, c1, c2, c3, c4, c5 = EXP_POLY
+    p = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
+    e_r = (p * (r * r) + r) + np.float32(1.0)                     # e**r = 1 + r + r**2 p(r)
+    with np.errstate(invalid="ignore"):                           # (a NaN n casts to any int; e_r is NaN)
+        return np.ldexp(e_r, n.astype(np.int32))                  # 2**n e**r
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
     """Causal grouped-query attention, float32.
 
@@ -88,24 +119,35 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
     is what an additive -inf mask does (exp(-inf) = 0). Each query is computed on its own, with
     arrays of the same shapes whether it arrives in a prompt block or alone during decoding, so
     prefill and token-by-token decoding give bit-identical results.
+
+    Why every sum is spelled out instead of a matmul: a matmul leaves the order of its additions to
+    BLAS, so no compiled loop could give its bits. Here each order is NumPy's own and fixed, and
+    refbitnet.attention_kernel follows it, bit for bit: a score is the products q*k (each rounded)
+    summed over HD by np.sum along the contiguous last axis, which is NumPy's pairwise summation (8
+    partial sums in blocks of <= 128, halves above); the softmax uses exp_float32, and its
+    denominator is np.sum over T (pairwise again); the output sums the rounded products weight*v
+    over T along a non-contiguous axis, which NumPy adds in order t = 0, 1, 2, ... (both orders
+    checked on this NumPy by tests/test_attention.py). NumPy picks its order from the memory layout, so
+    order="C" pins the layout of the products (else they follow the transposed cache: T-major scores,
+    whose sum over T NumPy adds one by one, not pairwise).
     """
     s_len, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     groups = n_heads // n_kv_heads
     scale = np.float32(head_dim ** -0.5)
-    out = np.empty_like(q)                                                           # [S, H, HD]
-    q_grouped = q.reshape(s_len, n_kv_heads, groups, head_dim)                     # [S, KVH, G, HD]
-    out_grouped = out.reshape(s_len, n_kv_heads, groups, head_dim)                   # (views)
-    k_t = k.transpose(1, 2, 0)                                                   # [KVH, HD, T] view
-    v_t = v.transpose(1, 0, 2)                                                   # [KVH, T, HD] view
+    out = np.empty_like(q)                                                        # [S, H, HD]
+    q_grouped = q.reshape(s_len, n_kv_heads, groups, head_dim)                    # [S, KVH, G, HD]
+    k_heads = k.transpose(1, 0, 2)                                                # [KVH, T, HD] view
+    v_heads = v.transpose(1, 0, 2)                                                # [KVH, T, HD] view
     for i in range(s_len):
-        t = start + i + 1                                                        # keys 0 .. start+i
-        scores = q_grouped[i] @ k_t[:, :, :t]                                        # [KVH, G, T]
-        scores *= scale
-        scores -= scores.max(axis=-1, keepdims=True)
-        weights = np.exp(scores, out=scores)
-        weights /= weights.sum(axis=-1, keepdims=True, dtype=np.float32)            # softmax over T
-        np.matmul(weights, v_t[:, :t], out=out_grouped[i])                           # [KVH, G, HD]
+        t = start + i + 1                                                         # keys 0 .. start+i
+        products = np.multiply(q_grouped[i][:, :, None], k_heads[:, None, :t], order="C")  # [KVH, G, T, HD]
+        scores = np.sum(products, axis=-1, dtype=np.float32) * scale              # [KVH, G, T]
+        shifted = scores - scores.max(axis=-1, keepdims=True)                     # [KVH, G, T], <= 0
+        e = exp_float32(shifted)                                                  # [KVH, G, T]
+        weights = e / np.sum(e, axis=-1, keepdims=True, dtype=np.float32)         # [KVH, G, T] softmax
+        terms = np.multiply(weights[..., None], v_heads[:, None, :t], order="C")  # [KVH, G, T, HD]
+        out[i] = np.sum(terms, axis=-2, dtype=np.float32).reshape(n_heads, head_dim)   # [H, HD]
     return out
 
 

@@ -35,10 +35,11 @@ from .kernels.lm_head_int8 import int8_matmul, quantize_rows_int8
 from .kernels.lm_head_v2 import bf16_matmul_claimed_v2
 from .kernels.v4_maddubs import dot_row as v4_dot_row
 from .kernels.repack import WeightArena, kernel_layout_rows
-from .glue import (add_rms_norm_into, add_rms_norm_row, read_kv, relu2_mul_rms_norm_into, relu2_mul_rms_norm_row,
+from .attention_kernel import attend
+from .glue import (add_rms_norm_into, add_rms_norm_row, relu2_mul_rms_norm_into, relu2_mul_rms_norm_row,
                    rms_norm_into, rms_norm_row, rope_heads, rope_into)
 from .kv_cache import KVCache
-from .model import attention, embed, lm_head, recorder, rms_norm, rope_tables
+from .model import embed, lm_head, recorder, rms_norm, rope_tables
 from .quant import absmax_int8
 from .weights import read_private
 
@@ -352,8 +353,7 @@ class FastPath:
             rope_heads(qkv_out[0, :nq].reshape(n_heads, hd), cos[0], sin[0], q_rot[0])   # [H, HD]
             rope_heads(qkv_out[0, nq:nq + nk].reshape(n_kv, hd), cos[0], sin[0], k_rot[0])
             cache.store(i, start, k_rot, qkv_out[:, nq + nk:].reshape(1, n_kv, hd))
-            k_all, v_all = read_kv(cache, i, start + 1)                                 # float32 [T, KVH, HD]
-            a[:] = attention(q_rot, k_all, v_all, start).reshape(1, nq)                 # [1, H*HD]
+            attend(q_rot, cache, i, start, out=a.reshape(1, n_heads, hd))             # a [1, H*HD]
             if i + 1 < last:
                 self._region(i, PHASE_O, PHASE_QKV)        # o, gate_up, down of layer i; q/k/v of layer i+1
             else:
@@ -385,8 +385,7 @@ class FastPath:
             rope_into(k.reshape(s_len, n_kv, hd), cos, sin, k_rot)                     # [S, KVH, HD]
             v = v.reshape(s_len, n_kv, hd)                                         # [S, KVH, HD]
             cache.store(i, start, k_rot, v)
-            k_all, v_all = read_kv(cache, i, start + s_len)                        # float32 [T, KVH, HD]
-            a = attention(q_rot, k_all, v_all, start).reshape(s_len, n_heads * hd)  # [S, H*HD]
+            a = attend(q_rot, cache, i, start).reshape(s_len, n_heads * hd)        # [S, H*HD]
             rms_norm_into(a, w.attn_sub_norm, eps, ws["a_norm"])                        # [S, D]
             (o,) = w.o(i, ws["a_norm"], rec)                                       # [S, D]
             add_rms_norm_into(h_cur, o, w.post_attention_layernorm, eps, h_attn, x2)   # h_attn = h + o; x2

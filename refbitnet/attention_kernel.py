@@ -1,0 +1,229 @@
+"""The fast path's attention over the KV cache, compiled: refbitnet.model.attention's bits, in Numba.
+
+refbitnet.model.attention writes every sum in an order NumPy fixes: a score is a pairwise sum over HD of
+rounded products q*k, the softmax takes e**x from model.exp_float32 (plain float32 operations) and its
+denominator is a pairwise sum over T, and the output adds the rounded products weight*v in order
+t = 0, 1, 2, ... This module performs the same float32 operations in the same order (glue.pairwise_dot
+is NumPy's pairwise summation), one query head per task, split between the threads, so the two agree bit
+for bit (tests/test_attention.py). It reads the cache as stored: a float16 cache's rows are widened
+exactly (glue._widen_float16_block, equal to NumPy's cast, as KVCache.read widens) one row of HD values
+at a time into a small buffer, never into a float32 copy of the layer. Used by refbitnet.runtime.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .checks import check_array, check_int
+from .errors import RefBitNetError, RefBitNetTypeError
+from .glue import ROWS, block_dot_rows, float16_value, pairwise_dot
+from .model import EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_LOWEST, EXP_POLY, EXP_ROUND
+
+_C0, _C1, _C2, _C3, _C4, _C5 = EXP_POLY
+
+
+_POW2 = 2.0 ** np.arange(-150, 151, dtype=np.float64)        # 2**n, n = -150 .. 150, exact in float64
+
+
+@njit(cache=True, inline="always")
+def exp_float32(x):
+    """model.exp_float32 for one float32 x <= 0: the same operations, each rounded to float32; then 2**n
+    applied in float64 (exact there) and rounded once to float32, as np.ldexp rounds once. (n stays in
+    -150 .. 0 for x <= 0; the clamp of the table index only keeps memory safe.)"""
+    if x != x:
+        return x
+    if x < EXP_LOWEST:
+        x = EXP_LOWEST
+    n = np.float32(np.float32(np.float32(x * EXP_LOG2E) + EXP_ROUND) - EXP_ROUND)
+    r = np.float32(np.float32(x - np.float32(n * EXP_LN2_HI)) - np.float32(n * EXP_LN2_LO))
+    p = np.float32(np.float32(_C0 * r) + _C1)
+    p = np.float32(np.float32(p * r) + _C2)
+    p = np.float32(np.float32(p * r) + _C3)
+    p = np.float32(np.float32(p * r) + _C4)
+    p = np.float32(np.float32(p * r) + _C5)
+    e_r = np.float32(np.float32(np.float32(p * np.float32(r * r)) + r) + np.float32(1.0))
+    return np.float32(np.float64(e_r) * _POW2[min(max(int(n), -150), 150) + 150])
+
+
+@njit(cache=True, inline="always")
+def _row(x32, x16, wide16, t, g, d0, d1, buf):
+    """Elements d0 .. d1-1 of the row of position t, KV head g, as float32 [d1-d0]: a view of the float32
+    cache x32, or the float16 cache's bits x16 widened exactly (glue.float16_value) into buf."""
+    if wide16:
+        for d in range(d1 - d0):
+            buf[d] = float16_value(x16[t, g, d0 + d])
+        return buf[:d1 - d0]
+    return x32[t, g, d0:d1]
+
+
+# The three steps of model.attention for one query (position i, keys 0 .. t_len-1), each over a part of the
+# work so that decode can split it between threads: scores for a range of positions, the softmax of one
+# head, the output of a range of the HD elements. Each performs model.attention's operations in its order.
+
+@njit(cache=True)
+def _scores(q_i, k32, k16, wide16, g, groups, t0, t1, scale, scores, buf):
+    """scores[h, t] = np.sum(q * k, axis=-1) * scale (0.0 + pairwise sum over HD) for the heads h of KV head g
+    and positions t0 .. t1-1; q_i [H, HD], scores [H, >= t1]. ROWS heads at a time share each key row."""
+    hd = q_i.shape[1]
+    dots = np.empty(ROWS, np.float32)
+    h0, h1 = g * groups, (g + 1) * groups
+    by_rows = h1 - (groups % ROWS if hd <= 128 else groups)     # heads h0 .. by_rows-1 in groups of ROWS
+    for t in range(t0, t1):
+        k_row = _row(k32, k16, wide16, t, g, 0, hd, buf)
+        for h in range(h0, by_rows, ROWS):
+            block_dot_rows(q_i, h, k_row, hd, dots)
+            for j in range(ROWS):
+                scores[h + j, t] = np.float32(np.float32(np.float32(0.0) + dots[j]) * scale)
+        for h in range(by_rows, h1):
+            scores[h, t] = np.float32(np.float32(np.float32(0.0) + pairwise_dot(q_i[h], k_row, hd)) * scale)
+
+
+@njit(cache=True)
+def _softmax(row, t_len, ones):
+    """row[:t_len] = e / np.sum(e) with e = exp_float32(row - row.max()), in place; ones: float32 [>= t_len]."""
+    top = row[0]                            # row.max(): NaN if any element is NaN
+    for t in range(1, t_len):
+        if (row[t] > top or row[t] != row[t]) and top == top:
+            top = row[t]
+    for t in range(t_len):
+        row[t] = exp_float32(np.float32(row[t] - top))
+    total = np.float32(np.float32(0.0) + pairwise_dot(row, ones, t_len))     # (e * 1 = e: numpy's pairwise sum)
+    for t in range(t_len):
+        row[t] = np.float32(row[t] / total)
+
+
+@njit(cache=True)
+def _weighted(scores, v32, v16, wide16, g, groups, t_len, d0, d1, out_i, acc, buf):
+    """out_i[h, d0:d1] = np.sum(weights * v, axis=-2) for the heads h of KV head g: 0.0 + term_0 + term_1
+    + ... in order t = 0, 1, 2, ... (each term rounded); acc: float32 [>= groups, >= d1-d0] scratch."""
+    n = d1 - d0
+    for j in range(groups):
+        for d in range(n):
+            acc[j, d] = np.float32(0.0)
+    for t in range(t_len):
+        v_row = _row(v32, v16, wide16, t, g, d0, d1, buf)
+        for j in range(groups):
+            w = scores[g * groups + j, t]
+            a = acc[j]
+            for d in range(n):
+                a[d] = np.float32(a[d] + np.float32(w * v_row[d]))
+    for j in range(groups):
+        for d in range(n):
+            out_i[g * groups + j, d0 + d] = acc[j, d]
+
+
+@njit(cache=True)
+def _query(q_i, k32, k16, v32, v16, wide16, n_kv, t_len, scale, out_i):
+    """model.attention for one query q_i [H, HD] over keys 0 .. t_len-1 -> out_i [H, HD], on one thread."""
+    n_heads, hd = q_i.shape
+    groups = n_heads // n_kv
+    buf = np.empty(hd, np.float32)
+    scores = np.empty((n_heads, t_len), np.float32)
+    ones = np.ones(t_len, np.float32)
+    acc = np.empty((groups, hd), np.float32)
+    for g in range(n_kv):
+        _scores(q_i, k32, k16, wide16, g, groups, 0, t_len, scale, scores, buf)
+    for h in range(n_heads):
+        _softmax(scores[h], t_len, ones)
+    for g in range(n_kv):
+        _weighted(scores, v32, v16, wide16, g, groups, t_len, 0, hd, out_i, acc, buf)
+
+
+@njit(cache=True, parallel=True)
+def _attention_rows(q, k32, k16, v32, v16, wide16, n_kv, start, scale, out):
+    """A block of S queries (prefill): one query per task, each computed by _query."""
+    for i in prange(q.shape[0]):
+        _query(q[i], k32, k16, v32, v16, wide16, n_kv, start + i + 1, scale, out[i])
+
+
+@njit(cache=True)
+def _attention_serial(q, k32, k16, v32, v16, wide16, n_kv, start, scale, out):
+    """The same on the calling thread (a short context: starting threads would cost more than the work)."""
+    for i in range(q.shape[0]):
+        _query(q[i], k32, k16, v32, v16, wide16, n_kv, start + i + 1, scale, out[i])
+
+
+SCORE_CHUNK = 256       # positions per scores task of a decode step
+OUT_CHUNK = 64          # HD elements per output task of a decode step
+
+
+@njit(cache=True, parallel=True)
+def _attention_one(q_i, k32, k16, v32, v16, wide16, n_kv, t_len, scale, out_i):
+    """One query (a decode step over a long context) split between threads in three parallel loops: the
+    scores by (KV head, chunk of positions), the softmax by head, the output by (KV head, chunk of HD)."""
+    n_heads, hd = q_i.shape
+    groups = n_heads // n_kv
+    scores = np.empty((n_heads, t_len), np.float32)
+    ones = np.ones(t_len, np.float32)
+    n_chunks = (t_len + SCORE_CHUNK - 1) // SCORE_CHUNK
+    for task in prange(n_kv * n_chunks):
+        g, c = task // n_chunks, task % n_chunks
+        buf = np.empty(hd, np.float32)
+        _scores(q_i, k32, k16, wide16, g, groups, c * SCORE_CHUNK, min(t_len, (c + 1) * SCORE_CHUNK), scale,
+                scores, buf)
+    for h in prange(n_heads):
+        _softmax(scores[h], t_len, ones)
+    n_parts = (hd + OUT_CHUNK - 1) // OUT_CHUNK
+    for task in prange(n_kv * n_parts):
+        g, c = task // n_parts, task % n_parts
+        buf = np.empty(hd, np.float32)
+        acc = np.empty((groups, OUT_CHUNK), np.float32)
+        _weighted(scores, v32, v16, wide16, g, groups, t_len, c * OUT_CHUNK, min(hd, (c + 1) * OUT_CHUNK), out_i,
+                  acc, buf)
+
+
+SERIAL_WORK = 64 * 1024     # below this many (query head, position) pairs a call runs on the calling thread
+
+
+_NO_F32 = np.zeros((1, 1, 1), np.float32)      # the unused cache argument of _attention (typed, empty role)
+_NO_F16 = np.zeros((1, 1, 1), np.uint16)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, out: np.ndarray | None = None):
+    """refbitnet.model.attention(q, k, v, start), compiled, bit for bit; k, v may also be float16 (a float16
+    cache as stored): then the result is model.attention's over k, v widened to float32.
+
+    q float32 [S, H, HD]; k, v [T, KVH, HD] float32 or float16, C-contiguous, T >= start + S, H % KVH == 0.
+    Returns out (float32 [S, H, HD], made if None).
+    """
+    q = check_array(q, "attention q", np.float32, 3, contiguous=True, nonempty=True)
+    if not isinstance(k, np.ndarray) or k.dtype not in (np.float32, np.float16):
+        raise RefBitNetTypeError(f"attention k: expected a float32 or float16 array, found "
+                                 f"{getattr(k, 'dtype', type(k).__name__)}")
+    k = check_array(k, "attention k", k.dtype, 3, contiguous=True, nonempty=True)
+    v = check_array(v, "attention v", k.dtype, 3, contiguous=True, nonempty=True)
+    s_len, n_heads, hd = q.shape
+    t_len, n_kv, k_hd = k.shape
+    start = check_int(start, "attention start", 0, t_len - s_len)
+    if v.shape != k.shape or k_hd != hd or n_heads % n_kv:
+        raise RefBitNetError(f"attention: expected q [S, H, HD] and k, v [T, KVH, HD] with H % KVH == 0, "
+                             f"found q {q.shape}, k {k.shape}, v {v.shape}")
+    if out is None:
+        out = np.empty_like(q)
+    else:
+        check_array(out, "attention out", np.float32, 3, contiguous=True)
+        if out.shape != q.shape:
+            raise RefBitNetError(f"attention out: expected shape {q.shape}, found {out.shape}")
+    scale = np.float32(hd ** -0.5)
+    if k.dtype == np.float16:
+        args = (_NO_F32, k.view(np.uint16), _NO_F32, v.view(np.uint16), True)
+    else:
+        args = (k, _NO_F16, v, _NO_F16, False)
+    if s_len * n_heads * (start + s_len) <= SERIAL_WORK:
+        _attention_serial(q, *args, n_kv, start, scale, out)
+    elif s_len == 1:
+        _attention_one(q[0], *args, n_kv, start + 1, scale, out[0])
+    else:
+        _attention_rows(q, *args, n_kv, start, scale, out)
+    return out
+
+
+def attend(q: np.ndarray, cache, layer: int, start: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Attention of q [S, H, HD] (positions start .. start+S-1) over positions 0 .. start+S-1 of one layer
+    of a KVCache, read as stored (float32, or float16 widened exactly): equals model.attention(q,
+    *cache.read(layer, start + S), start) bit for bit."""
+    end = start + q.shape[0]
+    return attention(q, cache.k[layer, :end], cache.v[layer, :end], start, out)
