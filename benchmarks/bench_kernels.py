@@ -6,7 +6,7 @@ Every ternary kernel is reached through the one door the model uses, ``refbitnet
 forced by name where versions are compared; a timing of ``door(x)`` is what the runtime pays (the fused
 quantize-and-lay-out pass plus the kernel), a timing of ``door.acc(xq)`` the integer kernel from int8
 activations. For each projection shape (N x K) at 1 and 2 threads it prints the time of one GEMV (S = 1,
-decode) of the kernel "auto" picks (v4 on AVX2 with K % 128 == 0, else v3) and of v3 beside it, the weight
+decode) of the kernel "auto" picks (v6 with AVX512-VNNI, v4 on AVX2, when K % 128 == 0, else v3) and of v3 beside it, the weight
 bytes read, GB/s, and that as a fraction of two bandwidths measured in the same run: "copy" (np.copyto of
 512 MiB: bytes read + written / time) and "sum" (a Numba prange sum over 512 MiB at the same thread count:
 bytes read / time). Beside it, in the same run: the NumPy reference path (refbitnet.bitlinear: float32 BLAS
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from refbitnet import kernels  # noqa: E402  (sets the LLVM option before anything compiles)
 from refbitnet.bf16 import f32_to_bf16  # noqa: E402
 from refbitnet.bitlinear import bitlinear_epilogue, ternary_matmul_exact  # noqa: E402
-from refbitnet.kernels import TernaryLinear, reference  # noqa: E402
+from refbitnet.kernels import TernaryLinear, reference, v6_vnni  # noqa: E402
 from refbitnet.kernels.avx2 import available as avx2_available, madd_intrinsics  # noqa: E402
 from refbitnet.layouts import pack_kernel  # noqa: E402
 from refbitnet.quant import absmax_int8  # noqa: E402
@@ -170,16 +170,19 @@ _ASM_PROBE = r"""
 import re, numpy as np
 from collections import Counter
 from refbitnet import kernels
-from refbitnet.kernels import lm_head_v2, v3_word_planes as v3, v4_maddubs as v4, v5_prefill as v5
+from refbitnet.kernels import lm_head_v2, v3_word_planes as v3, v4_maddubs as v4, v5_prefill as v5, v6_vnni as v6
 from refbitnet.layouts import pack_kernel
 p, x = pack_kernel(np.zeros((8, 256), np.int8)), np.ones((5, 256), np.float32)
-for name in ("v3", "v4", "v4_blocked", "v5"):
+for name in ("v3", "v4", "v4_blocked", "v5") + (("v6",) if v6.available() else ()):
     kernels.TernaryLinear(p, 1.0, kernel=name)(x)
+    kernels.TernaryLinear(p, 1.0, kernel=name)(x[:1])
 kernels.bf16_matmul(np.ones((1, 256), np.float32), np.zeros((8, 256), np.uint16))
 for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), ("lm_head v2", lm_head_v2.bf16_matmul_kernel_v2, "vmulps"),
                            ("v4 GEMV (1 token x 1 row per chunk)", v4.matmul_scaled_v4, "vpmaddubsw"),
                            ("v4 blocked (4 tokens x 1 row per chunk)", v4.matmul_scaled_v4_blocked, "vpmaddubsw"),
-                           ("v5 (8 tokens x 1 row per chunk)", v5._tile, "vpmaddubsw")):
+                           ("v5 (8 tokens x 1 row per chunk)", v5._tile, "vpdpbusd" if v5.VNNI else "vpmaddubsw"))
+                          + ((("v6 GEMV (4 chunks x 4 fields per iteration)", v6.gemv_claimed_v6, "vpdpbusd"),)
+                             if v6.available() else ()):
     asm = next(iter(disp.inspect_asm().values()))
     blocks = re.split(r"\n(?=\.LBB)", asm)                     # basic blocks
     loop = max(blocks, key=lambda b: len(re.findall(marker + r"\s[^\n]*[xyz]mm", b)))   # any vector width
@@ -346,6 +349,8 @@ def main():
                       ("v3", "v3 word planes (vpmaddwd)", c["packed"].nbytes)]
     if use_avx2:
         ladder_kernels.append(("v4", "v4 byte planes (vpmaddubsw)", c["packed"].nbytes))
+        if v6_vnni.available():
+            ladder_kernels.append(("v6", "v6 byte planes (vpdpbusd, masked fields, prefetch)", c["packed"].nbytes))
     doors = {k: TernaryLinear(c["packed"], c["ws"], kernel=k) for k, _, _ in ladder_kernels}
     want = reference.ternary_matmul_acc_reference(c["xq"], c["packed"])
     for k, door in doors.items():
@@ -362,8 +367,8 @@ def main():
     out(f"bandwidth (best of {args.rounds} rounds, same run): copy {bw.copy:.1f} GB/s (read+write), "
         f"prange sum " + ", ".join(f"{n} thr {bw.sum[n]:.1f} GB/s" for n in THREADS))
     out("\nGEMV, S = 1 (decode), weights cycled from a pool larger than L3; times are best of the rounds, of "
-        "door(x) (fused quantizer + kernel, what the model runs). 'kernel' is TernaryLinear's choice (v4 when "
-        "K % 128 == 0 on AVX2, else v3; the bf16 head: lm_head_v2); %copy / %sum: its GB/s over the copy / "
+        "door(x) (fused quantizer + kernel, what the model runs). 'kernel' is TernaryLinear's choice (v6 with "
+        "AVX512-VNNI, v4 on AVX2, when K % 128 == 0, else v3; the bf16 head: lm_head_v2); %copy / %sum: its GB/s over the copy / "
         "same-thread prange-sum bandwidth; 'v3 ms' the same door forced to v3, in the same rounds")
     out(f"{'shape':8} {'N x K':>13} {'thr':>3} {'kernel':>7} {'bytes':>9} {'ms':>8} {'GB/s':>6} {'%copy':>6} {'%sum':>5}"
         f" {'v3 ms':>7} {'x v3':>5} {'numpy ms':>9} {'x numpy':>8} {'torch ms':>9} {'x torch':>8}")
@@ -414,7 +419,9 @@ def main():
             + ", ".join(f"{rates[nt] / 1e9:.2f} G pairs/s per core at {nt} thread{'s' if nt > 1 else ''}"
                         for nt in THREADS)
             + f". 'needed' = the rate per core that a {args.gemm_tokens}-token GEMM must sustain to reach 4x the "
-              "GEMV above; it is out of reach wherever it exceeds the probe.")
+              "GEMV above; it is out of reach wherever it exceeds the probe."
+            + (" (This CPU has AVX512-VNNI: v5 sums with one vpdpbusd per 32 products instead, so its '% probe' "
+               "can exceed 100%.)" if v6_vnni.available() else ""))
         out(f"{'shape':8} {'thr':>3} {'v5 G/s':>8} {'% probe':>8} {'needed':>8} {'% probe':>8}")
         for name, N, K in SHAPES:
             for nt in THREADS:
