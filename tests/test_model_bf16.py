@@ -25,8 +25,10 @@ What is bit-exact and what is not, and why:
   transformers-bf16 than this is, and refbitnet.model's float64-evaluated inv_freq gives other cos/sin.
 """
 
+import json
 import os
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,7 +51,13 @@ from transformers.activations import ACT2FN  # noqa: E402
 from transformers.models.bitnet import modeling_bitnet  # noqa: E402
 
 PROMPT_LEN = 96
-CASES = [(name, seed) for name in TINY_CONFIGS for seed in (0, 1, 2)]
+# 12 tiny random models; 2B4T's widths (D 2560, F 6912, 20 heads of 128, 5 KV heads, theta 500000) with
+# 2 layers and a small vocabulary; and the trained model shipped in the package on a line of its corpus
+WIDTHS_2B4T = dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=2, num_attention_heads=20,
+                   num_key_value_heads=5, vocab_size=512)
+CASES = [(name, seed) for name in TINY_CONFIGS for seed in (0, 1, 2)] + [("2b4t_widths", 0), ("shipped", 0)]
+SHIPPED_PROMPT = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the "
+                  "sun. Arise, fair sun, and kill the envious moon, who is already sick and pale with grief")
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LOOSE = 5e-2          # tests/test_model_vs_transformers.py's bound once an int8 code has flipped
@@ -115,15 +123,24 @@ def run_hf(model, ids):
 def case(request, tmp_path_factory):
     name, seed = request.param
     if request.param not in _built:
-        directory = tmp_path_factory.mktemp(f"bf16-{name}-{seed}")
-        write_release_checkpoint(str(directory), TINY_CONFIGS[name], seed)
-        ids = np.random.default_rng(100 + seed).integers(0, TINY_CONFIGS[name]["vocab_size"], PROMPT_LEN)
-        hf = load_hf_bf16(str(directory))
+        if name == "shipped":
+            directory = str(Path(refbitnet.__file__).parent / "shipped")
+            sizes = {k: v for k, v in json.loads(Path(directory, "config.json").read_text()).items()
+                     if k in WIDTHS_2B4T}
+            ids = np.array(refbitnet.load(directory, backend="numpy").tokenizer.encode(SHIPPED_PROMPT))
+        else:
+            directory = str(tmp_path_factory.mktemp(f"bf16-{name}-{seed}"))
+            sizes = WIDTHS_2B4T if name == "2b4t_widths" else TINY_CONFIGS[name]
+            write_release_checkpoint(directory, sizes, seed, max_position_embeddings=4096)
+            if name == "2b4t_widths":
+                config = json.loads(Path(directory, "config.json").read_text())
+                Path(directory, "config.json").write_text(json.dumps({**config, "rope_theta": 500000.0}))
+            ids = np.random.default_rng(100 + seed).integers(0, sizes["vocab_size"], PROMPT_LEN)
+        hf = load_hf_bf16(directory)
         assert type(hf.model.layers[0].self_attn.q_proj).__name__ == "AutoBitLinear"
         logits, got = run_hf(hf, ids)
-        _built[request.param] = dict(name=name, seed=seed, dir=str(directory), ids=ids, hf=hf, logits=logits,
-                                     got=got, sizes=TINY_CONFIGS[name],
-                                     model=refbitnet.load(str(directory), numerics="transformers-bf16"))
+        _built[request.param] = dict(name=name, seed=seed, dir=directory, ids=ids, hf=hf, logits=logits, got=got,
+                                     sizes=sizes, model=refbitnet.load(directory, numerics="transformers-bf16"))
     return _built[request.param]
 
 
@@ -313,15 +330,16 @@ def test_whole_model_logits_and_greedy_tokens(case):
     assert rel <= LOOSE
     # greedy decoding: ours with the KV cache, transformers recomputing the whole sequence
     prompt = list(case["ids"][:8])
-    cache = model.new_cache(len(prompt) + 24)
+    new = 4 if case["name"] == "2b4t_widths" else 24       # a step there takes a second (unpacking 2 layers)
+    cache = model.new_cache(len(prompt) + new)
     step_logits = model.forward(prompt, cache=cache)
     ours = []
-    for _ in range(24):
+    for _ in range(new):
         ours.append(int(np.argmax(step_logits[-1])))
         step_logits = model.forward([ours[-1]], cache=cache)
     theirs, seq = [], list(prompt)
     with torch.no_grad():
-        for _ in range(24):
+        for _ in range(new):
             theirs.append(int(case["hf"](torch.tensor([seq])).logits[0, -1].argmax()))
             seq.append(theirs[-1])
     assert ours == theirs
@@ -330,10 +348,11 @@ def test_whole_model_logits_and_greedy_tokens(case):
 def test_decode_with_cache_equals_prefill(case):
     """Each query is computed on its own, so one token at a time with the cache gives the prefill's bits."""
     model = case["model"]
-    ids = case["ids"][:24]
+    ids = case["ids"][:8] if case["name"] == "2b4t_widths" else case["ids"][:24]
+    split = len(ids) - 4 if case["name"] == "2b4t_widths" else 16
     full = model.forward(ids)
-    cache = model.new_cache(24)
-    steps = [model.forward(ids[:16], cache=cache)] + [model.forward([t], cache=cache) for t in ids[16:]]
+    cache = model.new_cache(len(ids))
+    steps = [model.forward(ids[:split], cache=cache)] + [model.forward([t], cache=cache) for t in ids[split:]]
     assert np.array_equal(np.concatenate(steps), full)
     assert np.array_equal(model.forward(ids, last_only=True), full[-1:])
 
