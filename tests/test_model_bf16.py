@@ -421,6 +421,10 @@ def test_the_door(case):
         refbitnet.load(case["dir"], numerics="transformers-legacy-bf16")
     trace_bf16, trace_f32 = {}, {}
     model.forward(case["ids"][:4], trace=trace_bf16)
+    from refbitnet import testing as oracle               # the oracle API passes the numerics through
+    reference = oracle.reference_activations(case["dir"], case["ids"][:4], numerics="transformers-bf16")
+    assert reference.keys() == trace_bf16.keys()
+    assert all(np.array_equal(reference[k], trace_bf16[k]) for k in reference)
     refbitnet.load(case["dir"], numerics="int", backend="numpy").forward(case["ids"][:4], trace=trace_f32)
     assert trace_bf16.keys() == trace_f32.keys()
     for name, value in trace_bf16.items():        # every intermediate is a bf16 value
