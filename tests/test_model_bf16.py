@@ -351,7 +351,9 @@ def test_whole_model_logits_and_greedy_tokens(case):
 
 
 def test_decode_with_cache_equals_prefill(case):
-    """Each query is computed on its own, so one token at a time with the cache gives the prefill's bits."""
+    """One token at a time with the cache gives the prefill's bits: each query's attention is computed on
+    its own, with the same shapes, and the BitLinear matmul sums each row in an order that does not
+    depend on how many rows there are (true of the BLAS here; asserted, so a BLAS where it is not shows)."""
     model = case["model"]
     ids = case["ids"][:8] if case["name"] == "2b4t_widths" else case["ids"][:24]
     split = len(ids) - 4 if case["name"] == "2b4t_widths" else 16
