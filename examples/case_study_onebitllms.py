@@ -135,14 +135,21 @@ def main(argv=None) -> int:
         codes_t = np.clip(np.rint(theirs * s_ieee[:, None]), -128, 127).astype(np.int8)  # their codes from xq / s
         codes = compare_tensor("xq", absmax_int8(xt.float().numpy(), numerics)[0], codes_t, mode="exact")
         values = compare_tensor("x_quant", ours, theirs, mode="ulp", dtype=str(dtype)[6:])
-        ok &= line(f"activation_quant {str(dtype)[6:]:8s} vs '{preset}'", codes.ok,
-                   f"codes {codes.n_differ} of {codes.n_total} differ; values xq / s {values.n_differ} differ, "
-                   f"max {values.max_ulp} ulp")
+        # On the GPU the scale 127.0 / absmax is Triton's approximate division, an ulp or so from the IEEE
+        # quotient, so a code whose x * s sits at a .5 tie may land one apart: benign by the oracle's
+        # classification; anything else is a real difference. The transcription must match exactly.
+        named = compare_int8_codes("xq", xt.float().numpy(), codes_t, numerics=numerics)
+        passed = named.real == 0 if gpu else codes.ok
+        ok &= line(f"activation_quant {str(dtype)[6:]:8s} vs '{preset}'", passed,
+                   f"codes {codes.n_differ} of {codes.n_total} differ"
+                   + (f" ({named.detail})" if codes.n_differ else "")
+                   + f"; values xq / s {values.n_differ} differ, max {values.max_ulp} ulp")
         dflt = compare_int8_codes("xq", xt.float().numpy(), codes_t)
         print(f"       vs refbitnet's ties to even: {dflt.detail or 'equal'}")
     if gpu:
         print("       (on the GPU the values xq / s differ by ulps: Triton compiles float32 '/' to an approximate "
-              "division, in 127.0 / absmax and in xq / scale; the codes are the rule's)")
+              "division, in 127.0 / absmax and in xq / scale; so a code at an exact .5 tie can land one apart "
+              "(a benign boundary flip); every other code is the rule's)")
     if gpu:
         for name, (n, k) in shapes.items():
             w = torch.from_numpy((rng.standard_normal((n, k)) * 0.02).astype(np.float32))
