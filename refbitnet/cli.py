@@ -36,7 +36,10 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = False) -> 
                    help="model directory, GGUF file or Hugging Face id" +
                         ("" if model_required else " (default: the shipped model)"))
     p.add_argument("--threads", type=int, default=None, help="threads for the kernels and NumPy's BLAS")
-    p.add_argument("--numerics", choices=("int", "fake-quant"), default="int")
+    from refbitnet.api import NUMERICS
+    p.add_argument("--numerics", choices=NUMERICS, default="int",
+                   help="int (default), fake-quant, or the whole model as transformers computes it in bf16: "
+                        "transformers-bf16 / transformers-legacy-bf16 (numpy backend)")
     p.add_argument("--backend", choices=("auto", "numba", "numpy"), default="auto",
                    help="auto (default): the fast Numba kernels where they run, else numpy; numba: the "
                         "kernels or an error; numpy: the readable reference path")
@@ -234,7 +237,7 @@ def run_generate(args, chat_mode: bool) -> int:
     from refbitnet.sampling import check_sampling_args
     if args.numerics != "int" and args.backend == "numba":
         args.backend = "numpy"   # the kernels compute the integer form only
-        print("note: --numerics fake-quant runs on the numpy backend", file=sys.stderr)
+        print(f"note: --numerics {args.numerics} runs on the numpy backend", file=sys.stderr)
     if not chat_mode and args.prompt is None:
         args.prompt = DEFAULT_PROMPT
     for name in ("temperature", "top_k", "top_p"):      # what generate() checks, before the model loads
@@ -268,7 +271,7 @@ def run_perplexity(args) -> int:
                                       tokenize_file_text)
     if args.numerics != "int" and args.backend == "numba":
         args.backend = "numpy"   # the kernels compute the integer form only
-        print("note: --numerics fake-quant runs on the numpy backend", file=sys.stderr)
+        print(f"note: --numerics {args.numerics} runs on the numpy backend", file=sys.stderr)
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()

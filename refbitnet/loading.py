@@ -21,7 +21,9 @@ def load(path=None, numerics: str = "int", backend: str = "auto"):
     """A Model from a model directory (config.json, model.safetensors or its shards, tokenizer files,
     generation_config.json), a .gguf file or a hub id; path=None loads the model shipped in the package.
 
-    numerics: "int" (int8 x ternary -> int32, default) or "fake-quant"; backend: "auto" (default: the
+    numerics: "int" (int8 x ternary -> int32, default), "fake-quant", or the whole model as transformers
+    computes it in bf16, "transformers-bf16" (release checkpoints) / "transformers-legacy-bf16" (divide-
+    convention ones; refbitnet/model_bf16.py); backend: "auto" (default: the
     Numba kernels where they can run, else NumPy), "numba", or "numpy" (the readable path, to step through).
     The checkpoint may be the packed release (uint8 + weight_scale) or a bf16 master (quantized at load);
     ``model.source_format`` says which was found.
