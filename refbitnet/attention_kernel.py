@@ -15,11 +15,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from .checks import check_array, check_int
 from .errors import RefBitNetError, RefBitNetTypeError
-from .glue import ROWS, block_dot_rows, float16_value, pairwise_dot
+from .glue import ROWS, _lane_sums_rows, block_dot_rows, float16_value, pairwise_dot
 from .model import EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_LOWEST, EXP_POLY, EXP_ROUND
 
 _C0, _C1, _C2, _C3, _C4, _C5 = EXP_POLY
@@ -71,10 +74,17 @@ def _scores(q_i, k32, k16, wide16, g, groups, t0, t1, scale, scores, buf):
     dots = np.empty(ROWS, np.float32)
     h0, h1 = g * groups, (g + 1) * groups
     by_rows = h1 - (groups % ROWS if hd <= 128 else groups)     # heads h0 .. by_rows-1 in groups of ROWS
+    half_rows = wide16 and hd % 8 == 0                         # float16 rows widened inside the vector loop
     for t in range(t0, t1):
-        k_row = _row(k32, k16, wide16, t, g, 0, hd, buf)
+        if half_rows and by_rows == h1:
+            k_row = buf                                            # (not read)
+        else:
+            k_row = _row(k32, k16, wide16, t, g, 0, hd, buf)
         for h in range(h0, by_rows, ROWS):
-            block_dot_rows(q_i, h, k_row, hd, dots)
+            if half_rows:
+                _lane_sums_rows(q_i, h, k16[t, g], hd // 8, dots)  # = block_dot_rows of the widened row
+            else:
+                block_dot_rows(q_i, h, k_row, hd, dots)
             for j in range(ROWS):
                 scores[h + j, t] = np.float32(np.float32(np.float32(0.0) + dots[j]) * scale)
         for h in range(by_rows, h1):
@@ -95,24 +105,95 @@ def _softmax(row, t_len, ones):
         row[t] = np.float32(row[t] / total)
 
 
+LANE_HEADS, LANE_ELEMS = 4, 16          # _weighted_lanes: 4 heads x 16 elements, 8 vectors held in registers
+
+
+@intrinsic
+def _weighted_lanes(typingctx, scores, h0, v, g, d0, t_len, out):
+    """out[h0 + j, d0:d0+16] = 0.0 + fl(w_j0 v_0) + fl(w_j1 v_1) + ... (t < t_len, one after another) for the
+    LANE_HEADS heads j, w_jt = scores[h0 + j, t], v_t = v[t, g, d0:d0+16]: 8 accumulators of 8 lanes stay in
+    registers over all t, each key row is read once for the 4 heads. v: float32 [T, KVH, HD], or float16 bits
+    (uint16) widened exactly (fpext half -> float). scores [H, T], out [H, HD] float32; all C-contiguous; no
+    bounds checks."""
+    if not (isinstance(v, types.Array) and v.dtype in (types.float32, types.uint16) and v.ndim == 3
+            and v.layout == "C" and all(isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 2
+                                        and x.layout == "C" for x in (scores, out))):
+        return None
+    half = v.dtype == types.uint16
+
+    def codegen(context, builder, signature, args):
+        sc = context.make_array(signature.args[0])(context, builder, args[0])
+        va = context.make_array(signature.args[2])(context, builder, args[2])
+        oa = context.make_array(signature.args[6])(context, builder, args[6])
+        h0, g, d0, t_len = args[1], args[3], args[4], args[5]
+        i8p, f32 = ir.IntType(8).as_pointer(), ir.FloatType()
+        v8f = ir.VectorType(f32, 8)
+        size = ir.Constant(h0.type, 2 if half else 4)
+        sc_row, v_row, v_head = (builder.extract_value(x.strides, 0) for x in (sc, va, va))
+        v_head = builder.extract_value(va.strides, 1)
+        o_row = builder.extract_value(oa.strides, 0)
+        sc_ptr, v_ptr, o_ptr = (builder.bitcast(x.data, i8p) for x in (sc, va, oa))
+        zero = ir.Constant(v8f, [0.0] * 8)
+        acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(LANE_HEADS)]
+        v_off0 = builder.add(builder.mul(g, v_head), builder.mul(d0, size))
+        with cgutils.for_range(builder, t_len) as loop:
+            t = loop.index
+            v_off = builder.add(builder.mul(t, v_row), v_off0)
+            xs = []
+            for k in range(2):
+                p = builder.gep(v_ptr, [builder.add(v_off, builder.mul(ir.Constant(t.type, 8 * k), size))])
+                if half:
+                    raw = builder.load(builder.bitcast(p, ir.VectorType(ir.IntType(16), 8).as_pointer()), align=2)
+                    xs.append(builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), 8)), v8f))
+                else:
+                    xs.append(builder.load(builder.bitcast(p, v8f.as_pointer()), align=4))
+            for j in range(LANE_HEADS):
+                w_off = builder.add(builder.mul(builder.add(h0, ir.Constant(t.type, j)), sc_row),
+                                    builder.mul(t, ir.Constant(t.type, 4)))
+                w = builder.load(builder.bitcast(builder.gep(sc_ptr, [w_off]), f32.as_pointer()), align=4)
+                wv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, None), w, ir.Constant(
+                    ir.IntType(32), 0)), ir.Constant(v8f, None), ir.Constant(ir.VectorType(ir.IntType(32), 8),
+                                                                             [0] * 8))
+                for k in range(2):
+                    builder.store(builder.fadd(builder.load(acc[j][k]), builder.fmul(wv, xs[k])), acc[j][k])
+        for j in range(LANE_HEADS):
+            for k in range(2):
+                off = builder.add(builder.mul(builder.add(h0, ir.Constant(h0.type, j)), o_row),
+                                  builder.mul(builder.add(d0, ir.Constant(d0.type, 8 * k)), ir.Constant(d0.type, 4)))
+                builder.store(builder.load(acc[j][k]), builder.bitcast(builder.gep(o_ptr, [off]), v8f.as_pointer()),
+                              align=4)
+        return context.get_dummy_value()
+    return types.none(scores, types.intp, v, types.intp, types.intp, types.intp, out), codegen
+
+
 @njit(cache=True)
 def _weighted(scores, v32, v16, wide16, g, groups, t_len, d0, d1, out_i, acc, buf):
     """out_i[h, d0:d1] = np.sum(weights * v, axis=-2) for the heads h of KV head g: 0.0 + term_0 + term_1
-    + ... in order t = 0, 1, 2, ... (each term rounded); acc: float32 [>= groups, >= d1-d0] scratch."""
+    + ... in order t = 0, 1, 2, ... (each term rounded); acc: float32 [>= groups, >= d1-d0] scratch.
+    By _weighted_lanes where the heads come in fours and the range in 16s (the 2B4T shape), else by loops."""
     n = d1 - d0
+    h0 = g * groups
+    if groups % LANE_HEADS == 0 and n % LANE_ELEMS == 0:
+        for h in range(h0, h0 + groups, LANE_HEADS):
+            for d in range(d0, d1, LANE_ELEMS):
+                if wide16:
+                    _weighted_lanes(scores, h, v16, g, d, t_len, out_i)
+                else:
+                    _weighted_lanes(scores, h, v32, g, d, t_len, out_i)
+        return
     for j in range(groups):
         for d in range(n):
             acc[j, d] = np.float32(0.0)
     for t in range(t_len):
         v_row = _row(v32, v16, wide16, t, g, d0, d1, buf)
         for j in range(groups):
-            w = scores[g * groups + j, t]
+            w = scores[h0 + j, t]
             a = acc[j]
             for d in range(n):
                 a[d] = np.float32(a[d] + np.float32(w * v_row[d]))
     for j in range(groups):
         for d in range(n):
-            out_i[g * groups + j, d0 + d] = acc[j, d]
+            out_i[h0 + j, d0 + d] = acc[j, d]
 
 
 @njit(cache=True)
@@ -146,24 +227,24 @@ def _attention_serial(q, k32, k16, v32, v16, wide16, n_kv, start, scale, out):
         _query(q[i], k32, k16, v32, v16, wide16, n_kv, start + i + 1, scale, out[i])
 
 
-SCORE_CHUNK = 256       # positions per scores task of a decode step
-OUT_CHUNK = 64          # HD elements per output task of a decode step
+SCORE_CHUNK = 128       # positions per scores task of a decode step (all KV heads: one block of the cache)
+OUT_CHUNK = 16          # HD elements per output task of a decode step (LANE_ELEMS)
 
 
 @njit(cache=True, parallel=True)
 def _attention_one(q_i, k32, k16, v32, v16, wide16, n_kv, t_len, scale, out_i):
     """One query (a decode step over a long context) split between threads in three parallel loops: the
-    scores by (KV head, chunk of positions), the softmax by head, the output by (KV head, chunk of HD)."""
+    scores by chunk of positions, the softmax by head, the output by (KV head, chunk of HD)."""
     n_heads, hd = q_i.shape
     groups = n_heads // n_kv
     scores = np.empty((n_heads, t_len), np.float32)
     ones = np.ones(t_len, np.float32)
     n_chunks = (t_len + SCORE_CHUNK - 1) // SCORE_CHUNK
-    for task in prange(n_kv * n_chunks):
-        g, c = task // n_chunks, task % n_chunks
+    for c in prange(n_chunks):
         buf = np.empty(hd, np.float32)
-        _scores(q_i, k32, k16, wide16, g, groups, c * SCORE_CHUNK, min(t_len, (c + 1) * SCORE_CHUNK), scale,
-                scores, buf)
+        for g in range(n_kv):
+            _scores(q_i, k32, k16, wide16, g, groups, c * SCORE_CHUNK, min(t_len, (c + 1) * SCORE_CHUNK), scale,
+                    scores, buf)
     for h in prange(n_heads):
         _softmax(scores[h], t_len, ones)
     n_parts = (hd + OUT_CHUNK - 1) // OUT_CHUNK
@@ -175,7 +256,7 @@ def _attention_one(q_i, k32, k16, v32, v16, wide16, n_kv, t_len, scale, out_i):
                   acc, buf)
 
 
-SERIAL_WORK = 64 * 1024     # below this many (query head, position) pairs a call runs on the calling thread
+SERIAL_WORK = 4096          # up to this many (query, head, position) triples a call runs on the calling thread
 
 
 _NO_F32 = np.zeros((1, 1, 1), np.float32)      # the unused cache argument of _attention (typed, empty role)

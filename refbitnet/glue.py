@@ -26,23 +26,37 @@ from .errors import RefBitNetTypeError
 # halves above that), so the integer codes the next quantizer makes are the same. The same pairwise sum
 # of rounded products serves refbitnet.attention_kernel (np.sum(q * k, axis=-1) and the softmax's sum).
 
-def _lane_sums_ir(builder, rows_a, ptr_b, n8):
-    """IR: for each pointer in rows_a (float*), numpy's 8 partial sums of its products with ptr_b (float*) as
-    one 8-lane vector: r_j = a[j]*b[j] + a[8+j]*b[8+j] + ... over n8 >= 1 groups of 8 (each product rounded,
-    then added in that order: vmulps, vaddps, no fused multiply-add), then ((r0+r1)+(r2+r3)) + ((r4+r5)+(r6+r7))
-    -> one float per row. Several rows share each load of b and run independent chains."""
+def _lane_sums_ir(builder, rows_a, ptr_b, n8, half_b=False):
+    """IR: for each pointer in rows_a (float*), numpy's 8 partial sums of its products with ptr_b (float*, or
+    float16 bits i16* widened exactly by fpext if half_b) as one 8-lane vector: r_j = a[j]*b[j] + a[8+j]*b[8+j]
+    + ... over n8 >= 1 groups of 8 (each product rounded, then added in that order: vmulps, vaddps, no fused
+    multiply-add), then ((r0+r1)+(r2+r3)) + ((r4+r5)+(r6+r7)) -> one float per row. Several rows share each
+    load of b and run independent chains."""
     v8 = ir.VectorType(ir.FloatType(), 8)
-    vb = builder.bitcast(ptr_b, v8.as_pointer())
+    v8b = ir.VectorType(ir.IntType(16), 8) if half_b else v8
+    vb = builder.bitcast(ptr_b, v8b.as_pointer())
     va = [builder.bitcast(p, v8.as_pointer()) for p in rows_a]
 
     def products(k):                                       # the 8 rounded products of group k, per row
-        b = builder.load(builder.gep(vb, [k]), align=4)
+        b = builder.load(builder.gep(vb, [k]), align=2 if half_b else 4)
+        if half_b:
+            b = builder.fpext(builder.bitcast(b, ir.VectorType(ir.HalfType(), 8)), v8)
         return [builder.fmul(builder.load(builder.gep(a, [k]), align=4), b) for a in va]
     accs = [cgutils.alloca_once_value(builder, p) for p in products(ir.Constant(n8.type, 0))]
     with cgutils.for_range(builder, builder.sub(n8, ir.Constant(n8.type, 1))) as loop:
         k = builder.add(loop.index, ir.Constant(n8.type, 1))
         for acc, p in zip(accs, products(k)):
             builder.store(builder.fadd(builder.load(acc), p), acc)
+    if len(accs) == 4:                      # 4 trees at once: (even + odd) lanes three times, all in vectors
+        def pair_sums(x, y, n):             # [x0+x1, x2+x3, ..., y0+y1, ...] of two n-lane vectors
+            idx = ir.VectorType(ir.IntType(32), n)
+            even = builder.shuffle_vector(x, y, ir.Constant(idx, list(range(0, 2 * n, 2))))
+            odd = builder.shuffle_vector(x, y, ir.Constant(idx, list(range(1, 2 * n, 2))))
+            return builder.fadd(even, odd)
+        a, b, c, d = (builder.load(acc) for acc in accs)
+        quads = pair_sums(pair_sums(a, b, 8), pair_sums(c, d, 8), 8)    # [a0123, a4567, b0123, b4567, c.., d..]
+        sums = pair_sums(quads, quads, 4)                               # [a0123+a4567, b.., c.., d..]
+        return [builder.extract_element(sums, ir.Constant(ir.IntType(32), j)) for j in range(4)]
     trees = []
     for acc in accs:
         r = [builder.extract_element(builder.load(acc), ir.Constant(ir.IntType(32), j)) for j in range(8)]
@@ -76,8 +90,10 @@ ROWS = 4                                                 # rows of a per _lane_s
 @intrinsic
 def _lane_sums_rows(typingctx, a, r0, b, n8, out):
     """out[j] = _lane_sums_ir of a[r0 + j] and b (from element 0), j < ROWS: a C-contiguous float32 [R, N]
-    with r0 + ROWS <= R and N >= 8*n8, b float32 [>= 8*n8], out float32 [>= ROWS]; no bounds checks."""
-    if not (_c_float32(a, 2) and _c_float32(b, 1) and _c_float32(out, 1)):
+    with r0 + ROWS <= R and N >= 8*n8, b float32 (or float16 bits, uint16) [>= 8*n8], out float32 [>= ROWS];
+    no bounds checks."""
+    half_b = isinstance(b, types.Array) and b.dtype == types.uint16 and b.ndim == 1 and b.layout == "C"
+    if not (_c_float32(a, 2) and (half_b or _c_float32(b, 1)) and _c_float32(out, 1)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -88,7 +104,7 @@ def _lane_sums_rows(typingctx, a, r0, b, n8, out):
         first = builder.mul(args[1], row_len)
         rows = [builder.gep(arr_a.data, [builder.add(first, builder.mul(row_len, ir.Constant(row_len.type, j)))])
                 for j in range(ROWS)]
-        for j, tree in enumerate(_lane_sums_ir(builder, rows, arr_b.data, args[3])):
+        for j, tree in enumerate(_lane_sums_ir(builder, rows, arr_b.data, args[3], half_b)):
             builder.store(tree, builder.gep(arr_out.data, [ir.Constant(ir.IntType(64), j)]))
         return context.get_dummy_value()
     return types.none(a, types.intp, b, types.intp, out), codegen
