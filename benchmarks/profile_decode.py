@@ -6,11 +6,11 @@ Three views of the same decode step (one token after a --prompt-token prefill, f
 
 1. Wall time per op, summed over the step: the step re-run op by op (the ops of runtime.FastPath's decode
    path, in its order, each call timed with perf_counter), grouped as kernel (quantize + GEMV/LM head
-   through the door), glue (compiled norms, RoPE), attention (NumPy, one thread), cache (store/read), and
+   through the door), glue (compiled norms, RoPE), attention (attention_kernel.attend), cache store, and
    "python" (the rest of the step: dispatch, checks, slicing), with how many parallel regions each group
    opens per token.
-2. Inside each parallel region: the GEMVs re-run through a copy of the v4 kernel whose tasks stamp the CPU's
-   cycle counter and the Numba thread id at start and end. Per region: the call until each thread's first
+2. Inside each parallel region: the GEMVs re-run through a copy of the door's kernel (v6 with claimed rows, or
+   v4) whose tasks stamp the CPU's cycle counter and the Numba thread id at start and end. Per region: the call until each thread's first
    task (wake-up), each thread's busy time, the gap between the first and the last thread to finish
    (imbalance: one thread waits), and from the last task's end to the call's return (join).
 3. An empty parallel region (prange over the thread count, nothing inside) called after ~30 us of serial
@@ -26,6 +26,7 @@ import platform
 import sys
 import time
 
+import numba
 import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -39,8 +40,11 @@ from numba.extending import intrinsic  # noqa: E402
 import refbitnet  # noqa: E402
 from refbitnet import glue, kernels, runtime  # noqa: E402
 from refbitnet.kernels import act_quant  # noqa: E402
+from refbitnet.attention_kernel import attend  # noqa: E402
+from refbitnet.kernels import v6_vnni  # noqa: E402
+from refbitnet.kernels.sync import claim  # noqa: E402
 from refbitnet.kernels.v4_maddubs import ROWS_PER_TASK, dot_row  # noqa: E402
-from refbitnet.model import attention, rms_norm  # noqa: E402
+from refbitnet.model import rms_norm  # noqa: E402
 
 DEFAULT_MODEL = "/tmp/refbitnet-random-2b4t"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "decode_profile.md")
@@ -68,6 +72,27 @@ def gemv_stamped(packed, planes, xsum, s_act, row_scale, out, stamps):
         stamps[task, 0] = get_thread_id()
         stamps[task, 1] = t0
         stamps[task, 2] = cycles()
+
+
+@njit(parallel=True)
+def gemv_stamped_v6(packed, planes, xsum, s_act, row_scale, out, stamps, sync, n_threads):
+    """kernels.v6_vnni.gemv_claimed_v6 (rows claimed by the threads), each claimed task writing (thread id,
+    start, end) into stamps."""
+    N = packed.shape[0]
+    n_tasks = (N + v6_vnni.ROWS_PER_TASK - 1) // v6_vnni.ROWS_PER_TASK
+    sync[:] = 0
+    for t in prange(n_threads):
+        while True:
+            t0 = cycles()
+            task = claim(sync, 0, 1, 2, n_tasks, t)
+            if task < 0:
+                break
+            for n in range(task * v6_vnni.ROWS_PER_TASK, min(N, (task + 1) * v6_vnni.ROWS_PER_TASK)):
+                acc = v6_vnni.row_dot(packed[n], planes[0]) - xsum[0]
+                out[0, n] = np.float32(np.float32(np.float32(acc) / s_act[0]) * row_scale[n])
+            stamps[task, 0] = get_thread_id()
+            stamps[task, 1] = t0
+            stamps[task, 2] = cycles()
 
 
 @njit(parallel=True)
@@ -122,9 +147,8 @@ def timed_step(fp, token, cache, start, tm):
         tm("glue: rope", glue.rope_into, q.reshape(1, n_heads, hd), cos, sin, q_rot)
         tm("glue: rope", glue.rope_into, k.reshape(1, n_kv, hd), cos, sin, k_rot)
         v = v.reshape(1, n_kv, hd)
-        tm("cache store/read", cache.store, i, start, k_rot, v)
-        k_all, v_all = tm("cache store/read", glue.read_kv, cache, i, start + 1)
-        a = tm("attention (NumPy)", attention, q_rot, k_all, v_all, start).reshape(1, n_heads * hd)
+        tm("cache store", cache.store, i, start, k_rot, v)
+        a = tm("attention (compiled)", attend, q_rot, cache, i, start).reshape(1, n_heads * hd)
         tm("glue: norms", glue.rms_norm_into, a, w.attn_sub_norm, eps, ws["a_norm"])
         (o,) = tm("kernel: o", w.o, i, ws["a_norm"])
         tm("glue: norms", glue.add_rms_norm_into, h_cur, o, w.post_attention_layernorm, eps, h_attn, x2)
@@ -141,36 +165,6 @@ def timed_step(fp, token, cache, start, tm):
     return tm("kernel: lm_head", fp.lm_head, xn[-1:])
 
 
-def timed_step_regions(fp, token, cache, start, tm):
-    """FastPath.forward for one token through runtime.decode_region (one region per layer), op by op."""
-    cfg = fp.config
-    n_heads, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    eps = np.float32(cfg.rms_norm_eps)
-    ids = np.array([token])
-    cos, sin = tm("glue: rope tables", runtime.rope_tables, start + np.arange(1), hd, cfg.rope_theta)
-    h = tm("embed", runtime.embed, fp.embed_tokens, ids)
-    bufs, _ = fp._region_buffers()
-    h_cur, a, x, dn_out, qkv_out, h_attn = bufs[0], bufs[1], bufs[7], bufs[10], bufs[11], bufs[3]
-    ws = fp._workspace(1)
-    q_rot, k_rot = ws["q"], ws["k"]
-    h_cur[:] = h
-    tm("glue: norms", glue.rms_norm_row, h_cur[0], fp.layers[0].input_layernorm, eps, x[0])
-    tm("region: GEMVs + glue", fp._region, -1, runtime.PHASE_QKV, runtime.PHASE_QKV)
-    nq, nk, n_layers = n_heads * hd, n_kv * hd, len(fp.layers)
-    for i in range(n_layers):
-        tm("glue: rope", glue.rope_heads, qkv_out[0, :nq].reshape(n_heads, hd), cos[0], sin[0], q_rot[0])
-        tm("glue: rope", glue.rope_heads, qkv_out[0, nq:nq + nk].reshape(n_kv, hd), cos[0], sin[0], k_rot[0])
-        tm("cache store/read", cache.store, i, start, k_rot, qkv_out[:, nq + nk:].reshape(1, n_kv, hd))
-        k_all, v_all = tm("cache store/read", glue.read_kv, cache, i, start + 1)
-        a[:] = tm("attention (NumPy)", attention, q_rot, k_all, v_all, start).reshape(1, nq)
-        tm("region: GEMVs + glue", fp._region, i, runtime.PHASE_O,
-           runtime.PHASE_QKV if i + 1 < n_layers else runtime.PHASE_DOWN)
-    out = h_attn + dn_out
-    cache.commit(start, ids)
-    xn = tm("glue: final norm (NumPy)", rms_norm, out, fp.norm, cfg.rms_norm_eps)
-    return tm("kernel: lm_head", fp.lm_head, xn[-1:])
-
-
 def region_profile(fp, cache, start, steps, cpu):
     """Per projection group: wake-up, busy, imbalance and join of each GEMV region, stamped by its tasks."""
     groups = {"qkv": [], "o": [], "gate_up": [], "down": []}
@@ -178,18 +172,23 @@ def region_profile(fp, cache, start, steps, cpu):
     d, f = fp.config.hidden_size, fp.config.intermediate_size
     inputs = {"qkv": d, "o": d, "gate_up": d, "down": f}
     filler = rng.standard_normal(20000).astype(np.float32)
+    sync, n_threads = np.zeros(3, np.int64), numba.get_num_threads()
     for _ in range(steps):
         for i, w in enumerate(fp.layers):
             for name in groups:
                 lin = getattr(w, name).linear
                 x = rng.standard_normal((1, inputs[name])).astype(np.float32)
-                s, act, xsum, y = lin._buffers(1, "v4")
+                kernel = lin.kernel_for(1)
+                s, act, xsum, y = lin._buffers(1, kernel)
                 act_quant.quantize_byte_planes(x, s, act, xsum)
                 n_tasks = (lin.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
                 stamps = np.zeros((n_tasks, 3), np.int64)
                 serial_work(filler, 1)                                # ~serial glue between two regions
                 c0 = cycles_now()
-                gemv_stamped(lin.packed, act, xsum, s, lin.row_scale, y, stamps)
+                if kernel == "v6":
+                    gemv_stamped_v6(lin.packed, act, xsum, s, lin.row_scale, y, stamps, sync, n_threads)
+                else:
+                    gemv_stamped(lin.packed, act, xsum, s, lin.row_scale, y, stamps)
                 c1 = cycles_now()
                 groups[name].append(region_stats(stamps, c0, c1, cpu))
     return {name: {k: float(np.median([r[k] for r in rows])) for k in rows[0]} for name, rows in groups.items()}
@@ -248,10 +247,8 @@ def main():
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--label", default="before")
-    ap.add_argument("--regions", action="store_true", help="profile the decode-region path (runtime.decode_region)")
     args = ap.parse_args()
     kernels.set_num_threads(args.threads)
-    import numba
     model = refbitnet.load(args.model, backend="numba")
     fp = model._fast
     cache = model.new_cache(args.prompt + 2 * args.steps + 8)
@@ -268,8 +265,7 @@ def main():
     load0 = os.getloadavg()
     # 1. wall time per op
     token, steps_s, tm = 1, [], Timer()
-    step_fn = timed_step_regions if args.regions else timed_step
-    fp.decode_regions = args.regions
+    step_fn = timed_step
     step_fn(fp, token, cache, cache.length, Timer())                    # warm
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -290,7 +286,7 @@ def main():
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average {load0[0]:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end of part 1.")
     say(f"Command: `python benchmarks/profile_decode.py --threads {args.threads} --prompt {args.prompt} "
-        f"--steps {args.steps} --label {args.label}{' --regions' if args.regions else ''}`; model {args.model}; "
+        f"--steps {args.steps} --label {args.label}`; model {args.model}; "
         f"decode at positions {args.prompt}..{args.prompt + 2 * n}; {time.strftime('%H:%M UTC', time.gmtime())}.\n")
     say(f"## 1. One decode step, op by op (mean over {n} steps)\n")
     say(f"Step: {step_ms:.1f} ms timed op by op; model.forward of one token untimed: "
@@ -305,28 +301,22 @@ def main():
         say(f"| {name} | {ms:.2f} | {100 * ms / step_ms:.1f} | {tm.calls[name] // n} | {regions} |")
     say(f"| python between ops | {step_ms - accounted:.2f} | {100 * (step_ms - accounted) / step_ms:.1f} | | |")
     total_regions = sum(tm.calls[k] // n for k in tm.total if k.startswith(("kernel", "region")))
-    if args.regions:
-        say(f"\nParallel regions per token: {total_regions} (runtime.decode_region: one per layer holding o, "
-            f"gate_up, down and the next layer's q/k/v with the glue between them, plus one for layer 0's q/k/v "
-            f"and the LM head; attention, RoPE and the cache between regions on one thread).\n")
-    else:
-        say(f"\nParallel regions per token: {total_regions} (one per GEMV call and one LM head; the quantize pass "
-            f"before each GEMV, the glue, attention and the Python between them run on one thread).\n")
-    # 2. inside the regions (the per-GEMV path's)
-    if not args.regions:
-        say(f"## 2. Inside each GEMV region (medians over {args.steps // 4 or 1} steps x 30 layers; "
-            f"cycle counter {cpu:.0f} per us)\n")
-        stats = region_profile(fp, cache, cache.length, max(1, args.steps // 4), cpu)
-        say("| group | call us | threads | main wake us | worker wake us | main busy us | worker busy us | "
-            "imbalance us | join us |")
-        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for name, r in stats.items():
-            say(f"| {name} | {r['call_us']:.1f} | {r['threads_seen']:.0f} | {r['wake_main_us']:.1f} | "
-                f"{r['wake_worker_us']:.1f} | {r['busy_main_us']:.1f} | {r['busy_worker_us']:.1f} | "
-                f"{r['imbalance_us']:.1f} | {r['join_us']:.1f} |")
-        waits = sum(30 * (r["call_us"] - max(r["busy_main_us"], r["busy_worker_us"])) for r in stats.values())
-        say(f"\nPer token, the 120 GEMV regions spend about {waits / 1e3:.2f} ms beyond their busier thread's work "
-            f"(wake-up + imbalance + join).\n")
+    say(f"\nParallel regions per token: {total_regions} (one per GEMV call and one LM head; the quantize pass "
+        f"before each GEMV, the glue and the Python between them run on one thread).\n")
+    # 2. inside the regions
+    say(f"## 2. Inside each GEMV region (medians over {args.steps // 4 or 1} steps x 30 layers; "
+        f"cycle counter {cpu:.0f} per us)\n")
+    stats = region_profile(fp, cache, cache.length, max(1, args.steps // 4), cpu)
+    say("| group | call us | threads | main wake us | worker wake us | main busy us | worker busy us | "
+        "imbalance us | join us |")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in stats.items():
+        say(f"| {name} | {r['call_us']:.1f} | {r['threads_seen']:.0f} | {r['wake_main_us']:.1f} | "
+            f"{r['wake_worker_us']:.1f} | {r['busy_main_us']:.1f} | {r['busy_worker_us']:.1f} | "
+            f"{r['imbalance_us']:.1f} | {r['join_us']:.1f} |")
+    waits = sum(30 * (r["call_us"] - max(r["busy_main_us"], r["busy_worker_us"])) for r in stats.values())
+    say(f"\nPer token, the 120 GEMV regions spend about {waits / 1e3:.2f} ms beyond their busier thread's work "
+        f"(wake-up + imbalance + join).\n")
     # 3. empty region
     med, p90, p99, gap = empty_region_cost(args.threads)
     say("## 3. An empty parallel region after serial work\n")

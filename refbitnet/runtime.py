@@ -12,9 +12,8 @@ bf16 LM head (kernels.bf16_matmul) sums in another order. It records the same tr
 trace checks the path that ships. Imports point one way: this module uses refbitnet.model, never the reverse.
 
 Also here, each with the same bits: blocks of up to SHORT_BLOCK tokens run one token at a time (a fresh
-install's first short prompt compiles only the decode kernels); the opt-in ``decode_region`` runs a decode
-step's GEMVs and glue in one parallel region per layer (REFBITNET_DECODE_REGIONS=1). Not the same bits, and
-opt-in: the 8-bit LM head (``FastPath.use_int8_head``, REFBITNET_LM_HEAD=int8).
+install's first short prompt compiles only the decode kernels). Not the same bits, and opt-in: the 8-bit LM
+head (``FastPath.use_int8_head``, REFBITNET_LM_HEAD=int8).
 """
 
 from __future__ import annotations
@@ -23,124 +22,20 @@ import os
 
 import numba
 import numpy as np
-from numba import njit, prange
 
 from . import kernels  # (sets the LLVM options before anything below compiles)
 from .errors import RefBitNetError
 from .kernels import TernaryLinear
-from .kernels import act_quant
-from .kernels.sync import claim, fetch_add, store_release, wait_nonzero
 from .kernels.v3_word_planes import MAX_K
 from .kernels.lm_head_int8 import int8_matmul, quantize_rows_int8
 from .kernels.lm_head_v2 import bf16_matmul_claimed_v2
-from .kernels.v4_maddubs import dot_row as v4_dot_row
 from .kernels.repack import WeightArena, kernel_layout_rows
 from .attention_kernel import attend
-from .glue import (add_rms_norm_into, add_rms_norm_row, relu2_mul_rms_norm_into, relu2_mul_rms_norm_row,
-                   rms_norm_into, rms_norm_row, rope_heads, rope_into)
+from .glue import add_rms_norm_into, relu2_mul_rms_norm_into, rms_norm_into, rope_into
 from .kv_cache import KVCache
 from .model import embed, lm_head, recorder, rms_norm, rope_tables
 from .quant import absmax_int8
 from .weights import read_private
-
-
-# ----------------------------------------------------------------------------- decoding: one region per layer
-# A decode step (S = 1) through one OpenMP region per GEMV wakes and parks the worker threads 121 times per
-# token, with the quantize pass and the glue on the calling thread between them; on a busy machine the woken
-# worker often lands on the caller's CPU and the static halves of a GEMV then run one after the other
-# (benchmarks/results/decode_profile.md). ``decode_region`` runs the four GEMVs from one layer's attention
-# output to the next layer's q/k/v in ONE region: the threads claim chunks of CHUNK_ROWS rows of the current
-# GEMV from a shared counter (a thread that is not running claims nothing, so nobody waits for it), and the
-# thread that finishes a GEMV's last chunk runs the glue (the same compiled ops as the block path, in the same
-# order: same bits) and quantizes the next GEMV's input, then publishes it; the others wait for that flag.
-# The GEMV arithmetic is kernels.v4_maddubs's (dot_row and its epilogue), so every output equals the door's.
-# Attention stays refbitnet.model.attention (NumPy) between two regions.
-
-PHASE_O, PHASE_GATE_UP, PHASE_DOWN, PHASE_QKV = 0, 1, 2, 3
-PHASE_NAMES = ("o", "gate_up", "down", "qkv")
-CHUNK_ROWS = 32                          # rows per claimed chunk (as ROWS_PER_TASK of the v4 GEMV)
-CLAIM, DONE, READY, FRONT, BACK = 0, 4, 8, 12, 16    # offsets of the per-phase counters in `sync` (int64 [20])
-READY_OK, READY_ABORT = 1, 2
-
-
-@njit(cache=True)
-def _gemv_chunk(packed, planes, s, xsum, row_scale, out, chunk):
-    """Rows chunk*CHUNK_ROWS .. of the v4 GEMV for one token: out[0, n] = fl(fl(float32(acc) / s) * scale[n])."""
-    n_end = min(packed.shape[0], (chunk + 1) * CHUNK_ROWS)
-    for n in range(chunk * CHUNK_ROWS, n_end):
-        acc = v4_dot_row(packed[n], planes[0]) - xsum[0]
-        out[0, n] = np.float32(np.float32(np.float32(acc) / s[0]) * row_scale[n])
-
-
-@njit(cache=True)
-def _glue(phase, first, w, bufs, eps):
-    """The ops before GEMV `phase` (on one thread): its input computed and quantized into the planes it
-    reads. Returns True if that input holds a NaN/inf (the caller aborts the region and reports it)."""
-    h_cur, a, a_norm, h_attn, x2, m, m_norm, x, o_out, gu_out, dn_out = bufs[:11]
-    planes_d, planes_f, s, xsum = bufs[12], bufs[13], bufs[14], bufs[15]
-    if phase == PHASE_O:                 # a_norm = rms_norm(attention output)
-        rms_norm_row(a[0], w[8], eps, a_norm[0])
-        return act_quant.quantize_byte_planes(a_norm, s[0:1], planes_d, xsum[0:1]) >= 0
-    if phase == PHASE_GATE_UP:           # h_attn = h + o, x2 = rms_norm(h_attn)
-        add_rms_norm_row(h_cur[0], o_out[0], w[9], eps, h_attn[0], x2[0])
-        return act_quant.quantize_byte_planes(x2, s[1:2], planes_d, xsum[1:2]) >= 0
-    if phase == PHASE_DOWN:              # m = relu2(gate) * up, m_norm = rms_norm(m)
-        f = m.shape[1]
-        relu2_mul_rms_norm_row(gu_out[0, :f], gu_out[0, f:], w[10], eps, m[0], m_norm[0])
-        return act_quant.quantize_byte_planes(m_norm, s[2:3], planes_f, xsum[2:3]) >= 0
-    if first != PHASE_QKV:               # next layer: h = h_attn + down, x = its input norm
-        add_rms_norm_row(h_attn[0], dn_out[0], w[11], eps, h_cur[0], x[0])
-    return act_quant.quantize_byte_planes(x, s[3:4], planes_d, xsum[3:4]) >= 0
-
-
-@njit(cache=True)
-def _region_worker(t, first, last, w, bufs, eps, sync):
-    """What thread t of decode_region runs: for each GEMV, wait for its input, then claim and compute chunks
-    of its rows; the thread that completes the last chunk runs the next GEMV's glue and publishes it."""
-    for phase in range(first, last + 1):
-        if wait_nonzero(sync, READY + phase) != READY_OK:
-            return
-        if phase == PHASE_O:
-            packed, row_scale, planes, out = w[0], w[1], bufs[12], bufs[8]
-        elif phase == PHASE_GATE_UP:
-            packed, row_scale, planes, out = w[2], w[3], bufs[12], bufs[9]
-        elif phase == PHASE_DOWN:
-            packed, row_scale, planes, out = w[4], w[5], bufs[13], bufs[10]
-        else:
-            packed, row_scale, planes, out = w[6], w[7], bufs[12], bufs[11]
-        s, xsum = bufs[14][phase:phase + 1], bufs[15][phase:phase + 1]
-        n_chunks = (packed.shape[0] + CHUNK_ROWS - 1) // CHUNK_ROWS
-        while True:
-            chunk = claim(sync, CLAIM + phase, FRONT + phase, BACK + phase, n_chunks, t)
-            if chunk < 0:
-                break
-            _gemv_chunk(packed, planes, s, xsum, row_scale, out, chunk)
-            if fetch_add(sync, DONE + phase, 1) == n_chunks - 1 and phase < last:
-                bad = _glue(phase + 1, first, w, bufs, eps)         # the last finisher prepares the next GEMV
-                store_release(sync, READY + phase + 1, READY_ABORT if bad else READY_OK)
-
-
-@njit(cache=True, parallel=True)
-def decode_region(first, last, w, bufs, eps, sync, n_threads):
-    """GEMVs first .. last (PHASE_*) of a decode step in one parallel region, each preceded by its glue.
-
-    w: packed uint8 [N, K/4] and row scales float32 [N] of o, gate_up, down and the next layer's qkv (8
-    arrays), then attn_sub_norm, post_attention_layernorm, ffn_sub_norm and the next layer's
-    input_layernorm. bufs: float32 [1, .] (h_cur, a, a_norm, h_attn, x2, m, m_norm, x, o_out, gu_out,
-    dn_out, qkv_out), byte planes int8 [1, 4, D/4] and [1, 4, F/4], s float32 [4] and xsum int32 [4] (one
-    of each per GEMV). first == PHASE_QKV: x holds the first layer's normed input. sync: int64 [20].
-    Returns -1, or the phase whose input held a NaN/inf (the region then stopped before that GEMV).
-    """
-    sync[:] = 0
-    if _glue(first, first, w, bufs, eps):
-        return first
-    sync[READY + first] = READY_OK
-    for t in prange(n_threads):
-        _region_worker(t, first, last, w, bufs, eps, sync)
-    for phase in range(first, last + 1):
-        if sync[READY + phase] == READY_ABORT:
-            return phase
-    return -1
 
 
 # ----------------------------------------------------------------------------- the fast path
@@ -225,15 +120,6 @@ class FastPath:
                              for w in weights.layers for group in FastLayer.groups(w)])
         self.layers = [FastLayer(w, arena) for w in weights.layers]
         self._decode_workspace = None
-        # decoding in one parallel region per layer (decode_region): opt-in (REFBITNET_DECODE_REGIONS=1), where
-        # every GEMV of S = 1 is v4's. The same bits; it costs ~5 s more of first-run compiling for ~2-4% of
-        # decode speed on an idle machine and nothing measurable on a busy one (benchmarks/results/
-        # decode_profile.md), so the per-GEMV path stays the default.
-        self.regions_fit = all(lin.linear.kernel_for(1) == "v4" for layer in self.layers
-                               for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
-        self.decode_regions = self.regions_fit and os.environ.get("REFBITNET_DECODE_REGIONS", "") == "1"
-        self._region_weights = [self._region_tuple(i) for i in range(len(self.layers))]
-        self._region_ws = None
         self._head_sync = np.zeros(3, np.int64)
         self.claimed_head = True              # one token's LM head with claimed rows (bf16_matmul_claimed_v2)
         self.int8_head = None                 # (q int8 [V, D], scale f32 [V]) when the 8-bit head is on
@@ -297,69 +183,6 @@ class FastPath:
             return kernels.bf16_matmul(x, self.output_table)
         return lm_head(x, self.output_table)
 
-    def _region_tuple(self, i):
-        """decode_region's w for layer i: its o, gate_up, down and the next layer's qkv (packed, row scales;
-        layer 0's after the last layer: the region that starts a step with layer 0's q/k/v uses the last
-        layer's tuple), its three norms and the next input norm."""
-        w = self.layers[i]
-        nxt = self.layers[(i + 1) % len(self.layers)]
-        return (w.o.linear.packed, w.o.linear.row_scale, w.gate_up.linear.packed, w.gate_up.linear.row_scale,
-                w.down.linear.packed, w.down.linear.row_scale, nxt.qkv.linear.packed, nxt.qkv.linear.row_scale,
-                w.attn_sub_norm, w.post_attention_layernorm, w.ffn_sub_norm, nxt.input_layernorm)
-
-    def _region_buffers(self):
-        """decode_region's bufs and sync, made once (see its docstring)."""
-        if self._region_ws is None:
-            cfg = self.config
-            d, f = cfg.hidden_size, cfg.intermediate_size
-            n_qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-            f32 = lambda n: np.zeros((1, n), np.float32)                                  # noqa: E731
-            bufs = (f32(d), f32(cfg.num_attention_heads * cfg.head_dim), f32(d), f32(d), f32(d), f32(f), f32(f),
-                    f32(d), f32(d), f32(2 * f), f32(d), f32(n_qkv), np.zeros((1, 4, d // 4), np.int8),
-                    np.zeros((1, 4, f // 4), np.int8), np.zeros(4, np.float32), np.zeros(4, np.int32))
-            self._region_ws = (bufs, np.zeros(20, np.int64))
-        return self._region_ws
-
-    def _region(self, i, first, last):
-        """decode_region with layer i's tuple (GEMVs first .. last; PHASE_QKV is layer i+1's); a NaN/inf
-        reaching a quantizer is reported by that projection's own door, naming the layer."""
-        bufs, sync = self._region_buffers()
-        eps = np.float32(self.config.rms_norm_eps)
-        bad = decode_region(first, last, self._region_weights[i], bufs, eps, sync, numba.get_num_threads())
-        if bad >= 0:
-            layer, fused, x = {PHASE_O: (i, self.layers[i].o, bufs[2]),
-                               PHASE_GATE_UP: (i, self.layers[i].gate_up, bufs[4]),
-                               PHASE_DOWN: (i, self.layers[i].down, bufs[6])}.get(
-                                   bad, ((i + 1) % len(self.layers), None, bufs[7]))
-            fused = fused or self.layers[layer].qkv
-            fused(layer, x)                                  # raises the quantizer's error for this input
-            raise RefBitNetError(f"layers.{layer}: input to the activation quantizer: expected finite values")
-
-    def _decode_layers(self, h, cos, sin, cache, start, first, last):
-        """layers_forward for one token (S = 1, no trace) through decode_region: one parallel region per
-        layer, attention (refbitnet.model.attention) between two regions. The same bits as the block path."""
-        cfg = self.config
-        n_heads, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        eps = np.float32(cfg.rms_norm_eps)
-        bufs, _ = self._region_buffers()
-        h_cur, a, h_attn, x, dn_out, qkv_out = bufs[0], bufs[1], bufs[3], bufs[7], bufs[10], bufs[11]
-        ws = self._workspace(1)
-        q_rot, k_rot = ws["q"], ws["k"]
-        h_cur[:] = h
-        rms_norm_row(h_cur[0], self.layers[first].input_layernorm, eps, x[0])          # [1, D]
-        self._region(first - 1, PHASE_QKV, PHASE_QKV)                                   # layer first's q/k/v
-        nq, nk = n_heads * hd, n_kv * hd
-        for i in range(first, last):
-            rope_heads(qkv_out[0, :nq].reshape(n_heads, hd), cos[0], sin[0], q_rot[0])   # [H, HD]
-            rope_heads(qkv_out[0, nq:nq + nk].reshape(n_kv, hd), cos[0], sin[0], k_rot[0])
-            cache.store(i, start, k_rot, qkv_out[:, nq + nk:].reshape(1, n_kv, hd))
-            attend(q_rot, cache, i, start, out=a.reshape(1, n_heads, hd))             # a [1, H*HD]
-            if i + 1 < last:
-                self._region(i, PHASE_O, PHASE_QKV)        # o, gate_up, down of layer i; q/k/v of layer i+1
-            else:
-                self._region(i, PHASE_O, PHASE_DOWN)
-        return h_attn + dn_out                                                          # [1, D], a new array
-
     def layers_forward(self, h, cos, sin, cache, start, record=None, first=0, last=None):
         """Decoder layers first .. last-1 on h float32 [S, D] at positions start .. start+S-1 -> [S, D]:
         refbitnet.model.decoder_layer's ops in its order, the glue compiled and fused (residual add with
@@ -368,8 +191,6 @@ class FastPath:
         cfg, layers = self.config, self.layers
         last = len(layers) if last is None else last
         s_len, n_heads, n_kv, hd = h.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        if s_len == 1 and record is None and self.decode_regions and first < last:
-            return self._decode_layers(h, cos, sin, cache, start, first, last)
         eps = np.float32(cfg.rms_norm_eps)
         ws = self._workspace(s_len)
         h_cur, x, h_attn, x2, q_rot, k_rot = ws["h"], ws["x"], ws["h_attn"], ws["x2"], ws["q"], ws["k"]
