@@ -55,7 +55,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 def rope_tables(positions: np.ndarray, head_dim: int, theta: float):
     """cos, sin tables for half-split RoPE: positions [S] -> (cos, sin) float32 [S, HD].
 
-    inv_freq[j] = theta**(-2j/HD), j < HD/2, rounded to float32 (as transformers stores it); the angle is
+    inv_freq[j] = theta**(-2j/HD), j < HD/2, rounded once to float32 (transformers rounds three float32 ops,
+    an ulp apart in some entries: docs/SPEC.md §2; model_bf16 follows transformers); the angle is
     the float32 product position * inv_freq[j], as transformers computes it in float32; element j and
     j + HD/2 share it. cos and sin are evaluated in float64 and rounded once (correctly rounded float32).
     Training (refbitnet.train) uses this same table.
