@@ -181,7 +181,7 @@ for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), (
                            ("v4 GEMV (1 token x 1 row per chunk)", v4.matmul_scaled_v4, "vpmaddubsw"),
                            ("v4 blocked (4 tokens x 1 row per chunk)", v4.matmul_scaled_v4_blocked, "vpmaddubsw"),
                            ("v5 (8 tokens x 1 row per chunk)", v5._tile, "vpdpbusd" if v5.VNNI else "vpmaddubsw"))
-                          + ((("v6 GEMV (4 chunks x 4 fields per iteration)", v6.gemv_claimed_v6, "vpdpbusd"),)
+                          + ((("v6 GEMV (4 chunks x 4 fields per iteration)", v6.matmul_scaled_v6, "vpdpbusd"),)
                              if v6.available() else ()):
     asm = next(iter(disp.inspect_asm().values()))
     blocks = re.split(r"\n(?=\.LBB)", asm)                     # basic blocks

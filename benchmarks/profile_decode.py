@@ -76,7 +76,7 @@ def gemv_stamped(packed, planes, xsum, s_act, row_scale, out, stamps):
 
 @njit(parallel=True)
 def gemv_stamped_v6(packed, planes, xsum, s_act, row_scale, out, stamps, sync, n_threads):
-    """kernels.v6_vnni.gemv_claimed_v6 (rows claimed by the threads), each claimed task writing (thread id,
+    """kernels.v6_vnni.matmul_scaled_v6 (rows claimed by the threads), each claimed task writing (thread id,
     start, end) into stamps."""
     N = packed.shape[0]
     n_tasks = (N + v6_vnni.ROWS_PER_TASK - 1) // v6_vnni.ROWS_PER_TASK

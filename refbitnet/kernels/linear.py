@@ -112,7 +112,7 @@ class TernaryLinear:
         self._words = packed.view(np.uint16)                         # uint16 [N, K/8], v3's view of the rows
         self._codes = unpack_kernel(packed) if kernel == "v1" else None   # int8 [N, K], v1 reads bytes
         self._decode = None                                          # (s, act, xsum, y) for S = 1
-        self._sync = np.zeros(3, np.int64)                           # v6's row-claim counters (S = 1)
+        self._sync = np.zeros(3, np.int64)                           # v6's row-claim counters
 
     def __repr__(self):
         return f"TernaryLinear(N={self.shape[0]}, K={self.shape[1]}, kernel={self.kernel!r})"
@@ -174,10 +174,8 @@ class TernaryLinear:
             v4_maddubs.matmul_scaled_v4_blocked(self.packed, act, xsum, s, row_scale, out)
         elif kernel == "v4":
             v4_maddubs.matmul_scaled_v4(self.packed, act, xsum, s, row_scale, out)
-        elif kernel == "v6" and out.shape[0] == 1:
-            v6_vnni.gemv_claimed_v6(self.packed, act, xsum, s, row_scale, out, self._sync, get_num_threads())
         elif kernel == "v6":
-            v6_vnni.matmul_scaled_v6(self.packed, act, xsum, s, row_scale, out)
+            v6_vnni.matmul_scaled_v6(self.packed, act, xsum, s, row_scale, out, self._sync, get_num_threads())
         else:
             v3_word_planes.matmul_scaled(self._words, act, xsum, s, row_scale, out)
 

@@ -4,7 +4,7 @@ Why: a decode GEMV is one OpenMP region of ~0.1-0.4 ms. Split in fixed halves, t
 later thread is done, and the worker thread often starts late (woken from its wait, or descheduled by a
 neighbour on a busy machine). ``claim`` hands out chunks of rows from shared counters (``fetch_add``,
 acq_rel) instead: a thread that is not running claims nothing, and the running ones do its share. Used by
-the one-token GEMV (``v6_vnni.gemv_claimed_v6``) and the one-token LM head
+the v6 GEMV (``v6_vnni.matmul_scaled_v6``) and the one-token LM head
 (``lm_head_v2.bf16_matmul_claimed_v2``); every row is computed by one thread in a fixed order, so the
 results do not depend on who claimed it.
 """

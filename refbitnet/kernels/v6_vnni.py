@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 from .avx2 import CHUNK, I8, I32, V8I32, V32I8
 from .sync import claim
 
-__all__ = ["matmul_scaled_v6", "gemv_claimed_v6", "available"]
+__all__ = ["matmul_scaled_v6", "available"]
 
 UNROLL = 4               # chunks per loop iteration, each with its own 4 field accumulators
 PREFETCH = 4096          # bytes of the row stream requested ahead of the chunk being read
@@ -116,28 +116,16 @@ def row_dot(typingctx, row, planes):
 
 
 @njit(cache=True, parallel=True)
-def matmul_scaled_v6(packed, planes, xsum, s_act, row_scale, out):
+def matmul_scaled_v6(packed, planes, xsum, s_act, row_scale, out, sync, n_threads):
     """packed uint8 [N, K/4], planes int8 [S, 4, K/4], xsum int32 [S], s_act f32 [S], row_scale f32 [N]
     -> out f32 [S, N] = fl(fl(float32(acc) / s_act[s]) * row_scale[n]), acc = xq @ w.T exactly
-    (``v4_maddubs.matmul_scaled_v4``'s contract and bits)."""
+    (``v4_maddubs.matmul_scaled_v4``'s contract and bits). The rows are claimed ROWS_PER_TASK at a time
+    (``sync.claim``: counters sync int64 [3], zeroed here) instead of split in halves in advance: a worker
+    that wakes late, or is descheduled, claims less and the running thread does the rest, where a static
+    split waits for it. Each row is computed by one thread in a fixed order: the same bits whoever claims
+    it. n_threads: numba.get_num_threads() of the caller (one prange iteration per thread)."""
     N = packed.shape[0]
     S = planes.shape[0]
-    for task in prange((N + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for s in range(S):
-            for n in range(task * ROWS_PER_TASK, min(N, (task + 1) * ROWS_PER_TASK)):
-                acc = row_dot(packed[n], planes[s]) - xsum[s]
-                y = np.float32(np.float32(acc) / s_act[s])
-                out[s, n] = np.float32(y * row_scale[n])
-
-
-@njit(cache=True, parallel=True)
-def gemv_claimed_v6(packed, planes, xsum, s_act, row_scale, out, sync, n_threads):
-    """matmul_scaled_v6 for one token (decoding: planes [1, 4, K/4] -> out [1, N]) with the rows claimed
-    ROWS_PER_TASK at a time (``sync.claim``: counters sync int64 [3], zeroed here) instead of split in
-    halves in advance: a worker that wakes late, or is descheduled, claims less and the running thread
-    does the rest, where a static split waits for it. The same dots, so the same bits. n_threads:
-    numba.get_num_threads() of the caller (one prange iteration per thread)."""
-    N = packed.shape[0]
     n_tasks = (N + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     sync[:] = 0
     for t in prange(n_threads):
@@ -145,7 +133,8 @@ def gemv_claimed_v6(packed, planes, xsum, s_act, row_scale, out, sync, n_threads
             task = claim(sync, 0, 1, 2, n_tasks, t)
             if task < 0:
                 break
-            for n in range(task * ROWS_PER_TASK, min(N, (task + 1) * ROWS_PER_TASK)):
-                acc = row_dot(packed[n], planes[0]) - xsum[0]
-                y = np.float32(np.float32(acc) / s_act[0])
-                out[0, n] = np.float32(y * row_scale[n])
+            for s in range(S):
+                for n in range(task * ROWS_PER_TASK, min(N, (task + 1) * ROWS_PER_TASK)):
+                    acc = row_dot(packed[n], planes[s]) - xsum[s]
+                    y = np.float32(np.float32(acc) / s_act[s])
+                    out[s, n] = np.float32(y * row_scale[n])
