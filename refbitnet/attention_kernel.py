@@ -3,16 +3,19 @@
 refbitnet.model.attention writes every sum in an order NumPy fixes: a score is a pairwise sum over HD of
 rounded products q*k, the softmax takes e**x from model.exp_float32 (plain float32 operations) and its
 denominator is a pairwise sum over T, and the output adds the rounded products weight*v in order
-t = 0, 1, 2, ... This module performs the same float32 operations in the same order (glue.pairwise_dot
-is NumPy's pairwise summation), one query head per task, split between the threads, so the two agree bit
-for bit (tests/test_attention.py). It reads the cache as stored: a float16 cache's rows are widened
-exactly (glue._widen_float16_block, equal to NumPy's cast, as KVCache.read widens) one row of HD values
-at a time into a small buffer, never into a float32 copy of the layer. Used by refbitnet.runtime.
+t = 0, 1, 2, ... This module performs the same float32 operations in the same order, so the two agree bit
+for bit (tests/test_attention.py). The pairwise sums are glue.pairwise_dot's (NumPy's 8 partial sums as one
+8-lane vector, 4 heads sharing each key row); the weighted sum keeps 4 heads x 16 elements in registers over
+all T (_weighted_lanes). Neither reorders an addition: vectors only hold the independent partial sums.
+
+It reads the cache as stored: a float16 cache's keys and values are widened exactly inside the vector
+loops (fpext half -> float, equal to NumPy's cast, as KVCache.read widens), never into a float32 copy of
+the layer. A block of queries (prefill) runs one query per thread task; one query over a long context
+(decode) is split in three parallel loops; a short one runs on the calling thread. Used by
+refbitnet.runtime.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from llvmlite import ir
@@ -129,9 +132,8 @@ def _weighted_lanes(typingctx, scores, h0, v, g, d0, t_len, out):
         i8p, f32 = ir.IntType(8).as_pointer(), ir.FloatType()
         v8f = ir.VectorType(f32, 8)
         size = ir.Constant(h0.type, 2 if half else 4)
-        sc_row, v_row, v_head = (builder.extract_value(x.strides, 0) for x in (sc, va, va))
+        sc_row, v_row, o_row = (builder.extract_value(x.strides, 0) for x in (sc, va, oa))   # bytes
         v_head = builder.extract_value(va.strides, 1)
-        o_row = builder.extract_value(oa.strides, 0)
         sc_ptr, v_ptr, o_ptr = (builder.bitcast(x.data, i8p) for x in (sc, va, oa))
         zero = ir.Constant(v8f, [0.0] * 8)
         acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(LANE_HEADS)]
@@ -143,7 +145,8 @@ def _weighted_lanes(typingctx, scores, h0, v, g, d0, t_len, out):
             for k in range(2):
                 p = builder.gep(v_ptr, [builder.add(v_off, builder.mul(ir.Constant(t.type, 8 * k), size))])
                 if half:
-                    raw = builder.load(builder.bitcast(p, ir.VectorType(ir.IntType(16), 8).as_pointer()), align=2)
+                    i16x8 = ir.VectorType(ir.IntType(16), 8)
+                    raw = builder.load(builder.bitcast(p, i16x8.as_pointer()), align=2)
                     xs.append(builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), 8)), v8f))
                 else:
                     xs.append(builder.load(builder.bitcast(p, v8f.as_pointer()), align=4))
@@ -158,10 +161,11 @@ def _weighted_lanes(typingctx, scores, h0, v, g, d0, t_len, out):
                     builder.store(builder.fadd(builder.load(acc[j][k]), builder.fmul(wv, xs[k])), acc[j][k])
         for j in range(LANE_HEADS):
             for k in range(2):
+                d = builder.add(d0, ir.Constant(d0.type, 8 * k))
                 off = builder.add(builder.mul(builder.add(h0, ir.Constant(h0.type, j)), o_row),
-                                  builder.mul(builder.add(d0, ir.Constant(d0.type, 8 * k)), ir.Constant(d0.type, 4)))
-                builder.store(builder.load(acc[j][k]), builder.bitcast(builder.gep(o_ptr, [off]), v8f.as_pointer()),
-                              align=4)
+                                  builder.mul(d, ir.Constant(d0.type, 4)))
+                dst = builder.bitcast(builder.gep(o_ptr, [off]), v8f.as_pointer())
+                builder.store(builder.load(acc[j][k]), dst, align=4)
         return context.get_dummy_value()
     return types.none(scores, types.intp, v, types.intp, types.intp, types.intp, out), codegen
 
@@ -252,14 +256,14 @@ def _attention_one(q_i, k32, k16, v32, v16, wide16, n_kv, t_len, scale, out_i):
         g, c = task // n_parts, task % n_parts
         buf = np.empty(hd, np.float32)
         acc = np.empty((groups, OUT_CHUNK), np.float32)
-        _weighted(scores, v32, v16, wide16, g, groups, t_len, c * OUT_CHUNK, min(hd, (c + 1) * OUT_CHUNK), out_i,
-                  acc, buf)
+        d0, d1 = c * OUT_CHUNK, min(hd, (c + 1) * OUT_CHUNK)
+        _weighted(scores, v32, v16, wide16, g, groups, t_len, d0, d1, out_i, acc, buf)
 
 
 SERIAL_WORK = 4096          # up to this many (query, head, position) triples a call runs on the calling thread
 
 
-_NO_F32 = np.zeros((1, 1, 1), np.float32)      # the unused cache argument of _attention (typed, empty role)
+_NO_F32 = np.zeros((1, 1, 1), np.float32)      # the cache argument of the other element type (never read)
 _NO_F16 = np.zeros((1, 1, 1), np.uint16)
 
 

@@ -3,8 +3,9 @@
 Each op reproduces the NumPy expression of refbitnet.model bit for bit (the same float32 operations in the
 same order; for the mean in rms_norm, NumPy's own pairwise summation), so the integer codes the next
 quantizer makes are the same on both paths. Fused where the fast path needs it: the residual add with the
-next rms_norm, relu2(gate) * up with ffn_sub_norm. Also the float16 KV cache's exact widening. Used by
-refbitnet.runtime only.
+next rms_norm, relu2(gate) * up with ffn_sub_norm. Also the float16 KV cache's exact widening, and NumPy's
+pairwise sum of products (pairwise_dot, block_dot_rows) that refbitnet.attention_kernel's scores and softmax
+sum use as well. Used by refbitnet.runtime and refbitnet.attention_kernel.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def _lane_sums(typingctx, a, b, lo, n8):
         arr_a = context.make_array(signature.args[0])(context, builder, args[0])
         arr_b = context.make_array(signature.args[1])(context, builder, args[1])
         lo = args[2]
-        return _lane_sums_ir(builder, [builder.gep(arr_a.data, [lo])], builder.gep(arr_b.data, [lo]), args[3])[0]
+        row_a, row_b = builder.gep(arr_a.data, [lo]), builder.gep(arr_b.data, [lo])
+        return _lane_sums_ir(builder, [row_a], row_b, args[3])[0]
     return types.float32(a, b, types.intp, types.intp), codegen
 
 
@@ -102,8 +104,8 @@ def _lane_sums_rows(typingctx, a, r0, b, n8, out):
         arr_out = context.make_array(signature.args[4])(context, builder, args[4])
         row_len = builder.extract_value(arr_a.shape, 1)
         first = builder.mul(args[1], row_len)
-        rows = [builder.gep(arr_a.data, [builder.add(first, builder.mul(row_len, ir.Constant(row_len.type, j)))])
-                for j in range(ROWS)]
+        steps = [builder.mul(row_len, ir.Constant(row_len.type, j)) for j in range(ROWS)]    # elements
+        rows = [builder.gep(arr_a.data, [builder.add(first, step)]) for step in steps]
         for j, tree in enumerate(_lane_sums_ir(builder, rows, arr_b.data, args[3], half_b)):
             builder.store(tree, builder.gep(arr_out.data, [ir.Constant(ir.IntType(64), j)]))
         return context.get_dummy_value()
@@ -128,8 +130,8 @@ def _block_dot(a, b, lo, n):
 
 @njit(cache=True)
 def block_dot_rows(a, r0, b, n, out):
-    """out[j] = _block_dot(a[r0 + j], b, 0, n) for j < ROWS, n <= 128, the rows' chains interleaved (a: C float32
-    [R, >= n], b: C float32 [>= n], out: float32 [>= ROWS]): the same bits as ROWS calls of _block_dot."""
+    """out[j] = _block_dot(a[r0 + j], b, 0, n) for j < ROWS, n <= 128, the rows' chains interleaved (a: C
+    float32 [R, >= n], b: C float32 [>= n], out: float32 [>= ROWS]): the bits of ROWS calls of _block_dot."""
     if n < 8:
         for j in range(ROWS):
             out[j] = _block_dot(a[r0 + j], b, 0, n)
