@@ -329,15 +329,3 @@ def widen_float16(src: np.ndarray, out: np.ndarray) -> None:
         raise RefBitNetTypeError(f"widen_float16: expected contiguous float16 and float32 arrays of one shape, "
                                  f"found {src.dtype} {src.shape} and {out.dtype} {out.shape}")
     _widen_float16(src.reshape(-1).view(np.uint16), out.reshape(-1))
-
-
-def read_kv(cache, layer, end):
-    """cache.read(layer, end) (float32 keys and values [T, KVH, HD]) with a float16 cache's widening compiled.
-    (The fast path's attention reads the cache as stored, refbitnet.attention_kernel.attend; this stays for
-    benchmarks/profile_decode.py.)"""
-    if cache.k.dtype != np.float16:
-        return cache.read(layer, end)
-    k32, v32 = cache.widened_buffers(end)
-    widen_float16(cache.k[layer, :end], k32)
-    widen_float16(cache.v[layer, :end], v32)
-    return k32, v32

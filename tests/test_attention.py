@@ -169,6 +169,34 @@ def test_compiled_attention_equals_model_attention(seed, shape, s_len, start, ma
     assert np.array_equal(bits(got), bits(want))
 
 
+def _attention_plain(q, k, v, start):
+    """model.attention written plainly, one query head at a time on 1-D and 2-D arrays (each reduction over a
+    contiguous last axis, or over axis 0 of a C-ordered [T, HD]): the operations it must reproduce however
+    it is arranged."""
+    s_len, n_heads, head_dim = q.shape
+    groups = n_heads // k.shape[1]
+    scale = np.float32(head_dim ** -0.5)
+    out = np.empty_like(q)
+    for i in range(s_len):
+        t = start + i + 1
+        for h in range(n_heads):
+            kh, vh = k[:t, h // groups], v[:t, h // groups]                         # [T, HD]
+            scores = np.sum(q[i, h] * kh, axis=-1, dtype=np.float32) * scale        # [T]
+            e = exp_float32(scores - scores.max())
+            weights = e / np.sum(e, dtype=np.float32)
+            out[i, h] = np.sum(weights[:, None] * vh, axis=0, dtype=np.float32)    # [HD]
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=st.sampled_from(HEAD_SHAPES), s_len=st.integers(1, 6),
+       start=st.integers(0, 300), magnitude=st.sampled_from([1.0, 30.0]))
+def test_model_attention_equals_the_plain_formula(seed, shape, s_len, start, magnitude):
+    """model.attention (all heads of a query at once, products C-ordered) = the per-head formula, bit for bit."""
+    q, k, v = _qkv(seed, s_len, start + s_len, shape, magnitude, np.float32)
+    assert np.array_equal(bits(attention(q, k, v, start)), bits(_attention_plain(q, k, v, start)))
+
+
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("t_len", [1, 129, 1000, 4096])
 def test_2b4t_heads_long_context_decode_and_blocks(kv_dtype, t_len):
