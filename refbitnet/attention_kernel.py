@@ -70,28 +70,31 @@ def _row(x32, x16, wide16, t, g, d0, d1, buf):
 # head, the output of a range of the HD elements. Each performs model.attention's operations in its order.
 
 @njit(cache=True)
-def _scores(q_i, k32, k16, wide16, g, groups, t0, t1, scale, scores, buf):
-    """scores[h, t] = np.sum(q * k, axis=-1) * scale (0.0 + pairwise sum over HD) for the heads h of KV head g
-    and positions t0 .. t1-1; q_i [H, HD], scores [H, >= t1]. ROWS heads at a time share each key row."""
-    hd = q_i.shape[1]
+def _scores(q_i, k32, k16, wide16, n_kv, t0, t1, scale, scores, buf):
+    """scores[h, t] = np.sum(q * k, axis=-1) * scale (0.0 + pairwise sum over HD) for every head h and the
+    positions t0 .. t1-1, position by position (the cache in memory order); q_i [H, HD], scores [H, >= t1].
+    ROWS heads at a time share each key row."""
+    n_heads, hd = q_i.shape
+    groups = n_heads // n_kv
     dots = np.empty(ROWS, np.float32)
-    h0, h1 = g * groups, (g + 1) * groups
-    by_rows = h1 - (groups % ROWS if hd <= 128 else groups)     # heads h0 .. by_rows-1 in groups of ROWS
+    split = groups - (groups % ROWS if hd <= 128 else groups)  # heads of a group by ROWS: the first split
     half_rows = wide16 and hd % 8 == 0                         # float16 rows widened inside the vector loop
     for t in range(t0, t1):
-        if half_rows and by_rows == h1:
-            k_row = buf                                            # (not read)
-        else:
-            k_row = _row(k32, k16, wide16, t, g, 0, hd, buf)
-        for h in range(h0, by_rows, ROWS):
-            if half_rows:
-                _lane_sums_rows(q_i, h, k16[t, g], hd // 8, dots)  # = block_dot_rows of the widened row
+        for g in range(n_kv):
+            h0, h1 = g * groups, (g + 1) * groups
+            if half_rows and split == groups:
+                k_row = buf                                        # (not read)
             else:
-                block_dot_rows(q_i, h, k_row, hd, dots)
-            for j in range(ROWS):
-                scores[h + j, t] = np.float32(np.float32(np.float32(0.0) + dots[j]) * scale)
-        for h in range(by_rows, h1):
-            scores[h, t] = np.float32(np.float32(np.float32(0.0) + pairwise_dot(q_i[h], k_row, hd)) * scale)
+                k_row = _row(k32, k16, wide16, t, g, 0, hd, buf)
+            for h in range(h0, h0 + split, ROWS):
+                if half_rows:
+                    _lane_sums_rows(q_i, h, k16[t, g], hd // 8, dots)  # = block_dot_rows of the widened row
+                else:
+                    block_dot_rows(q_i, h, k_row, hd, dots)
+                for j in range(ROWS):
+                    scores[h + j, t] = np.float32(np.float32(np.float32(0.0) + dots[j]) * scale)
+            for h in range(h0 + split, h1):
+                scores[h, t] = np.float32(np.float32(np.float32(0.0) + pairwise_dot(q_i[h], k_row, hd)) * scale)
 
 
 @njit(cache=True)
@@ -109,15 +112,16 @@ def _softmax(row, t_len, ones):
 
 
 LANE_HEADS, LANE_ELEMS = 4, 16          # _weighted_lanes: 4 heads x 16 elements, 8 vectors held in registers
+LANE_ROWS = 64                          # positions per _weighted_lanes call (their rows stay in L1 meanwhile)
 
 
 @intrinsic
-def _weighted_lanes(typingctx, scores, h0, v, g, d0, t_len, out):
-    """out[h0 + j, d0:d0+16] = 0.0 + fl(w_j0 v_0) + fl(w_j1 v_1) + ... (t < t_len, one after another) for the
-    LANE_HEADS heads j, w_jt = scores[h0 + j, t], v_t = v[t, g, d0:d0+16]: 8 accumulators of 8 lanes stay in
-    registers over all t, each key row is read once for the 4 heads. v: float32 [T, KVH, HD], or float16 bits
-    (uint16) widened exactly (fpext half -> float). scores [H, T], out [H, HD] float32; all C-contiguous; no
-    bounds checks."""
+def _weighted_lanes(typingctx, scores, h0, v, g, d0, t0, t1, out):
+    """out[h0 + j, d0:d0+16] += fl(w_jt v_t) for t = t0, t0+1, .. t1-1, one after another, for the LANE_HEADS
+    heads j, w_jt = scores[h0 + j, t], v_t = v[t, g, d0:d0+16]: 8 accumulators of 8 lanes (loaded from out,
+    stored back at the end) stay in registers over the positions, each value row is read once for the 4
+    heads. v: float32 [T, KVH, HD], or float16 bits (uint16) widened exactly (fpext half -> float). scores
+    [H, T], out [H, HD] float32; all C-contiguous; no bounds checks."""
     if not (isinstance(v, types.Array) and v.dtype in (types.float32, types.uint16) and v.ndim == 3
             and v.layout == "C" and all(isinstance(x, types.Array) and x.dtype == types.float32 and x.ndim == 2
                                         and x.layout == "C" for x in (scores, out))):
@@ -127,19 +131,24 @@ def _weighted_lanes(typingctx, scores, h0, v, g, d0, t_len, out):
     def codegen(context, builder, signature, args):
         sc = context.make_array(signature.args[0])(context, builder, args[0])
         va = context.make_array(signature.args[2])(context, builder, args[2])
-        oa = context.make_array(signature.args[6])(context, builder, args[6])
-        h0, g, d0, t_len = args[1], args[3], args[4], args[5]
+        oa = context.make_array(signature.args[7])(context, builder, args[7])
+        h0, g, d0, t0, t1 = args[1], args[3], args[4], args[5], args[6]
         i8p, f32 = ir.IntType(8).as_pointer(), ir.FloatType()
         v8f = ir.VectorType(f32, 8)
         size = ir.Constant(h0.type, 2 if half else 4)
         sc_row, v_row, o_row = (builder.extract_value(x.strides, 0) for x in (sc, va, oa))   # bytes
         v_head = builder.extract_value(va.strides, 1)
         sc_ptr, v_ptr, o_ptr = (builder.bitcast(x.data, i8p) for x in (sc, va, oa))
-        zero = ir.Constant(v8f, [0.0] * 8)
-        acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)] for _ in range(LANE_HEADS)]
+        def out_vector(j, k):               # float* of out[h0 + j, d0 + 8k : d0 + 8k + 8] as <8 x float>*
+            d = builder.add(d0, ir.Constant(d0.type, 8 * k))
+            off = builder.add(builder.mul(builder.add(h0, ir.Constant(h0.type, j)), o_row),
+                              builder.mul(d, ir.Constant(d0.type, 4)))
+            return builder.bitcast(builder.gep(o_ptr, [off]), v8f.as_pointer())
+        acc = [[cgutils.alloca_once_value(builder, builder.load(out_vector(j, k), align=4)) for k in range(2)]
+               for j in range(LANE_HEADS)]
         v_off0 = builder.add(builder.mul(g, v_head), builder.mul(d0, size))
-        with cgutils.for_range(builder, t_len) as loop:
-            t = loop.index
+        with cgutils.for_range(builder, builder.sub(t1, t0)) as loop:
+            t = builder.add(loop.index, t0)
             v_off = builder.add(builder.mul(t, v_row), v_off0)
             xs = []
             for k in range(2):
@@ -161,43 +170,49 @@ def _weighted_lanes(typingctx, scores, h0, v, g, d0, t_len, out):
                     builder.store(builder.fadd(builder.load(acc[j][k]), builder.fmul(wv, xs[k])), acc[j][k])
         for j in range(LANE_HEADS):
             for k in range(2):
-                d = builder.add(d0, ir.Constant(d0.type, 8 * k))
-                off = builder.add(builder.mul(builder.add(h0, ir.Constant(h0.type, j)), o_row),
-                                  builder.mul(d, ir.Constant(d0.type, 4)))
-                dst = builder.bitcast(builder.gep(o_ptr, [off]), v8f.as_pointer())
-                builder.store(builder.load(acc[j][k]), dst, align=4)
+                builder.store(builder.load(acc[j][k]), out_vector(j, k), align=4)
         return context.get_dummy_value()
-    return types.none(scores, types.intp, v, types.intp, types.intp, types.intp, out), codegen
+    return types.none(scores, types.intp, v, types.intp, types.intp, types.intp, types.intp, out), codegen
 
 
 @njit(cache=True)
-def _weighted(scores, v32, v16, wide16, g, groups, t_len, d0, d1, out_i, acc, buf):
-    """out_i[h, d0:d1] = np.sum(weights * v, axis=-2) for the heads h of KV head g: 0.0 + term_0 + term_1
-    + ... in order t = 0, 1, 2, ... (each term rounded); acc: float32 [>= groups, >= d1-d0] scratch.
-    By _weighted_lanes where the heads come in fours and the range in 16s (the 2B4T shape), else by loops."""
+def _weighted(scores, v32, v16, wide16, n_kv, t_len, d0, d1, out_i, acc, buf):
+    """out_i[h, d0:d1] = np.sum(weights * v, axis=-2) for every head h: 0.0 + term_0 + term_1 + ... in order
+    t = 0, 1, 2, ... (each term rounded); acc: float32 [>= H / n_kv, >= d1-d0] scratch. By _weighted_lanes where
+    the heads of a group come in fours and the range in 16s (the 2B4T shape), a block of LANE_ROWS positions
+    at a time (the cache in memory order, each row's elements d0 .. d1 used while it is in L1); else by loops."""
+    n_heads = out_i.shape[0]
+    groups = n_heads // n_kv
     n = d1 - d0
-    h0 = g * groups
     if groups % LANE_HEADS == 0 and n % LANE_ELEMS == 0:
-        for h in range(h0, h0 + groups, LANE_HEADS):
-            for d in range(d0, d1, LANE_ELEMS):
-                if wide16:
-                    _weighted_lanes(scores, h, v16, g, d, t_len, out_i)
-                else:
-                    _weighted_lanes(scores, h, v32, g, d, t_len, out_i)
+        for h in range(n_heads):
+            for d in range(d0, d1):
+                out_i[h, d] = np.float32(0.0)
+        for t0 in range(0, t_len, LANE_ROWS):
+            t1 = min(t_len, t0 + LANE_ROWS)
+            for g in range(n_kv):
+                for h in range(g * groups, (g + 1) * groups, LANE_HEADS):
+                    for d in range(d0, d1, LANE_ELEMS):
+                        if wide16:
+                            _weighted_lanes(scores, h, v16, g, d, t0, t1, out_i)
+                        else:
+                            _weighted_lanes(scores, h, v32, g, d, t0, t1, out_i)
         return
-    for j in range(groups):
-        for d in range(n):
-            acc[j, d] = np.float32(0.0)
-    for t in range(t_len):
-        v_row = _row(v32, v16, wide16, t, g, d0, d1, buf)
+    for g in range(n_kv):
+        h0 = g * groups
         for j in range(groups):
-            w = scores[h0 + j, t]
-            a = acc[j]
             for d in range(n):
-                a[d] = np.float32(a[d] + np.float32(w * v_row[d]))
-    for j in range(groups):
-        for d in range(n):
-            out_i[h0 + j, d0 + d] = acc[j, d]
+                acc[j, d] = np.float32(0.0)
+        for t in range(t_len):
+            v_row = _row(v32, v16, wide16, t, g, d0, d1, buf)
+            for j in range(groups):
+                w = scores[h0 + j, t]
+                a = acc[j]
+                for d in range(n):
+                    a[d] = np.float32(a[d] + np.float32(w * v_row[d]))
+        for j in range(groups):
+            for d in range(n):
+                out_i[h0 + j, d0 + d] = acc[j, d]
 
 
 @njit(cache=True)
@@ -209,12 +224,10 @@ def _query(q_i, k32, k16, v32, v16, wide16, n_kv, t_len, scale, out_i):
     scores = np.empty((n_heads, t_len), np.float32)
     ones = np.ones(t_len, np.float32)
     acc = np.empty((groups, hd), np.float32)
-    for g in range(n_kv):
-        _scores(q_i, k32, k16, wide16, g, groups, 0, t_len, scale, scores, buf)
+    _scores(q_i, k32, k16, wide16, n_kv, 0, t_len, scale, scores, buf)
     for h in range(n_heads):
         _softmax(scores[h], t_len, ones)
-    for g in range(n_kv):
-        _weighted(scores, v32, v16, wide16, g, groups, t_len, 0, hd, out_i, acc, buf)
+    _weighted(scores, v32, v16, wide16, n_kv, t_len, 0, hd, out_i, acc, buf)
 
 
 @njit(cache=True, parallel=True)
@@ -232,13 +245,14 @@ def _attention_serial(q, k32, k16, v32, v16, wide16, n_kv, start, scale, out):
 
 
 SCORE_CHUNK = 128       # positions per scores task of a decode step (all KV heads: one block of the cache)
-OUT_CHUNK = 16          # HD elements per output task of a decode step (LANE_ELEMS)
+OUT_CHUNK = 64          # HD elements per output task of a decode step (a multiple of LANE_ELEMS;
+                        # 2 tasks for HD = 128: one per thread of this 2-core machine kind)
 
 
 @njit(cache=True, parallel=True)
 def _attention_one(q_i, k32, k16, v32, v16, wide16, n_kv, t_len, scale, out_i):
     """One query (a decode step over a long context) split between threads in three parallel loops: the
-    scores by chunk of positions, the softmax by head, the output by (KV head, chunk of HD)."""
+    scores by chunk of positions, the softmax by head, the output by chunk of HD elements (of every head)."""
     n_heads, hd = q_i.shape
     groups = n_heads // n_kv
     scores = np.empty((n_heads, t_len), np.float32)
@@ -246,18 +260,14 @@ def _attention_one(q_i, k32, k16, v32, v16, wide16, n_kv, t_len, scale, out_i):
     n_chunks = (t_len + SCORE_CHUNK - 1) // SCORE_CHUNK
     for c in prange(n_chunks):
         buf = np.empty(hd, np.float32)
-        for g in range(n_kv):
-            _scores(q_i, k32, k16, wide16, g, groups, c * SCORE_CHUNK, min(t_len, (c + 1) * SCORE_CHUNK), scale,
-                    scores, buf)
+        _scores(q_i, k32, k16, wide16, n_kv, c * SCORE_CHUNK, min(t_len, (c + 1) * SCORE_CHUNK), scale, scores, buf)
     for h in prange(n_heads):
         _softmax(scores[h], t_len, ones)
     n_parts = (hd + OUT_CHUNK - 1) // OUT_CHUNK
-    for task in prange(n_kv * n_parts):
-        g, c = task // n_parts, task % n_parts
+    for c in prange(n_parts):
         buf = np.empty(hd, np.float32)
         acc = np.empty((groups, OUT_CHUNK), np.float32)
-        d0, d1 = c * OUT_CHUNK, min(hd, (c + 1) * OUT_CHUNK)
-        _weighted(scores, v32, v16, wide16, g, groups, t_len, d0, d1, out_i, acc, buf)
+        _weighted(scores, v32, v16, wide16, n_kv, t_len, c * OUT_CHUNK, min(hd, (c + 1) * OUT_CHUNK), out_i, acc, buf)
 
 
 SERIAL_WORK = 4096          # up to this many (query, head, position) triples a call runs on the calling thread
