@@ -31,14 +31,23 @@ from .model import EXP_LN2_HI, EXP_LN2_LO, EXP_LOG2E, EXP_LOWEST, EXP_POLY, EXP_
 _C0, _C1, _C2, _C3, _C4, _C5 = EXP_POLY
 
 
-_POW2 = 2.0 ** np.arange(-150, 151, dtype=np.float64)        # 2**n, n = -150 .. 150, exact in float64
+@intrinsic
+def _pow2_float64(typingctx, n):
+    """2.0**n as float64 for an int32 n in -1022 .. 1023: the exponent bits (n + 1023) << 52 (a bitcast,
+    no table: so the softmax's exp loop vectorizes)."""
+    if n != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        biased = builder.add(builder.sext(args[0], ir.IntType(64)), ir.Constant(ir.IntType(64), 1023))
+        return builder.bitcast(builder.shl(biased, ir.Constant(ir.IntType(64), 52)), ir.DoubleType())
+    return types.float64(types.int32), codegen
 
 
 @njit(cache=True, inline="always")
 def exp_float32(x):
     """model.exp_float32 for one float32 x <= 0: the same operations, each rounded to float32; then 2**n
-    applied in float64 (exact there) and rounded once to float32, as np.ldexp rounds once. (n stays in
-    -150 .. 0 for x <= 0; the clamp of the table index only keeps memory safe.)"""
+    applied in float64 (exact there, n in -150 .. 0) and rounded once to float32, as np.ldexp rounds once."""
     if x != x:
         return x
     if x < EXP_LOWEST:
@@ -51,7 +60,7 @@ def exp_float32(x):
     p = np.float32(np.float32(p * r) + _C4)
     p = np.float32(np.float32(p * r) + _C5)
     e_r = np.float32(np.float32(np.float32(p * np.float32(r * r)) + r) + np.float32(1.0))
-    return np.float32(np.float64(e_r) * _POW2[min(max(int(n), -150), 150) + 150])
+    return np.float32(np.float64(e_r) * _pow2_float64(np.int32(n)))
 
 
 @njit(cache=True, inline="always")
