@@ -187,9 +187,10 @@ def _weighted_lanes(typingctx, scores, h0, v, g, d0, t0, t1, out):
 @njit(cache=True)
 def _weighted(scores, v32, v16, wide16, n_kv, t_len, d0, d1, out_i, acc, buf):
     """out_i[h, d0:d1] = np.sum(weights * v, axis=-2) for every head h: 0.0 + term_0 + term_1 + ... in order
-    t = 0, 1, 2, ... (each term rounded); acc: float32 [>= H / n_kv, >= d1-d0] scratch. By _weighted_lanes where
-    the heads of a group come in fours and the range in 16s (the 2B4T shape), a block of LANE_ROWS positions
-    at a time (the cache in memory order, each row's elements d0 .. d1 used while it is in L1); else by loops."""
+    t = 0, 1, 2, ... (each term rounded); acc: float32 [>= H / n_kv, >= d1-d0] scratch. By _weighted_lanes
+    where the heads of a group come in fours and the range in 16s (the 2B4T shape), a block of LANE_ROWS
+    positions at a time (the cache in memory order, each row's elements d0 .. d1 used while it is in L1);
+    else by loops."""
     n_heads = out_i.shape[0]
     groups = n_heads // n_kv
     n = d1 - d0
@@ -269,14 +270,16 @@ def _attention_one(q_i, k32, k16, v32, v16, wide16, n_kv, t_len, scale, out_i):
     n_chunks = (t_len + SCORE_CHUNK - 1) // SCORE_CHUNK
     for c in prange(n_chunks):
         buf = np.empty(hd, np.float32)
-        _scores(q_i, k32, k16, wide16, n_kv, c * SCORE_CHUNK, min(t_len, (c + 1) * SCORE_CHUNK), scale, scores, buf)
+        t0, t1 = c * SCORE_CHUNK, min(t_len, (c + 1) * SCORE_CHUNK)
+        _scores(q_i, k32, k16, wide16, n_kv, t0, t1, scale, scores, buf)
     for h in prange(n_heads):
         _softmax(scores[h], t_len, ones)
     n_parts = (hd + OUT_CHUNK - 1) // OUT_CHUNK
     for c in prange(n_parts):
         buf = np.empty(hd, np.float32)
         acc = np.empty((groups, OUT_CHUNK), np.float32)
-        _weighted(scores, v32, v16, wide16, n_kv, t_len, c * OUT_CHUNK, min(hd, (c + 1) * OUT_CHUNK), out_i, acc, buf)
+        d0, d1 = c * OUT_CHUNK, min(hd, (c + 1) * OUT_CHUNK)
+        _weighted(scores, v32, v16, wide16, n_kv, t_len, d0, d1, out_i, acc, buf)
 
 
 SERIAL_WORK = 4096          # up to this many (query, head, position) triples a call runs on the calling thread

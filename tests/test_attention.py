@@ -192,7 +192,7 @@ def _attention_plain(q, k, v, start):
 @given(seed=st.integers(0, 2**31), shape=st.sampled_from(HEAD_SHAPES), s_len=st.integers(1, 6),
        start=st.integers(0, 300), magnitude=st.sampled_from([1.0, 30.0]))
 def test_model_attention_equals_the_plain_formula(seed, shape, s_len, start, magnitude):
-    """model.attention (all heads of a query at once, products C-ordered) = the per-head formula, bit for bit."""
+    """model.attention (all heads of a query at once, products C-ordered) = the per-head formula, bitwise."""
     q, k, v = _qkv(seed, s_len, start + s_len, shape, magnitude, np.float32)
     assert np.array_equal(bits(attention(q, k, v, start)), bits(_attention_plain(q, k, v, start)))
 
