@@ -130,7 +130,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.nda
     over T along a non-contiguous axis, which NumPy adds in order t = 0, 1, 2, ... (both orders
     checked on this NumPy by tests/test_attention.py). NumPy picks its order from the memory layout, so
     order="C" pins the layout of the products (else they follow the transposed cache: T-major scores,
-    whose sum over T NumPy adds one by one, not pairwise).
+    whose sum over T NumPy adds one by one, not pairwise). The price: a BLAS matmul often rounds as
+    torch's does, this order less often, so against transformers an activation crosses a rounding
+    boundary of the next int8 quantizer more often (tests/test_model_vs_transformers.py bounds that).
     """
     s_len, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
