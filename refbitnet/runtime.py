@@ -7,8 +7,9 @@ outputs equal the separate projections), and ``forward`` runs the same sequence 
 NumPy's pairwise summation order, residual add fused with the next norm, relu2 * up fused with ffn_sub_norm,
 RoPE; rows split between threads for a block of tokens). Each compiled op reproduces NumPy's float32
 operations in NumPy's order, so every integer code and every float of the layers is bit-identical to the
-readable path; attention, the embedding and the final norm are refbitnet.model's own ops, and only the
-bf16 LM head (kernels.bf16_matmul) sums in another order. It records the same trace names itself, so a
+readable path; attention is ``attention_kernel.attend`` (model.attention's bits, compiled, reading the KV
+cache as stored), the embedding and the final norm are refbitnet.model's own ops, and only the bf16 LM
+head (kernels.bf16_matmul) sums in another order. It records the same trace names itself, so a
 trace checks the path that ships. Imports point one way: this module uses refbitnet.model, never the reverse.
 
 Also here, each with the same bits: blocks of up to SHORT_BLOCK tokens run one token at a time (a fresh
@@ -187,7 +188,7 @@ class FastPath:
         """Decoder layers first .. last-1 on h float32 [S, D] at positions start .. start+S-1 -> [S, D]:
         refbitnet.model.decoder_layer's ops in its order, the glue compiled and fused (residual add with
         the next layer's input norm, relu2 * up with ffn_sub_norm). Keys and values enter the cache through
-        KVCache.store (NumPy's float16 rounding for a float16 cache) and come back through read_kv."""
+        KVCache.store (NumPy's float16 rounding for a float16 cache) and are read as stored by attend."""
         cfg, layers = self.config, self.layers
         last = len(layers) if last is None else last
         s_len, n_heads, n_kv, hd = h.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

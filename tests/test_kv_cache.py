@@ -165,39 +165,6 @@ def test_generate_is_greedy_decoding_with_the_cache():
         model.generate("text needs a tokenizer", 3)
 
 
-def _attention_plain(q, k, v, start):
-    """model.attention as first written (a new array per op): the float operations that attention() must
-    reproduce bit for bit however it is arranged (in place, pre-transposed views, matmul into out)."""
-    s_len, n_heads, head_dim = q.shape
-    n_kv_heads = k.shape[1]
-    groups = n_heads // n_kv_heads
-    scale = np.float32(head_dim ** -0.5)
-    out = np.empty_like(q)
-    for i in range(s_len):
-        t = start + i + 1
-        qg = q[i].reshape(n_kv_heads, groups, head_dim)
-        scores = (qg @ k[:t].transpose(1, 2, 0)) * scale
-        scores = scores - scores.max(axis=-1, keepdims=True)
-        weights = np.exp(scores)
-        weights /= weights.sum(axis=-1, keepdims=True, dtype=np.float32)
-        out[i] = (weights @ v[:t].transpose(1, 0, 2)).reshape(n_heads, head_dim)
-    return out
-
-
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(4, 2, 16), (6, 3, 8), (5, 5, 8), (4, 1, 8), (20, 5, 128)]),
-       s_len=st.integers(1, 9), start=st.integers(0, 300), spare=st.integers(0, 5), magnitude=st.sampled_from([1.0, 30.0]))
-def test_attention_equals_the_plain_formula(seed, shape, s_len, start, spare, magnitude):
-    """Bit for bit, for the 2B4T head shape (20, 5, 128) and small ones, keys/values in a longer cache block."""
-    from refbitnet.model import attention
-    n_heads, n_kv, hd = shape
-    rng = np.random.default_rng(seed)
-    q = (rng.standard_normal((s_len, n_heads, hd)) * magnitude).astype(np.float32)
-    block = (rng.standard_normal((2, start + s_len + spare, n_kv, hd)) * magnitude).astype(np.float32)
-    k, v = block[0, :start + s_len], block[1, :start + s_len]             # prefixes, as KVCache.read gives
-    assert np.array_equal(attention(q, k, v, start).view(np.uint32), _attention_plain(q, k, v, start).view(np.uint32))
-
-
 # ------------------------------------------------------------------ continuing a cache (conversations)
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 @settings(max_examples=15, deadline=None)
