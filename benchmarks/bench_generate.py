@@ -13,7 +13,8 @@ Each measurement runs in a fresh process (so load times and peak RSS are that pr
 
 Each process reports: ready_s (imports + refbitnet.load + a first one-token forward, i.e. everything before
 the prompt can run, Numba compilation or cache loading included), first-token latency (prefill of the
-prompt in one forward with the LM head on its last position only, forward(last_only=True), + argmax),
+prompt in one forward with the LM head on its last position only, forward(last_only=True), + argmax,
+after one warm-up prefill of the same length, as llama-bench warms up),
 prefill tokens/s, decode tokens/s over --decode greedy steps with the KV cache (sized for --context
 positions, --kv-cache its element type: float32 = the exact default, float16 = half the memory), peak RSS
 (ru_maxrss, printed in MiB = 2**20 bytes and GB = 10**9 bytes) with prompt + decode positions filled and
@@ -62,6 +63,9 @@ def child(args):
     cfg = model.config
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.vocab_size, args.prompt)
+    # one warm-up prefill of the same length first (as llama-bench warms up): the first block of a process
+    # also loads the prefill kernels from Numba's cache, which is start-up (ready_s), not throughput
+    model.forward(prompt, cache=model.new_cache(args.prompt, kv_dtype=args.kv_cache), last_only=True)
     cache = model.new_cache(args.context, kv_dtype=args.kv_cache)
     load_before = os.getloadavg()[0]
     t = time.perf_counter()
