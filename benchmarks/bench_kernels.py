@@ -177,12 +177,13 @@ for name in ("v3", "v4", "v4_blocked", "v5") + (("v6",) if v6.available() else (
     kernels.TernaryLinear(p, 1.0, kernel=name)(x)
     kernels.TernaryLinear(p, 1.0, kernel=name)(x[:1])
 kernels.bf16_matmul(np.ones((1, 256), np.float32), np.zeros((8, 256), np.uint16))
-for name, disp, marker in (("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), ("lm_head v2", lm_head_v2.bf16_matmul_kernel_v2, "vmulps"),
-                           ("v4 GEMV (1 token x 1 row per chunk)", v4.matmul_scaled_v4, "vpmaddubsw"),
-                           ("v4 blocked (4 tokens x 1 row per chunk)", v4.matmul_scaled_v4_blocked, "vpmaddubsw"),
-                           ("v5 (8 tokens x 1 row per chunk)", v5._tile, "vpdpbusd" if v5.VNNI else "vpmaddubsw"))
-                          + ((("v6 GEMV (4 chunks x 4 fields per iteration)", v6.matmul_scaled_v6, "vpdpbusd"),)
-                             if v6.available() else ()):
+probes = [("v3 matmul_scaled", v3.matmul_scaled, "vpmaddwd"), ("lm_head v2", lm_head_v2.bf16_matmul_kernel_v2, "vmulps"),
+          ("v4 GEMV (1 token x 1 row per chunk)", v4.matmul_scaled_v4, "vpmaddubsw"),
+          ("v4 blocked (4 tokens x 1 row per chunk)", v4.matmul_scaled_v4_blocked, "vpmaddubsw"),
+          ("v5 (8 tokens x 1 row per chunk)", v5._tile, "vpdpbusd" if v5.VNNI else "vpmaddubsw")]
+if v6.available():
+    probes.append(("v6 GEMV (4 chunks x 4 fields per iteration)", v6.matmul_scaled_v6, "vpdpbusd"))
+for name, disp, marker in probes:
     asm = next(iter(disp.inspect_asm().values()))
     blocks = re.split(r"\n(?=\.LBB)", asm)                     # basic blocks
     loop = max(blocks, key=lambda b: len(re.findall(marker + r"\s[^\n]*[xyz]mm", b)))   # any vector width
