@@ -134,7 +134,7 @@ def block_dot_rows(a, r0, b, n, out):
     float32 [R, >= n], b: C float32 [>= n], out: float32 [>= ROWS]): the bits of ROWS calls of _block_dot."""
     if n < 8:
         for j in range(ROWS):
-            out[j] = _block_dot(a[r0 + j], b, 0, n)
+            out[j] = _block_dot(a[r0 + j], b, np.int64(0), n)   # int64 lo: one compiled signature
         return
     _lane_sums_rows(a, r0, b, n // 8, out)
     for j in range(ROWS):
@@ -151,7 +151,7 @@ def pairwise_dot(a, b, n):
     multiple of 8) and the halves' sums added. Written with an explicit stack (a recursive function in
     Numba's on-disk cache crashed on reload)."""
     if n <= 128:
-        return _block_dot(a, b, 0, n)
+        return _block_dot(a, b, np.int64(0), n)
     seg_lo = np.empty(64, np.int64)
     seg_n = np.empty(64, np.int64)
     seg_combine = np.empty(64, np.bool_)

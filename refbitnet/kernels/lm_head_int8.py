@@ -71,7 +71,7 @@ def int8_matmul_kernel(x, q, scale, out, sync, n_threads):
     sync[:] = 0
     for t in prange(n_threads):
         while True:
-            task = claim(sync, 0, 1, 2, n_tasks, t)
+            task = claim(sync, 0, 1, 2, n_tasks, np.int64(t))   # one compiled signature
             if task < 0:
                 break
             for s in range(x.shape[0]):

@@ -127,7 +127,7 @@ def bf16_matmul_claimed_v2(x, table, out, sync, n_threads):
     sync[:] = 0
     for t in prange(n_threads):
         while True:
-            task = claim(sync, 0, 1, 2, n_tasks, t)
+            task = claim(sync, 0, 1, 2, n_tasks, np.int64(t))   # one compiled signature
             if task < 0:
                 break
             v_end = min(V, (task + 1) * ROWS_PER_TASK)

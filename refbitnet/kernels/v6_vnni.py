@@ -130,7 +130,7 @@ def matmul_scaled_v6(packed, planes, xsum, s_act, row_scale, out, sync, n_thread
     sync[:] = 0
     for t in prange(n_threads):
         while True:
-            task = claim(sync, 0, 1, 2, n_tasks, t)
+            task = claim(sync, 0, 1, 2, n_tasks, np.int64(t))   # one compiled signature
             if task < 0:
                 break
             for s in range(S):
