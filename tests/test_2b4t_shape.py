@@ -86,15 +86,6 @@ def test_random_2b4t_numba_layers_equal_numpy_at_full_width(random_2b4t):
             assert np.array_equal(t_ref[key], t_fast[key]), key
 
 
-@pytest.fixture
-def one_torch_thread():
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_two_layers_at_full_width_match_transformers(tmp_path, one_torch_thread):
     """2B4T widths (D=2560, F=6912, H=20, KVH=5, HD=128, rope_theta=5e5, V=128256), 2 layers, against
     transformers' BitNetForCausalLM (fake-quant, float32), layer by layer. Bounds as in

@@ -65,12 +65,7 @@ LOOSE = 5e-2          # tests/test_model_vs_transformers.py's bound once an int8
 _built = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest.py
 
 
 def bf16_ulps(a, b) -> np.ndarray:

@@ -39,13 +39,7 @@ PROMPT_LEN = 32
 _built = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These matmuls are tiny: torch's worker threads only spin (0.2 s per forward on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
