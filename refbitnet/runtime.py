@@ -32,6 +32,7 @@ from .kernels.lm_head_int8 import int8_matmul, quantize_rows_int8
 from .kernels.lm_head_v2 import bf16_matmul_claimed_v2
 from .kernels.repack import WeightArena, kernel_layout_rows
 from .attention_kernel import attend
+from .decode_step import DecodeStep
 from .glue import add_rms_norm_into, relu2_mul_rms_norm_into, rms_norm_into, rope_into
 from .kv_cache import KVCache
 from .model import embed, lm_head, recorder, rms_norm, rope_tables
@@ -117,9 +118,11 @@ class FastPath:
         self.output_table = weights.output_table                # [V, D]
         self.norm = weights.norm                                # [D]
         # every packed matrix in one allocation, in decode order (kernels.repack.WeightArena says why)
-        arena = WeightArena([(sum(p.shape[0] for _, p in group), group[0][1].shape[1] // 4)
-                             for w in weights.layers for group in FastLayer.groups(w)])
-        self.layers = [FastLayer(w, arena) for w in weights.layers]
+        self.arena = WeightArena([(sum(p.shape[0] for _, p in group), group[0][1].shape[1] // 4)
+                                  for w in weights.layers for group in FastLayer.groups(w)])
+        self.layers = [FastLayer(w, self.arena) for w in weights.layers]
+        self.step = None                      # the one-region decode step (decode_step.DecodeStep), made on first use
+        self.step_fits = DecodeStep.fits(config, self.layers)
         self._decode_workspace = None
         self._head_sync = np.zeros(3, np.int64)
         self.claimed_head = True              # one token's LM head with claimed rows (bf16_matmul_claimed_v2)
@@ -155,6 +158,8 @@ class FastPath:
             record("embed", h)
         # without a cache: a float32 one for this call only, which holds k and v exactly as computed
         layer_cache = cache if cache is not None else KVCache(cfg, s_len)
+        if record is None and s_len <= SHORT_BLOCK and self.step_fits:    # one region per token
+            return self._forward_steps(ids, h, cos, sin, cache, layer_cache, start, last_only)
         if record is None and 1 < s_len <= SHORT_BLOCK:      # one token at a time: the decode kernels
             h = np.concatenate([self.layers_forward(h[j:j + 1], cos[j:j + 1], sin[j:j + 1], layer_cache, start + j)
                                 for j in range(s_len)])                                    # [S, D]
@@ -168,6 +173,30 @@ class FastPath:
         logits = self.lm_head(x[-1:] if last_only else x)                                  # [S or 1, V]
         if record:
             record("logits", logits)
+        return logits
+
+    def _forward_steps(self, ids, h, cos, sin, cache, layer_cache, start, last_only):
+        """forward() for up to SHORT_BLOCK tokens, one decode_step per token (each token's layers, final norm
+        and, for the logits wanted, the LM head in one parallel region): the same bits as the op-by-op path.
+        A step that stops (a NaN/inf, a float16 overflow) is rerun op by op, which raises the error."""
+        if self.step is None:
+            self.step = DecodeStep(self.config, self.layers, self.arena, self.norm, self.output_table)
+        s_len = ids.shape[0]
+        head_here = self.step.head_in_region and self.int8_head is None
+        logits = np.empty((1 if last_only else s_len, self.output_table.shape[0]), np.float32)     # [S or 1, V]
+        x_final = np.empty((s_len, self.config.hidden_size), np.float32)                           # [S, D]
+        for j in range(s_len):
+            row = j - (s_len - 1) if last_only else j                    # this token's logits row, if any
+            out = logits[row] if head_here and row >= 0 else None
+            if not self.step(h[j], start + j, cos[j], sin[j], layer_cache, out):
+                self.layers_forward(h[j:j + 1], cos[j:j + 1], sin[j:j + 1], layer_cache, start + j)
+                raise RefBitNetError(f"decode step stopped at position {start + j} without an error from "
+                                     f"the op-by-op path")     # (not reached: the rerun raises)
+            x_final[j] = self.step.buffers.x_out
+        if cache is not None:
+            cache.commit(start, ids)
+        if not head_here:
+            logits = self.lm_head(x_final[-1:] if last_only else x_final)
         return logits
 
     def lm_head(self, x):

@@ -116,6 +116,20 @@ def bf16_matmul_v2(x: np.ndarray, table: np.ndarray) -> np.ndarray:
     return out
 
 
+@njit(cache=True)
+def dot_rows_into(table, x, out, v0, v_end):
+    """out[v] = the 16-lane dot of x float32 [K] with bf16 row v of table, v = v0 .. v_end-1 (ROWS_PER_STEP
+    rows at a time, then one by one): one task of the one-token LM head."""
+    while v0 + ROWS_PER_STEP <= v_end:
+        d = row_dots_step(table, x, v0)
+        for r in range(ROWS_PER_STEP):
+            out[v0 + r] = d[r]
+        v0 += ROWS_PER_STEP
+    while v0 < v_end:
+        out[v0] = row_dots1(table, x, v0)[0]
+        v0 += 1
+
+
 @njit(cache=True, parallel=True)
 def bf16_matmul_claimed_v2(x, table, out, sync, n_threads):
     """bf16_matmul_kernel_v2 for one token (decoding: x float32 [1, K] -> out [1, V]) with the rows claimed
@@ -130,13 +144,4 @@ def bf16_matmul_claimed_v2(x, table, out, sync, n_threads):
             task = claim(sync, 0, 1, 2, n_tasks, np.int64(t))   # one compiled signature
             if task < 0:
                 break
-            v_end = min(V, (task + 1) * ROWS_PER_TASK)
-            v0 = task * ROWS_PER_TASK
-            while v0 + ROWS_PER_STEP <= v_end:
-                d = row_dots_step(table, x[0], v0)
-                for r in range(ROWS_PER_STEP):
-                    out[0, v0 + r] = d[r]
-                v0 += ROWS_PER_STEP
-            while v0 < v_end:
-                out[0, v0] = row_dots1(table, x[0], v0)[0]
-                v0 += 1
+            dot_rows_into(table, x[0], out[0], task * ROWS_PER_TASK, min(V, (task + 1) * ROWS_PER_TASK))

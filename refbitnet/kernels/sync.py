@@ -1,17 +1,27 @@
-"""Row claiming for compiled kernels that share one matrix product between threads.
+"""Atomics for compiled code that shares work between threads: row claiming, and publishing a phase.
 
 Why: a decode GEMV is one OpenMP region of ~0.1-0.4 ms. Split in fixed halves, the region lasts until the
 later thread is done, and the worker thread often starts late (woken from its wait, or descheduled by a
 neighbour on a busy machine). ``claim`` hands out chunks of rows from shared counters (``fetch_add``,
 acq_rel) instead: a thread that is not running claims nothing, and the running ones do its share. Used by
-the v6 GEMV (``v6_vnni.matmul_scaled_v6``) and the one-token LM head
-(``lm_head_v2.bf16_matmul_claimed_v2``); every row is computed by one thread in a fixed order, so the
-results do not depend on who claimed it.
+the v6 GEMV (``v6_vnni.matmul_scaled_v6``), the one-token LM head (``lm_head_v2.bf16_matmul_claimed_v2``)
+and the one-region decode step (``refbitnet.decode_step``); every row is computed by one thread in a fixed
+order, so the results do not depend on who claimed it.
+
+The decode step also passes work from phase to phase inside one region: the thread that finishes a phase's
+last chunk computes the next phase's input and publishes it (``store_release``); the others wait for that
+(``wait_nonzero``: spinning with ``pause``, then giving the CPU back with ``sched_yield`` between polls, so
+that on a busy machine a neighbour, or our own descheduled thread, can run). All operate on one element of
+an int64 array; fetch_add is acq_rel, so the last finisher of a phase sees every other thread's results, and
+store_release / load_acquire publish a buffer together with its flag.
 """
 
+from llvmlite import ir
 from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
+
+SPINS_BEFORE_YIELD = 2000      # pause instructions before the wait starts yielding the CPU between polls
 
 
 def _element_pointer(context, builder, signature, args):
@@ -35,6 +45,68 @@ def fetch_add(typingctx, arr, index, value):
         return builder.atomic_rmw("add", ptr, context.cast(builder, args[2], signature.args[2], types.int64),
                                   "acq_rel")
     return types.int64(arr, types.intp, types.int64), codegen
+
+
+@intrinsic
+def load_acquire(typingctx, arr, index):
+    """arr[index], an atomic load with acquire ordering."""
+    if not _is_int64_array(arr):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load_atomic(_element_pointer(context, builder, signature, args), "acquire", 8)
+    return types.int64(arr, types.intp), codegen
+
+
+@intrinsic
+def store_release(typingctx, arr, index, value):
+    """arr[index] = value, an atomic store with release ordering."""
+    if not _is_int64_array(arr):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _element_pointer(context, builder, signature, args)
+        builder.store_atomic(context.cast(builder, args[2], signature.args[2], types.int64), ptr, "release", 8)
+        return context.get_dummy_value()
+    return types.none(arr, types.intp, types.int64), codegen
+
+
+@intrinsic
+def cpu_relax(typingctx):
+    """One spin-wait hint (x86 ``pause``): tells the core this is a polling loop."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                            "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """libc sched_yield(): give this CPU to another runnable thread (resolved from the process by name)."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@njit(cache=True)
+def wait_nonzero(arr, index):
+    """Wait until arr[index] != 0 and return it: spin with pause, then yield the CPU between polls. A thread
+    that waits here never sleeps in the kernel, so the core stays awake for the next phase (waking a parked
+    thread costs tens of microseconds on a virtual machine); yielding lets any other runnable thread go first."""
+    spins = 0
+    while True:
+        v = load_acquire(arr, index)
+        if v != 0:
+            return v
+        spins += 1
+        if spins < SPINS_BEFORE_YIELD:
+            cpu_relax()
+        else:
+            sched_yield()
 
 
 @njit(cache=True)
