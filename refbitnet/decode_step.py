@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import get_num_threads, njit, prange
@@ -42,7 +43,7 @@ from .kernels import v4_maddubs, v6_vnni
 from .kernels.act_quant import quantize_row
 from .kernels.lm_head_v2 import ROWS_PER_TASK as HEAD_ROWS_PER_TASK
 from .kernels.lm_head_v2 import dot_rows_into
-from .kernels.sync import claim, fetch_add, store_release, wait_nonzero
+from .kernels.sync import claim, cycle_counter, fetch_add, store_release, wait_nonzero
 
 # The GEMV's row dot: v6's vpdpbusd where the CPU has AVX512-VNNI, else v4's vpmaddubsw (the door's choice
 # for one token, kernels.linear). Chosen once, at import: a compiled step keeps the one it was built with.
@@ -52,7 +53,7 @@ ROW_DOT = v6_vnni.row_dot if v6_vnni.available() else v4_maddubs.dot_row
 # p // PHASES_PER_LAYER, and phase PHASES_PER_LAYER * L is the LM head.
 QKV, SCORES, SOFTMAX, WEIGHTED, O_PROJ, GATE_UP, DOWN = range(7)
 PHASES_PER_LAYER = 7
-GEMV_ROWS = 32                 # output rows per GEMV task (v6's ROWS_PER_TASK)
+GEMV_ROWS = 128              # output rows per GEMV task: long runs of rows keep each thread's stream going
 SCORE_POSITIONS = 32           # cache positions per scores task
 OUT_ELEMS = LANE_ELEMS         # head elements per attention-output task (all heads)
 
@@ -60,6 +61,11 @@ OUT_ELEMS = LANE_ELEMS         # head elements per attention-output task (all he
 LINE = 8
 CLAIMED, FRONT, BACK, DONE, READY = range(5)
 READY_OK, READY_ABORT = 1, 2
+
+# stats: int64 [threads, PHASES_PER_LAYER + 1 (the head), 3], time-stamp counter cycles summed over steps:
+# each thread's time in the tasks of a phase kind, waiting for its input, and running the glue before it
+BUSY, WAIT, GLUE = range(3)
+HEAD_STATS = PHASES_PER_LAYER
 
 
 StepWeights = namedtuple("StepWeights", [
@@ -278,19 +284,25 @@ def _glue(kind, i, w, b, kv, pos, cos, sin, eps):
 
 # ------------------------------------------------------------------------------------------- the region
 @njit(cache=True)
-def _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases):
+def _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats):
     """What thread t runs: for each phase, wait for its input, then claim and run tasks; the thread that
-    completes a phase's last task runs the next phase's glue and publishes it."""
+    completes a phase's last task runs the next phase's glue and publishes it. Adds its cycles to stats[t]."""
     n_heads, hd = b.attn.shape
     t_len = pos + 1
     final_glue = PHASES_PER_LAYER * w.mats.shape[0]                 # the final norm, before the head phase
     buf = np.empty(hd, np.float32)                                   # attention scratch of this thread
     acc = np.empty((n_heads // b.k.shape[0], hd), np.float32)
+    clock = cycle_counter()
     for p in range(n_phases):
         line = p * LINE
-        if wait_nonzero(sync, line + READY) != READY_OK:
-            return
         i, kind = p // PHASES_PER_LAYER, p % PHASES_PER_LAYER
+        k_stats = HEAD_STATS if p == final_glue else kind
+        ready = wait_nonzero(sync, line + READY)
+        now = cycle_counter()
+        stats[t, k_stats, WAIT] += now - clock
+        clock = now
+        if ready != READY_OK:
+            return
         n = _n_tasks(kind, w, i, t_len, n_heads, hd)
         while True:
             task = claim(sync, line + CLAIMED, line + FRONT, line + BACK, n, np.int64(t))
@@ -298,18 +310,25 @@ def _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases):
                 break
             _task(kind, i, task, w, b, kv, t_len, scale, logits, buf, acc)
             nxt = p + 1
-            if fetch_add(sync, line + DONE, 1) == n - 1 and nxt <= final_glue:
+            last = fetch_add(sync, line + DONE, 1) == n - 1
+            now = cycle_counter()
+            stats[t, k_stats, BUSY] += now - clock
+            clock = now
+            if last and nxt <= final_glue:
                 ok = _glue(nxt % PHASES_PER_LAYER, nxt // PHASES_PER_LAYER, w, b, kv, pos, cos, sin, eps)
                 if nxt < n_phases:
                     store_release(sync, nxt * LINE + READY, READY_OK if ok else READY_ABORT)
+                now = cycle_counter()
+                stats[t, HEAD_STATS if nxt == final_glue else nxt % PHASES_PER_LAYER, GLUE] += now - clock
+                clock = now
 
 
 @njit(cache=True, parallel=True)
-def decode_step(w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_threads, with_head):
+def decode_step(w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_threads, with_head, stats):
     """One token through every layer at position pos (b.h holds its embedding), the final norm into
     b.x_out, and with_head: the bf16 LM head into logits float32 [V]. cos, sin float32 [HD]: RoPE at pos.
     sync int64 [(7 L + 1) * LINE]. n_threads: numba.get_num_threads() of the caller (one prange iteration
-    per thread). Returns -1, or the phase whose input could not be made (a NaN/inf activation, or a key or
+    per thread). stats int64 [>= n_threads, 8, 3]: cycles added (see BUSY, WAIT, GLUE). Returns -1, or the phase whose input could not be made (a NaN/inf activation, or a key or
     value beyond a float16 cache's range), before which the step stopped."""
     n_phases = PHASES_PER_LAYER * w.mats.shape[0] + (1 if with_head else 0)
     sync[:] = 0
@@ -318,7 +337,7 @@ def decode_step(w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_threads, wi
         return 0
     sync[READY] = READY_OK
     for t in prange(n_threads):
-        _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases)
+        _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats)
     for p in range(n_phases):
         if sync[p * LINE + READY] == READY_ABORT:
             return p
@@ -367,6 +386,7 @@ class DecodeStep:
             planes_d=np.zeros((4, d // 4), np.int8), planes_f=np.zeros((4, f // 4), np.int8),
             s=f32(1), xsum=np.zeros(1, np.int32))
         self.sync = np.zeros((PHASES_PER_LAYER * len(layers) + 1) * LINE, np.int64)
+        self.stats = np.zeros((numba.config.NUMBA_NUM_THREADS, PHASES_PER_LAYER + 1, 3), np.int64)   # cycles
         self.scale = np.float32(hd ** -0.5)
         self.eps = np.float32(config.rms_norm_eps)
 
@@ -397,5 +417,5 @@ class DecodeStep:
         with_head = logits is not None and self.head_in_region
         out = logits if with_head else b.x_out                          # (not written without the head)
         stopped = decode_step(self.weights, b, kv, np.int64(pos), cos, sin, self.scale, self.eps, out,
-                              self.sync, np.int64(get_num_threads()), with_head)
+                              self.sync, np.int64(get_num_threads()), with_head, self.stats)
         return stopped < 0

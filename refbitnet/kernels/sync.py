@@ -122,3 +122,14 @@ def claim(sync, total, front, back, n, thread):
     if thread % 2 == 0:
         return fetch_add(sync, front, 1)
     return n - 1 - fetch_add(sync, back, 1)
+
+
+@intrinsic
+def cycle_counter(typingctx):
+    """The CPU's time-stamp counter (llvm.readcyclecounter: rdtsc on x86), int64: for counting where the
+    threads of a region spend their time (refbitnet.decode_step's stats)."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                            "llvm.readcyclecounter")
+        return builder.call(fn, [])
+    return types.int64(), codegen
