@@ -2,22 +2,27 @@
 
     python benchmarks/profile_decode.py [--model DIR] [--threads 2] [--prompt 128] [--steps 24] [--out PATH]
 
-Three views of the same decode step (one token after a --prompt-token prefill, float32 KV cache):
+Decoding one token (after a --prompt-token prefill, float32 KV cache) two ways in one run:
 
-1. Wall time per op, summed over the step: the step re-run op by op (the ops of runtime.FastPath's decode
-   path, in its order, each call timed with perf_counter), grouped as kernel (quantize + GEMV/LM head
-   through the door), glue (compiled norms, RoPE), attention (attention_kernel.attend), cache store, and
-   "python" (the rest of the step: dispatch, checks, slicing), with how many parallel regions each group
-   opens per token.
-2. Inside each parallel region: the GEMVs re-run through a copy of the door's kernel (v6 with claimed rows, or
-   v4) whose tasks stamp the CPU's cycle counter and the Numba thread id at start and end. Per region: the call until each thread's first
-   task (wake-up), each thread's busy time, the gap between the first and the last thread to finish
-   (imbalance: one thread waits), and from the last task's end to the call's return (join).
-3. An empty parallel region (prange over the thread count, nothing inside) called after ~30 us of serial
+1. The step as it ships (refbitnet.decode_step: the whole token in one parallel region): its wall time per
+   token, and from the step's own cycle counts (DecodeStep.stats) each thread's time per phase kind in the
+   tasks (busy), waiting for the phase's input (wait: the other thread's glue, a late or descheduled
+   thread, and the region's start) and running the serial glue before the phase, with the GB/s that the
+   busy time implies for the weight-reading phases.
+2. The op-by-op path (runtime.FastPath.layers_forward: what decoded before the step, and what runs when the
+   step does not fit the model): wall time per op, summed over the step (each call timed with
+   perf_counter), grouped as kernel (quantize + GEMV/LM head through the door), glue (compiled norms, RoPE),
+   attention (attention_kernel.attend), cache store, and "python" (the rest: dispatch, checks, slicing),
+   with how many parallel regions each group opens per token.
+3. Inside each GEMV region of the op-by-op path: the GEMVs re-run through a copy of the door's kernel whose
+   tasks stamp the CPU's cycle counter and the Numba thread id at start and end. Per region: the call until
+   each thread's first task (wake-up), each thread's busy time, the gap between the first and the last
+   thread to finish (imbalance), and from the last task's end to the call's return (join).
+4. An empty parallel region (prange over the thread count, nothing inside) called after ~30 us of serial
    work, as between two GEMVs: its cost alone.
 
 Prints the Numba threading layer, the OpenMP settings, the load average. Writes the report to --out
-(default benchmarks/results/decode_profile.md, "before" or --label).
+(default benchmarks/results/decode_profile.md).
 """
 
 import argparse
@@ -41,6 +46,7 @@ import refbitnet  # noqa: E402
 from refbitnet import glue, kernels, runtime  # noqa: E402
 from refbitnet.kernels import act_quant  # noqa: E402
 from refbitnet.attention_kernel import attend  # noqa: E402
+from refbitnet.decode_step import BUSY, GLUE, HEAD_STATS, WAIT  # noqa: E402
 from refbitnet.kernels import v6_vnni  # noqa: E402
 from refbitnet.kernels.sync import claim  # noqa: E402
 from refbitnet.kernels.v4_maddubs import ROWS_PER_TASK, dot_row  # noqa: E402
@@ -108,6 +114,32 @@ def serial_work(x, reps):
         for i in range(x.shape[0]):
             s += x[i] * x[i]
     return s
+
+
+PHASE_NAMES = ["qkv GEMV (+ its input norm, quantize)", "attention scores (+ RoPE, cache store)", "softmax",
+               "attention output", "o GEMV (+ attn_sub_norm, quantize)", "gate/up GEMV (+ residual, norm, quantize)",
+               "down GEMV (+ relu2 * up, ffn_sub_norm, quantize)", "LM head (+ final norm)"]
+
+
+def phase_bytes(fp):
+    """Weight bytes each phase kind reads per token: {kind: bytes} (the GEMVs' packed codes, the head's table)."""
+    read = {}
+    for k, name in ((0, "qkv"), (4, "o"), (5, "gate_up"), (6, "down")):
+        read[k] = sum(getattr(layer, name).linear.packed.nbytes for layer in fp.layers)
+    if fp.step.head_in_region:
+        read[HEAD_STATS] = fp.output_table.nbytes
+    return read
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cycles_per_us():
@@ -246,12 +278,12 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--out", default=RESULTS)
-    ap.add_argument("--label", default="before")
+    ap.add_argument("--label", default="this tree")
     args = ap.parse_args()
     kernels.set_num_threads(args.threads)
     model = refbitnet.load(args.model, backend="numba")
     fp = model._fast
-    cache = model.new_cache(args.prompt + 2 * args.steps + 8)
+    cache = model.new_cache(args.prompt + 3 * args.steps + 16)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, args.prompt)
     model.forward(ids, cache=cache, last_only=True)
     layer = numba.threading_layer()
@@ -263,13 +295,26 @@ def main():
         lines.append(text)
 
     load0 = os.getloadavg()
-    # 1. wall time per op
-    token, steps_s, tm = 1, [], Timer()
-    step_fn = timed_step
-    step_fn(fp, token, cache, cache.length, Timer())                    # warm
+    # 1. the step as it ships
+    token = 1
+    for _ in range(3):                                                  # warm (compiles the step)
+        token = int(np.argmax(model.forward(np.array([token]), cache=cache)[-1]))
+    fp.step.stats[:] = 0
+    shipped = []
     for _ in range(args.steps):
         t = time.perf_counter()
-        logits = step_fn(fp, token, cache, cache.length, tm)
+        logits = model.forward(np.array([token]), cache=cache)
+        shipped.append(time.perf_counter() - t)
+        token = int(np.argmax(logits[-1]))
+    n = args.steps
+    step_stats = fp.step.stats[:args.threads] / (n * cpu * 1e3)          # ms per token [thread, kind, what]
+    # 2. op by op
+    steps_s, tm = [], Timer()
+    fp.step_fits = False
+    timed_step(fp, token, cache, cache.length, Timer())                  # warm
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        logits = timed_step(fp, token, cache, cache.length, tm)
         steps_s.append(time.perf_counter() - t)
         token = int(np.argmax(logits[-1]))
     plain = []
@@ -278,18 +323,35 @@ def main():
         logits = model.forward(np.array([token]), cache=cache)
         plain.append(time.perf_counter() - t)
         token = int(np.argmax(logits[-1]))
-    n = args.steps
+    fp.step_fits = True
     step_ms = 1e3 * sum(steps_s) / n
     say(f"# Decode step profile ({args.label})\n")
-    say(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Numba {numba.__version__}, "
+    say(f"Machine: {cpu_name()}, {os.cpu_count()} CPUs; Numba {numba.__version__}, "
         f"threading layer `{layer}`, {args.threads} threads; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average {load0[0]:.1f} at start, "
-        f"{os.getloadavg()[0]:.1f} at end of part 1.")
+        f"{os.getloadavg()[0]:.1f} after parts 1-2.")
     say(f"Command: `python benchmarks/profile_decode.py --threads {args.threads} --prompt {args.prompt} "
         f"--steps {args.steps} --label {args.label}`; model {args.model}; "
-        f"decode at positions {args.prompt}..{args.prompt + 2 * n}; {time.strftime('%H:%M UTC', time.gmtime())}.\n")
-    say(f"## 1. One decode step, op by op (mean over {n} steps)\n")
-    say(f"Step: {step_ms:.1f} ms timed op by op; model.forward of one token untimed: "
+        f"decode at positions {args.prompt}..{cache.length}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n")
+    say(f"## 1. The step as it ships: one parallel region per token (mean over {n} steps)\n")
+    say(f"model.forward of one token: {1e3 * np.median(shipped):.1f} ms median ({1 / np.median(shipped):.1f} "
+        f"tokens/s); 1 parallel region per token. Per thread, ms per token (cycle counter {cpu:.0f} per us):\n")
+    say("| phase kind | " + " | ".join(f"thread {t} busy | wait | glue" for t in range(args.threads))
+        + " | weights read | GB/s (busy) |")
+    say("|---|" + "---:|---:|---:|" * args.threads + "---:|---:|")
+    read = phase_bytes(fp)
+    for k, name in enumerate(PHASE_NAMES):
+        cells = " | ".join(f"{step_stats[t, k, BUSY]:.2f} | {step_stats[t, k, WAIT]:.2f} | {step_stats[t, k, GLUE]:.2f}"
+                           for t in range(args.threads))
+        busy = step_stats[:, k, BUSY].max()
+        rate = f"{read[k] / busy / 1e6:.1f}" if read.get(k) else ""
+        say(f"| {name} | {cells} | {read[k] / 1e6:.0f} MB | {rate} |" if read.get(k) else f"| {name} | {cells} | | |")
+    totals = " | ".join(f"{step_stats[t, :, BUSY].sum():.2f} | {step_stats[t, :, WAIT].sum():.2f} | "
+                        f"{step_stats[t, :, GLUE].sum():.2f}" for t in range(args.threads))
+    say(f"| **all** | {totals} | {sum(read.values()) / 1e6:.0f} MB | "
+        f"{sum(read.values()) / (1e6 * step_stats[:, :, BUSY].sum(axis=1).max()):.1f} |\n")
+    say(f"## 2. The op-by-op path, op by op (mean over {n} steps)\n")
+    say(f"Step: {step_ms:.1f} ms timed op by op; model.forward of one token on this path, untimed: "
         f"{1e3 * np.median(plain):.1f} ms median ({1 / np.median(plain):.1f} tokens/s).\n")
     say("| op | ms per token | % of step | calls per token | parallel regions per token |")
     say("|---|---:|---:|---:|---:|")
@@ -304,7 +366,7 @@ def main():
     say(f"\nParallel regions per token: {total_regions} (one per GEMV call and one LM head; the quantize pass "
         f"before each GEMV, the glue and the Python between them run on one thread).\n")
     # 2. inside the regions
-    say(f"## 2. Inside each GEMV region (medians over {args.steps // 4 or 1} steps x 30 layers; "
+    say(f"## 3. Inside each GEMV region of the op-by-op path (medians over {args.steps // 4 or 1} steps x 30 layers; "
         f"cycle counter {cpu:.0f} per us)\n")
     stats = region_profile(fp, cache, cache.length, max(1, args.steps // 4), cpu)
     say("| group | call us | threads | main wake us | worker wake us | main busy us | worker busy us | "
@@ -319,13 +381,12 @@ def main():
         f"(wake-up + imbalance + join).\n")
     # 3. empty region
     med, p90, p99, gap = empty_region_cost(args.threads)
-    say("## 3. An empty parallel region after serial work\n")
+    say("## 4. An empty parallel region after serial work\n")
     say(f"prange over {args.threads} iterations doing nothing, called after {gap:.0f} us of serial work: median "
         f"{med:.1f} us, p90 {p90:.1f} us, p99 {p99:.1f} us per region.\n")
     say(f"Load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     if args.out:
-        mode = "a" if args.label != "before" and os.path.exists(args.out) else "w"
-        with open(args.out, mode) as fh:
+        with open(args.out, "w") as fh:
             fh.write("\n".join(lines) + "\n\n")
 
 
