@@ -155,14 +155,6 @@ def float16_bits(x):
 
 
 # ------------------------------------------------------------------------------------------- one phase
-@njit(cache=True, inline="always")
-def _matrix(w, i, j):
-    """Matrix j (0 qkv, 1 o, 2 gate_up, 3 down) of layer i: packed uint8 [N, K/4] and row scales float32 [N]."""
-    off, rows, width, scale_off = w.mats[i, j, 0], w.mats[i, j, 1], w.mats[i, j, 2], w.mats[i, j, 3]
-    packed = w.arena[off:off + rows * width].reshape((rows, width))
-    return packed, w.row_scale[scale_off:scale_off + rows]
-
-
 @njit(cache=True)
 def gemv_rows(packed, planes, xsum, s, row_scale, out, r0, r1):
     """out[n] = fl(fl(float32(acc_n) / s) * row_scale[n]) for rows n = r0 .. r1-1, acc_n = xq . w_n exactly:
@@ -190,8 +182,9 @@ def _quantize(x, b, planes):
 
 
 @njit(cache=True)
-def _n_tasks(kind, w, i, t_len, n_heads, hd):
-    if i == w.mats.shape[0]:                                   # the LM head
+def _n_tasks(kind, i, w, t_len, n_heads, hd):
+    """How many tasks phase (layer i, kind) has; the LM head is layer L, kind QKV."""
+    if i == w.mats.shape[0]:
         return (w.table.shape[0] + HEAD_ROWS_PER_TASK - 1) // HEAD_ROWS_PER_TASK
     if kind == SCORES:
         return (t_len + SCORE_POSITIONS - 1) // SCORE_POSITIONS
@@ -204,140 +197,132 @@ def _n_tasks(kind, w, i, t_len, n_heads, hd):
 
 
 @njit(cache=True)
-def _task(kind, i, task, w, b, kv, t_len, scale, logits, buf, acc):
-    """Task `task` of phase (layer i, kind); the LM head is layer L, kind QKV."""
+def _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats):
+    """What thread t runs. Phase -1 is the start (one empty task); for each phase: wait for its input, then
+    claim and run tasks (the first block below); the thread that completes a phase's last task runs the
+    glue that makes the next phase's input (the second block, in refbitnet.model.decoder_layer's order)
+    and publishes it, or publishes an abort if an activation holds a NaN/inf or a key or value does not fit
+    a float16 cache. Adds its cycles to stats[t]. (One function: each Numba function called from here is
+    compiled again inside every caller, so the dispatch is written out here rather than in helpers.)"""
+    n_layers = w.mats.shape[0]
     n_heads, hd = b.attn.shape
     n_kv = b.k.shape[0]
-    if i == w.mats.shape[0]:
-        v0 = task * HEAD_ROWS_PER_TASK
-        dot_rows_into(w.table, b.x_out, logits, v0, min(w.table.shape[0], v0 + HEAD_ROWS_PER_TASK))
-    elif kind == SCORES:
-        t0 = task * SCORE_POSITIONS
-        _scores(b.q, kv.k32[0 if kv.wide16 else i], kv.k16[i if kv.wide16 else 0], kv.wide16, n_kv, t0,
-                min(t_len, t0 + SCORE_POSITIONS), scale, b.scores, buf)
-    elif kind == SOFTMAX:
-        _softmax(b.scores[task], t_len, b.ones)
-    elif kind == WEIGHTED:
-        d0 = task * OUT_ELEMS
-        _weighted(b.scores, kv.v32[0 if kv.wide16 else i], kv.v16[i if kv.wide16 else 0], kv.wide16, n_kv,
-                  t_len, d0, d0 + OUT_ELEMS, b.attn, acc, buf)
-    else:
-        j = 0 if kind == QKV else kind - 3                        # o 1, gate_up 2, down 3
-        packed, row_scale = _matrix(w, i, j)
-        r0 = task * GEMV_ROWS
-        r1 = min(packed.shape[0], r0 + GEMV_ROWS)
-        if kind == QKV:
-            gemv_rows(packed, b.planes_d, b.xsum[0], b.s[0], row_scale, b.qkv, r0, r1)
-        elif kind == O_PROJ:
-            gemv_rows(packed, b.planes_d, b.xsum[0], b.s[0], row_scale, b.o, r0, r1)
-        elif kind == GATE_UP:
-            gemv_rows(packed, b.planes_d, b.xsum[0], b.s[0], row_scale, b.gate_up, r0, r1)
-        else:
-            gemv_rows(packed, b.planes_f, b.xsum[0], b.s[0], row_scale, b.down, r0, r1)
-
-
-@njit(cache=True)
-def _glue(kind, i, w, b, kv, pos, cos, sin, eps):
-    """The serial work before phase (layer i, kind): its input, made from the previous phases' outputs in
-    refbitnet.model.decoder_layer's order. False if an activation holds a NaN/inf or a key/value does not
-    fit a float16 cache (the step then stops; the caller reruns the token op by op for the error)."""
-    n_layers = w.mats.shape[0]
-    if kind == QKV:
-        if i == 0:
-            rms_norm_row(b.h, w.input_norm[0], eps, b.x)
-        elif i < n_layers:                                     # h = h_attn + down, x = its input norm
-            add_rms_norm_row(b.h_attn, b.down, w.input_norm[i], eps, b.h, b.x)
-        else:                                                  # the LM head: final norm of the last output
-            add_rms_norm_row(b.h_attn, b.down, w.final_norm, eps, b.h_out, b.x_out)
-            return True
-        return _quantize(b.x, b, b.planes_d)
-    if kind == SCORES:                                         # RoPE, then store k and v at pos
-        n_heads, hd = b.attn.shape
-        n_kv = b.k.shape[0]
-        rope_heads(b.qkv[:n_heads * hd].reshape((n_heads, hd)), cos, sin, b.q)
-        rope_heads(b.qkv[n_heads * hd:(n_heads + n_kv) * hd].reshape((n_kv, hd)), cos, sin, b.k)
-        v = b.qkv[(n_heads + n_kv) * hd:].reshape((n_kv, hd))
-        for g in range(n_kv):
-            for d in range(hd):
-                if kv.wide16:
-                    kb, vb = float16_bits(b.k[g, d]), float16_bits(v[g, d])
-                    if (kb & 0x7C00) == 0x7C00 or (vb & 0x7C00) == 0x7C00:   # overflowed to inf
-                        return False
-                    kv.k16[i, pos, g, d] = kb
-                    kv.v16[i, pos, g, d] = vb
-                else:
-                    kv.k32[i, pos, g, d] = b.k[g, d]
-                    kv.v32[i, pos, g, d] = v[g, d]
-        return True
-    if kind == SOFTMAX or kind == WEIGHTED:
-        return True
-    if kind == O_PROJ:
-        rms_norm_row(b.attn.reshape(-1), w.attn_sub_norm[i], eps, b.attn_norm)
-        return _quantize(b.attn_norm, b, b.planes_d)
-    if kind == GATE_UP:
-        add_rms_norm_row(b.h, b.o, w.post_norm[i], eps, b.h_attn, b.x2)
-        return _quantize(b.x2, b, b.planes_d)
-    f = b.m.shape[0]                                           # DOWN
-    relu2_mul_rms_norm_row(b.gate_up[:f], b.gate_up[f:], w.ffn_sub_norm[i], eps, b.m, b.m_norm)
-    return _quantize(b.m_norm, b, b.planes_f)
-
-
-# ------------------------------------------------------------------------------------------- the region
-@njit(cache=True)
-def _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats):
-    """What thread t runs: for each phase, wait for its input, then claim and run tasks; the thread that
-    completes a phase's last task runs the next phase's glue and publishes it. Adds its cycles to stats[t]."""
-    n_heads, hd = b.attn.shape
+    f = b.m.shape[0]
     t_len = pos + 1
-    final_glue = PHASES_PER_LAYER * w.mats.shape[0]                 # the final norm, before the head phase
-    buf = np.empty(hd, np.float32)                                   # attention scratch of this thread
-    acc = np.empty((n_heads // b.k.shape[0], hd), np.float32)
+    final_glue = PHASES_PER_LAYER * n_layers                 # the final norm, before the head phase
+    k32, v32 = kv.k32[0], kv.v32[0]                          # this layer's cache (set per phase below)
+    k16, v16 = kv.k16[0], kv.v16[0]
+    buf = np.empty(hd, np.float32)                           # attention scratch of this thread
+    acc = np.empty((n_heads // n_kv, hd), np.float32)
     clock = cycle_counter()
-    for p in range(n_phases):
-        line = p * LINE
+    for p in range(-1, n_phases):
+        line = p * LINE if p >= 0 else n_phases * LINE       # the start uses the line after the last phase's
         i, kind = p // PHASES_PER_LAYER, p % PHASES_PER_LAYER
         k_stats = HEAD_STATS if p == final_glue else kind
-        ready = wait_nonzero(sync, line + READY)
-        now = cycle_counter()
-        stats[t, k_stats, WAIT] += now - clock
-        clock = now
-        if ready != READY_OK:
-            return
-        n = _n_tasks(kind, w, i, t_len, n_heads, hd)
+        n = 1
+        if p >= 0:
+            ready = wait_nonzero(sync, line + READY)
+            now = cycle_counter()
+            stats[t, k_stats, WAIT] += now - clock
+            clock = now
+            if ready != READY_OK:
+                return
+            n = _n_tasks(kind, i, w, t_len, n_heads, hd)
+            if i < n_layers:
+                if kv.wide16:
+                    k16, v16 = kv.k16[i], kv.v16[i]
+                else:
+                    k32, v32 = kv.k32[i], kv.v32[i]
         while True:
-            task = claim(sync, line + CLAIMED, line + FRONT, line + BACK, n, np.int64(t))
+            task = claim(sync, line + CLAIMED, line + FRONT, line + BACK, n, t)
             if task < 0:
                 break
-            _task(kind, i, task, w, b, kv, t_len, scale, logits, buf, acc)
+            # ---- task `task` of phase p
+            if p < 0:
+                pass
+            elif i == n_layers:                                                    # the LM head
+                v0 = task * HEAD_ROWS_PER_TASK
+                dot_rows_into(w.table, b.x_out, logits, v0, min(w.table.shape[0], v0 + HEAD_ROWS_PER_TASK))
+            elif kind == SCORES:
+                t0 = task * SCORE_POSITIONS
+                _scores(b.q, k32, k16, kv.wide16, n_kv, t0, min(t_len, t0 + SCORE_POSITIONS), scale, b.scores, buf)
+            elif kind == SOFTMAX:
+                _softmax(b.scores[task], t_len, b.ones)
+            elif kind == WEIGHTED:
+                d0 = task * OUT_ELEMS
+                _weighted(b.scores, v32, v16, kv.wide16, n_kv, t_len, d0, d0 + OUT_ELEMS, b.attn, acc, buf)
+            else:
+                j = 0 if kind == QKV else kind - 3                                 # o 1, gate_up 2, down 3
+                off, rows, width, s_off = w.mats[i, j, 0], w.mats[i, j, 1], w.mats[i, j, 2], w.mats[i, j, 3]
+                packed = w.arena[off:off + rows * width].reshape((rows, width))    # [N, K/4]
+                out = b.qkv if kind == QKV else (b.o if kind == O_PROJ else (b.gate_up if kind == GATE_UP else b.down))
+                gemv_rows(packed, b.planes_f if kind == DOWN else b.planes_d, b.xsum[0], b.s[0],
+                          w.row_scale[s_off:s_off + rows], out, task * GEMV_ROWS, min(rows, (task + 1) * GEMV_ROWS))
             nxt = p + 1
             last = fetch_add(sync, line + DONE, 1) == n - 1
             now = cycle_counter()
-            stats[t, k_stats, BUSY] += now - clock
+            if p >= 0:
+                stats[t, k_stats, BUSY] += now - clock
             clock = now
-            if last and nxt <= final_glue:
-                ok = _glue(nxt % PHASES_PER_LAYER, nxt // PHASES_PER_LAYER, w, b, kv, pos, cos, sin, eps)
-                if nxt < n_phases:
-                    store_release(sync, nxt * LINE + READY, READY_OK if ok else READY_ABORT)
-                now = cycle_counter()
-                stats[t, HEAD_STATS if nxt == final_glue else nxt % PHASES_PER_LAYER, GLUE] += now - clock
-                clock = now
+            if not (last and nxt <= final_glue):
+                continue
+            # ---- the glue before phase nxt (layer g, kind g_kind), then publish it
+            g, g_kind = nxt // PHASES_PER_LAYER, nxt % PHASES_PER_LAYER
+            ok = True
+            if g_kind == QKV:
+                if g == 0:
+                    rms_norm_row(b.h, w.input_norm[0], eps, b.x)
+                elif g < n_layers:                              # h = h_attn + down, x = its input norm
+                    add_rms_norm_row(b.h_attn, b.down, w.input_norm[g], eps, b.h, b.x)
+                else:                                           # the head's input: final norm of the output
+                    add_rms_norm_row(b.h_attn, b.down, w.final_norm, eps, b.h_out, b.x_out)
+                if g < n_layers:
+                    ok = _quantize(b.x, b, b.planes_d)
+            elif g_kind == SCORES:                              # RoPE, then k and v into the cache at pos
+                rope_heads(b.qkv[:n_heads * hd].reshape((n_heads, hd)), cos, sin, b.q)
+                rope_heads(b.qkv[n_heads * hd:(n_heads + n_kv) * hd].reshape((n_kv, hd)), cos, sin, b.k)
+                v = b.qkv[(n_heads + n_kv) * hd:].reshape((n_kv, hd))
+                for gh in range(n_kv):
+                    for d in range(hd):
+                        if kv.wide16:
+                            kb, vb = float16_bits(b.k[gh, d]), float16_bits(v[gh, d])
+                            if (kb & 0x7C00) == 0x7C00 or (vb & 0x7C00) == 0x7C00:    # overflowed to inf
+                                ok = False
+                            kv.k16[g, pos, gh, d] = kb
+                            kv.v16[g, pos, gh, d] = vb
+                        else:
+                            kv.k32[g, pos, gh, d] = b.k[gh, d]
+                            kv.v32[g, pos, gh, d] = v[gh, d]
+            elif g_kind == O_PROJ:
+                rms_norm_row(b.attn.reshape(-1), w.attn_sub_norm[g], eps, b.attn_norm)
+                ok = _quantize(b.attn_norm, b, b.planes_d)
+            elif g_kind == GATE_UP:
+                add_rms_norm_row(b.h, b.o, w.post_norm[g], eps, b.h_attn, b.x2)
+                ok = _quantize(b.x2, b, b.planes_d)
+            elif g_kind == DOWN:
+                relu2_mul_rms_norm_row(b.gate_up[:f], b.gate_up[f:], w.ffn_sub_norm[g], eps, b.m, b.m_norm)
+                ok = _quantize(b.m_norm, b, b.planes_f)
+            if nxt < n_phases:
+                store_release(sync, nxt * LINE + READY, READY_OK if ok else READY_ABORT)
+            now = cycle_counter()
+            stats[t, HEAD_STATS if nxt == final_glue else g_kind, GLUE] += now - clock
+            clock = now
 
 
 @njit(cache=True, parallel=True)
 def decode_step(w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_threads, with_head, stats):
     """One token through every layer at position pos (b.h holds its embedding), the final norm into
     b.x_out, and with_head: the bf16 LM head into logits float32 [V]. cos, sin float32 [HD]: RoPE at pos.
-    sync int64 [(7 L + 1) * LINE]. n_threads: numba.get_num_threads() of the caller (one prange iteration
-    per thread). stats int64 [>= n_threads, 8, 3]: cycles added (see BUSY, WAIT, GLUE). Returns -1, or the phase whose input could not be made (a NaN/inf activation, or a key or
-    value beyond a float16 cache's range), before which the step stopped."""
+    sync int64 [(7 L + 2) * LINE]. n_threads: numba.get_num_threads() of the caller (one prange iteration
+    per thread). stats int64 [>= n_threads, 8, 3]: cycles added (see BUSY, WAIT, GLUE). Returns -1, or the
+    phase whose input could not be made (a NaN/inf activation, or a key or value beyond a float16 cache's
+    range), before which the step stopped. (Only the prange runs in parallel; the loops around it are
+    plain loops on the calling thread.)"""
     n_phases = PHASES_PER_LAYER * w.mats.shape[0] + (1 if with_head else 0)
-    sync[:] = 0
-    ok = _glue(QKV, 0, w, b, kv, pos, cos, sin, eps)
-    if not ok:
-        return 0
-    sync[READY] = READY_OK
+    for j in range(sync.shape[0]):
+        sync[j] = 0
     for t in prange(n_threads):
-        _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats)
+        _worker(np.int64(t), w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats)
     for p in range(n_phases):
         if sync[p * LINE + READY] == READY_ABORT:
             return p
@@ -385,7 +370,7 @@ class DecodeStep:
             h_out=f32(d), x_out=f32(d), codes=np.zeros(max(d, f), np.int8),
             planes_d=np.zeros((4, d // 4), np.int8), planes_f=np.zeros((4, f // 4), np.int8),
             s=f32(1), xsum=np.zeros(1, np.int32))
-        self.sync = np.zeros((PHASES_PER_LAYER * len(layers) + 1) * LINE, np.int64)
+        self.sync = np.zeros((PHASES_PER_LAYER * len(layers) + 2) * LINE, np.int64)
         self.stats = np.zeros((numba.config.NUMBA_NUM_THREADS, PHASES_PER_LAYER + 1, 3), np.int64)   # cycles
         self.scale = np.float32(hd ** -0.5)
         self.eps = np.float32(config.rms_norm_eps)
