@@ -1,12 +1,13 @@
-"""One decode step as one parallel region: every op of one token's forward pass in a single compiled call.
+"""One decode step in one go: every op of one token's forward pass, the threads together from start to end.
 
 Why: decoding one token op by op opens a parallel region per GEMV (four per layer) and runs the glue,
 attention and Python between them on the calling thread. Each region must wake the worker thread, which
 has parked in the meantime; on a virtual machine whose other CPU then halts, a wake costs tens of
 microseconds, over a hundred times per token (benchmarks/results/decode_profile.md). Here the threads
-enter one region for the whole step and stay in it: between phases they poll (``sync.wait_nonzero``:
-``pause``, then ``sched_yield`` so a busy machine's other work still runs), as the engines' thread pools do
-within a graph, and the attention over the KV cache is shared between them too.
+start once per token (``_Team``: the caller and Python threads, each running the compiled ``worker``
+without the GIL) and stay in the step: between phases they poll (``sync.wait_nonzero``: ``pause``, then
+``sched_yield`` so a busy machine's other work still runs), as the engines' thread pools do within a graph,
+and they share the attention over the KV cache too.
 
 The step is a sequence of phases, seven per layer and then the LM head:
 
@@ -15,9 +16,9 @@ The step is a sequence of phases, seven per layer and then the LM head:
 Each phase is split into tasks (chunks of rows, of cache positions, heads, or head elements) that the
 threads claim from shared counters (``sync.claim``). The thread that finishes a phase's last task runs the
 serial glue that makes the next phase's input (residual add, RMSNorm, activation quantization, RoPE, the
-cache store; ``_glue``) and publishes it; the others wait for the publication. No thread waits for a
-particular other thread, only for claimed work: if the threads happen to run one after another, the first
-does everything and the others find nothing left to claim.
+cache store) and publishes it; the others wait for the publication. No thread waits for a particular
+other thread, only for claimed work: if the threads happen to run one after another, the first does
+everything and the others find nothing left to claim.
 
 Same bits as the op-by-op path (``runtime.FastPath.layers_forward``) and so as the readable one: every op
 is the same compiled function (glue's norms and RoPE, act_quant's row quantizer, the door's GEMV row dot
@@ -28,12 +29,13 @@ is computed by one thread in a fixed order. The one new piece is the float16 cac
 
 from __future__ import annotations
 
+import threading
 from collections import namedtuple
 
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange
+from numba import get_num_threads, njit
 from numba.core import types
 from numba.extending import intrinsic
 
@@ -196,8 +198,8 @@ def _n_tasks(kind, i, w, t_len, n_heads, hd):
     return (rows + GEMV_ROWS - 1) // GEMV_ROWS
 
 
-@njit(cache=True)
-def _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats):
+@njit(cache=True, nogil=True)
+def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats):
     """What thread t runs. Phase -1 is the start (one empty task); for each phase: wait for its input, then
     claim and run tasks (the first block below); the thread that completes a phase's last task runs the
     glue that makes the next phase's input (the second block, in refbitnet.model.decoder_layer's order)
@@ -309,27 +311,55 @@ def _worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stat
             clock = now
 
 
-@njit(cache=True, parallel=True)
-def decode_step(w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_threads, with_head, stats):
-    """One token through every layer at position pos (b.h holds its embedding), the final norm into
-    b.x_out, and with_head: the bf16 LM head into logits float32 [V]. cos, sin float32 [HD]: RoPE at pos.
-    sync int64 [(7 L + 2) * LINE]. n_threads: numba.get_num_threads() of the caller (one prange iteration
-    per thread). stats int64 [>= n_threads, 8, 3]: cycles added (see BUSY, WAIT, GLUE). Returns -1, or the
-    phase whose input could not be made (a NaN/inf activation, or a key or value beyond a float16 cache's
-    range), before which the step stopped. (Only the prange runs in parallel; the loops around it are
-    plain loops on the calling thread.)"""
-    n_phases = PHASES_PER_LAYER * w.mats.shape[0] + (1 if with_head else 0)
-    for j in range(sync.shape[0]):
-        sync[j] = 0
-    for t in prange(n_threads):
-        _worker(np.int64(t), w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats)
-    for p in range(n_phases):
-        if sync[p * LINE + READY] == READY_ABORT:
-            return p
-    return -1
-
-
 # --------------------------------------------------------------------------------------- the Python side
+class _Team:
+    """Threads that run ``worker`` beside the calling thread, one decode step at a time.
+
+    Why Python threads, not a Numba prange: Numba compiles everything a function calls again inside it, and
+    a parallel loop adds two such levels (its generated kernel and the function around it) over the whole
+    decode step, which doubled the step's first-run compile time. ``worker`` releases the GIL (nogil), so
+    these threads and the caller run it at the same time; between steps the threads sleep on an Event
+    (one wake-up per token, where the op-by-op path paid one per GEMV)."""
+
+    def __init__(self):
+        self.threads = []          # (thread, go Event, done Event, args slot [1])
+        self.lock = threading.Lock()
+
+    def _grow(self, n):
+        while len(self.threads) < n:
+            t = len(self.threads) + 1
+            go, done, slot = threading.Event(), threading.Event(), [None]
+            thread = threading.Thread(target=self._loop, args=(t, go, done, slot), daemon=True,
+                                      name=f"refbitnet-step-{t}")
+            thread.start()
+            self.threads.append((thread, go, done, slot))
+
+    @staticmethod
+    def _loop(t, go, done, slot):
+        while True:
+            go.wait()
+            go.clear()
+            worker(np.int64(t), *slot[0])
+            slot[0] = None
+            done.set()
+
+    def run(self, n_threads, args):
+        """worker(t, *args) for t = 0 .. n_threads-1: t = 0 on this thread, the others on the team's."""
+        with self.lock:                                   # one step at a time through the team
+            self._grow(n_threads - 1)
+            helpers = self.threads[:n_threads - 1]
+            for _, go, done, slot in helpers:
+                done.clear()
+                slot[0] = args
+                go.set()
+            worker(np.int64(0), *args)
+            for _, go, done, slot in helpers:
+                done.wait()
+
+
+_TEAM = _Team()
+
+
 _NO_KV32 = np.zeros((1, 1, 1, 1), np.float32)     # the cache arrays of the other element type (never read)
 _NO_KV16 = np.zeros((1, 1, 1, 1), np.uint16)
 
@@ -401,6 +431,8 @@ class DecodeStep:
         b.h[:] = h_row
         with_head = logits is not None and self.head_in_region
         out = logits if with_head else b.x_out                          # (not written without the head)
-        stopped = decode_step(self.weights, b, kv, np.int64(pos), cos, sin, self.scale, self.eps, out,
-                              self.sync, np.int64(get_num_threads()), with_head, self.stats)
-        return stopped < 0
+        n_phases = PHASES_PER_LAYER * len(self.weights.mats) + (1 if with_head else 0)
+        self.sync[:] = 0
+        _TEAM.run(get_num_threads(), (self.weights, b, kv, np.int64(pos), cos, sin, self.scale, self.eps, out,
+                                      self.sync, np.int64(n_phases), self.stats))
+        return not (self.sync[:n_phases * LINE].reshape(n_phases, LINE)[:, READY] == READY_ABORT).any()
