@@ -29,6 +29,7 @@ is computed by one thread in a fixed order. The one new piece is the float16 cac
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import namedtuple
 
@@ -328,7 +329,7 @@ class _Team:
     def _grow(self, n):
         while len(self.threads) < n:
             t = len(self.threads) + 1
-            go, done, slot = threading.Event(), threading.Event(), [None]
+            go, done, slot = threading.Event(), threading.Event(), [None, None]     # args, an exception
             thread = threading.Thread(target=self._loop, args=(t, go, done, slot), daemon=True,
                                       name=f"refbitnet-step-{t}")
             thread.start()
@@ -339,7 +340,10 @@ class _Team:
         while True:
             go.wait()
             go.clear()
-            worker(np.int64(t), *slot[0])
+            try:
+                worker(np.int64(t), *slot[0])
+            except BaseException as e:       # noqa: BLE001  (e.g. a failed compile: reraised by run())
+                slot[1] = e
             slot[0] = None
             done.set()
 
@@ -352,12 +356,26 @@ class _Team:
                 done.clear()
                 slot[0] = args
                 go.set()
-            worker(np.int64(0), *args)
+            try:
+                worker(np.int64(0), *args)
+            finally:
+                for _, go, done, slot in helpers:
+                    done.wait()
             for _, go, done, slot in helpers:
-                done.wait()
+                if slot[1] is not None:
+                    error, slot[1] = slot[1], None
+                    raise error
 
 
 _TEAM = _Team()
+
+
+def _new_team_after_fork():
+    global _TEAM
+    _TEAM = _Team()          # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_new_team_after_fork)
 
 
 _NO_KV32 = np.zeros((1, 1, 1, 1), np.float32)     # the cache arrays of the other element type (never read)

@@ -150,3 +150,34 @@ def test_decode_step_refuses_a_value_beyond_a_float16_cache():
     with pytest.raises(RefBitNetError, match="layers.0: values .* do not fit a float16 KV cache"):
         model.forward([5], cache=model.new_cache(8, kv_dtype="float16"))
     assert np.isfinite(model.forward([5], cache=model.new_cache(8))).all()
+
+
+def _decode_in_child(model, ids, queue):
+    cache = model.new_cache(16)
+    queue.put(model.forward(ids, cache=cache, last_only=True))
+
+
+@needs_avx2
+def test_decode_step_in_a_forked_child():
+    """The step's threads do not survive a fork: a child forked after the parent decoded makes its own and
+    computes the same logits (no hang waiting for a parent's thread)."""
+    import multiprocessing
+    model = _model("groups_of_2")
+    ids = np.arange(5)
+    before = kernels.get_num_threads()
+    kernels.set_num_threads(min(2, before))
+    try:
+        parent = model.forward(ids, cache=model.new_cache(16), last_only=True)
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_decode_in_child, args=(model, ids, queue))
+        child.start()
+        try:
+            got = queue.get(timeout=120)
+            child.join(timeout=60)
+        finally:
+            if child.is_alive():
+                child.kill()
+    finally:
+        kernels.set_num_threads(before)
+    assert child.exitcode == 0 and np.array_equal(got, parent)
