@@ -3,7 +3,8 @@
  * Written for bench_generate.py --llama-cpp against llama.h's public API only (no code from the llama.cpp
  * tree). One process: load the model, make a context of CTX positions (KV cache f16, llama.cpp's default),
  * prefill PROMPT pseudo-random ids in one batch with the logits of the last position only, then decode
- * DECODE greedy tokens one by one (argmax of each step's logits, as bench_generate does).
+ * DECODE greedy tokens one by one (argmax of each step's logits, as bench_generate does). The weights are
+ * read into memory, not memory-mapped (LLAMA_LOAD_MODE_NONE, see below).
  *
  *   engine_speed MODEL.gguf THREADS PROMPT DECODE CTX
  *
@@ -52,6 +53,9 @@ int main(int argc, char **argv) {
     llama_backend_init();
     struct llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
+    mp.load_mode = LLAMA_LOAD_MODE_NONE;   /* weights read into the process's memory, not memory-mapped (as
+                              llama-bench -mmp 0): a 4 KiB-page mapping of the file decoded slower on this project's
+                              machine kind, and refbitnet too holds its packed weights in its own huge-page memory */
     struct llama_model *model = llama_model_load_from_file(argv[1], mp);
     if (model == NULL) { fprintf(stderr, "engine_speed: model did not load\n"); return 3; }
     struct llama_context_params cp = llama_context_default_params();

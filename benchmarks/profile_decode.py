@@ -126,7 +126,7 @@ def phase_bytes(fp):
     read = {}
     for k, name in ((0, "qkv"), (4, "o"), (5, "gate_up"), (6, "down")):
         read[k] = sum(getattr(layer, name).linear.packed.nbytes for layer in fp.layers)
-    if fp.step.head_in_region:
+    if fp.step.head_in_step:
         read[HEAD_STATS] = fp.output_table.nbytes
     return read
 

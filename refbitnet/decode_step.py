@@ -206,7 +206,12 @@ def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats
     glue that makes the next phase's input (the second block, in refbitnet.model.decoder_layer's order)
     and publishes it, or publishes an abort if an activation holds a NaN/inf or a key or value does not fit
     a float16 cache. Adds its cycles to stats[t]. (One function: each Numba function called from here is
-    compiled again inside every caller, so the dispatch is written out here rather than in helpers.)"""
+    compiled again inside every caller, so the dispatch is written out here rather than in helpers.)
+
+    w, b, kv: StepWeights, StepBuffers, KVArrays (b.h holds the token's embedding); pos: its position; cos,
+    sin float32 [HD]: RoPE there; logits float32 [V]: the head's output (when n_phases includes the head);
+    sync int64 [(n_phases + 1) * LINE], zeroed by the caller; n_phases: 7 L, + 1 with the head; stats int64
+    [threads, 8, 3]. Releases the GIL: DecodeStep runs one per thread, at the same time."""
     n_layers = w.mats.shape[0]
     n_heads, hd = b.attn.shape
     n_kv = b.k.shape[0]
@@ -403,13 +408,13 @@ class DecodeStep:
                 mats[i, j] = (packed.ctypes.data - base, packed.shape[0], packed.shape[1], scale_off)
                 scales.append(fused.linear.row_scale)
                 scale_off += packed.shape[0]
-        self.head_in_region = table.dtype == np.uint16 and d % 16 == 0
+        self.head_in_step = table.dtype == np.uint16 and d % 16 == 0
         self.weights = StepWeights(
             arena.buffer, mats, np.concatenate(scales),
             *(np.stack([getattr(layer, name) for layer in layers]).astype(np.float32, copy=False)
               for name in ("input_layernorm", "post_attention_layernorm", "attn_sub_norm", "ffn_sub_norm")),
             np.ascontiguousarray(final_norm, np.float32),
-            table if self.head_in_region else np.zeros((1, 16), np.uint16))
+            table if self.head_in_step else np.zeros((1, 16), np.uint16))
         f32 = lambda *shape: np.zeros(shape, np.float32)                            # noqa: E731
         self.buffers = StepBuffers(
             h=f32(d), x=f32(d), qkv=f32((n_heads + 2 * n_kv) * hd), q=f32(n_heads, hd), k=f32(n_kv, hd),
@@ -447,7 +452,7 @@ class DecodeStep:
         else:
             kv = KVArrays(cache.k, cache.v, _NO_KV16, _NO_KV16, False)
         b.h[:] = h_row
-        with_head = logits is not None and self.head_in_region
+        with_head = logits is not None and self.head_in_step
         out = logits if with_head else b.x_out                          # (not written without the head)
         n_phases = PHASES_PER_LAYER * len(self.weights.mats) + (1 if with_head else 0)
         self.sync[:] = 0

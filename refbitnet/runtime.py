@@ -12,9 +12,12 @@ cache as stored), the embedding and the final norm are refbitnet.model's own ops
 head (kernels.bf16_matmul) sums in another order. It records the same trace names itself, so a
 trace checks the path that ships. Imports point one way: this module uses refbitnet.model, never the reverse.
 
-Also here, each with the same bits: blocks of up to SHORT_BLOCK tokens run one token at a time (a fresh
-install's first short prompt compiles only the decode kernels). Not the same bits, and opt-in: the 8-bit LM
-head (``FastPath.use_int8_head``, REFBITNET_LM_HEAD=int8).
+Also here, each with the same bits: blocks of up to SHORT_BLOCK tokens (decoding: one) run one token at a
+time through ``decode_step.DecodeStep``, every layer and the LM head with the threads together from start to
+end (one wake-up per token instead of one parallel region per GEMV), where the model fits its kernels
+(``DecodeStep.fits``), else op by op; longer blocks (prefill) run op by op, each projection one
+multi-token GEMM. Not the same bits, and opt-in: the 8-bit LM head (``FastPath.use_int8_head``,
+REFBITNET_LM_HEAD=int8), applied after the step.
 """
 
 from __future__ import annotations
@@ -144,11 +147,12 @@ class FastPath:
     def forward(self, ids, cache=None, start=0, trace=None, last_only=False, trace_integers=False):
         """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers).
 
-        A block of 2 .. SHORT_BLOCK tokens without a trace runs through the layers one token at a time, on the
-        decode kernels: the same bits (every op treats each token on its own, so a block equals its tokens
-        one by one; test_runtime checks it), and a fresh install's first short prompt then compiles only
-        the decode kernels, not the prefill GEMM and its glue as well (they compile with the first longer
-        block). Up to 8 tokens this costs a 2B4T prompt a few decode steps' worth of weight reads."""
+        A block of 1 .. SHORT_BLOCK tokens without a trace runs through the layers one token at a time: through
+        the one-region DecodeStep where the model fits it, else op by op on the decode kernels. The same bits
+        (every op treats each token on its own, so a block equals its tokens one by one; test_runtime and
+        test_decode_step check it), and a fresh install's first short prompt then compiles only the decode
+        step, not the prefill GEMM and its glue as well (they compile with the first longer block). Up to 8
+        tokens this costs a 2B4T prompt a few decode steps' worth of weight reads."""
         cfg = self.config
         s_len = ids.shape[0]
         cos, sin = rope_tables(start + np.arange(s_len), cfg.head_dim, cfg.rope_theta)    # [S, HD] x2
@@ -182,7 +186,7 @@ class FastPath:
         if self.step is None:
             self.step = DecodeStep(self.config, self.layers, self.arena, self.norm, self.output_table)
         s_len = ids.shape[0]
-        head_here = self.step.head_in_region and self.int8_head is None
+        head_here = self.step.head_in_step and self.int8_head is None
         logits = np.empty((1 if last_only else s_len, self.output_table.shape[0]), np.float32)     # [S or 1, V]
         x_final = np.empty((s_len, self.config.hidden_size), np.float32)                           # [S, D]
         for j in range(s_len):
