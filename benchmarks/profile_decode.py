@@ -4,7 +4,7 @@
 
 Decoding one token (after a --prompt-token prefill, float32 KV cache) two ways in one run:
 
-1. The step as it ships (refbitnet.decode_step: the whole token in one parallel region): its wall time per
+1. The step as it ships (refbitnet.decode_step: the threads together for the whole token): its wall time per
    token, and from the step's own cycle counts (DecodeStep.stats) each thread's time per phase kind in the
    tasks (busy), waiting for the phase's input (wait: the other thread's glue, a late or descheduled
    thread, and the region's start) and running the serial glue before the phase, with the GB/s that the
@@ -333,9 +333,10 @@ def main():
     say(f"Command: `python benchmarks/profile_decode.py --threads {args.threads} --prompt {args.prompt} "
         f"--steps {args.steps} --label {args.label}`; model {args.model}; "
         f"decode at positions {args.prompt}..{cache.length}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n")
-    say(f"## 1. The step as it ships: one parallel region per token (mean over {n} steps)\n")
+    say(f"## 1. The step as it ships: the threads together for the whole token (mean over {n} steps)\n")
     say(f"model.forward of one token: {1e3 * np.median(shipped):.1f} ms median ({1 / np.median(shipped):.1f} "
-        f"tokens/s); 1 parallel region per token. Per thread, ms per token (cycle counter {cpu:.0f} per us):\n")
+        f"tokens/s); the step's threads start once per token. Per thread, ms per token (cycle counter "
+        f"{cpu:.0f} per us):\n")
     say("| phase kind | " + " | ".join(f"thread {t} busy | wait | glue" for t in range(args.threads))
         + " | weights read | GB/s (busy) |")
     say("|---|" + "---:|---:|---:|" * args.threads + "---:|---:|")
