@@ -380,6 +380,26 @@ for k, n, s_len in ((2560, 70, 1), (2560, 70, 3), (2560, 70, 19), (6912, 33, 9),
     want = {1: "v4", 3: "v4_blocked"}.get(s_len, "v5")
     assert door.kernel_for(s_len) == want, (door.kernel_for(s_len), want)
     assert np.array_equal(door(x).view(np.uint32), bitlinear_int(x, codes, ws).y.view(np.uint32)), (k, n, s_len)
+# the one-go decode step on v4's row dot: the same logits and cache as the op-by-op path
+import sys
+sys.path.insert(0, TESTS)
+from refbitnet import decode_step
+from refbitnet.kernels import v4_maddubs
+from refbitnet.checkpoint import model_from_tensors
+from _tiny_bitnet import numpy_config, numpy_release_tensors
+assert decode_step.ROW_DOT is v4_maddubs.dot_row
+sizes = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=200)
+model = model_from_tensors(numpy_config(sizes), numpy_release_tensors(sizes, 3), source="tiny", backend="numba")
+ids = rng.integers(0, 200, 20)
+runs = []
+for step in (False, True):
+    model._fast.step_fits = step
+    cache = model.new_cache(32, kv_dtype="float16")
+    runs.append([model.forward(ids[:12], cache=cache)] + [model.forward(ids[j:j + 1], cache=cache) for j in range(12, 20)]
+                + [cache.k.copy(), cache.v.copy()])
+assert model._fast.step is not None
+assert all(np.array_equal(a.view(np.uint8), b.view(np.uint8)) for a, b in zip(*runs))
 print("ok")
 """
 
@@ -388,11 +408,12 @@ print("ok")
 @pytest.mark.skipif(not (available() and v6_vnni.available()), reason="needs a CPU with AVX512-VNNI")
 def test_avx2_paths_on_a_vnni_cpu(tmp_path):
     """With REFBITNET_NO_VNNI=1 (and its own Numba cache) a VNNI CPU runs the AVX2 paths: the door picks v4
-    for one token and v5 sums with vpmaddubsw, bit-identical to the reference BitLinear."""
+    for one token and v5 sums with vpmaddubsw, bit-identical to the reference BitLinear, and the decode step
+    (on v4's row dot) gives the op-by-op path's logits and cache."""
     import os
     import subprocess
     import sys
     env = dict(os.environ, REFBITNET_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-c", _AVX2_PATHS_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
+    script = f"TESTS = {os.path.dirname(os.path.abspath(__file__))!r}\n" + _AVX2_PATHS_SCRIPT
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
