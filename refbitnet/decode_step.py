@@ -318,6 +318,36 @@ def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats
 
 
 # --------------------------------------------------------------------------------------- the Python side
+class _Helper:
+    """One thread of the team: runs worker(t, *args) each time it is given args, then signals done."""
+
+    def __init__(self, t):
+        self.t, self.args, self.error = t, None, None
+        self.go, self.done = threading.Event(), threading.Event()
+        self.running = False              # given a step whose end the caller has not yet waited for
+        threading.Thread(target=self._loop, daemon=True, name=f"refbitnet-step-{t}").start()
+
+    def _loop(self):
+        while True:
+            self.go.wait()
+            self.go.clear()
+            try:
+                worker(np.int64(self.t), *self.args)
+            except BaseException as e:    # noqa: BLE001  (e.g. a failed compile: raised again by _Team.run)
+                self.error = e
+            self.args = None
+            self.done.set()
+
+    def start(self, args):
+        self.done.clear()
+        self.args, self.running = args, True
+        self.go.set()
+
+    def finish(self):
+        self.done.wait()
+        self.running = False
+
+
 class _Team:
     """Threads that run ``worker`` beside the calling thread, one decode step at a time.
 
@@ -328,47 +358,30 @@ class _Team:
     (one wake-up per token, where the op-by-op path paid one per GEMV)."""
 
     def __init__(self):
-        self.threads = []          # (thread, go Event, done Event, args slot [1])
+        self.helpers = []
         self.lock = threading.Lock()
 
-    def _grow(self, n):
-        while len(self.threads) < n:
-            t = len(self.threads) + 1
-            go, done, slot = threading.Event(), threading.Event(), [None, None]     # args, an exception
-            thread = threading.Thread(target=self._loop, args=(t, go, done, slot), daemon=True,
-                                      name=f"refbitnet-step-{t}")
-            thread.start()
-            self.threads.append((thread, go, done, slot))
-
-    @staticmethod
-    def _loop(t, go, done, slot):
-        while True:
-            go.wait()
-            go.clear()
-            try:
-                worker(np.int64(t), *slot[0])
-            except BaseException as e:       # noqa: BLE001  (e.g. a failed compile: reraised by run())
-                slot[1] = e
-            slot[0] = None
-            done.set()
-
     def run(self, n_threads, args):
-        """worker(t, *args) for t = 0 .. n_threads-1: t = 0 on this thread, the others on the team's."""
+        """worker(t, *args) for t = 0 .. n_threads-1: t = 0 on this thread, the others on the team's. Returns
+        when all have finished, also when interrupted (a KeyboardInterrupt while waiting leaves the helpers
+        marked running: the next run waits for them before it reuses the step's buffers)."""
         with self.lock:                                   # one step at a time through the team
-            self._grow(n_threads - 1)
-            helpers = self.threads[:n_threads - 1]
-            for _, go, done, slot in helpers:
-                done.clear()
-                slot[0] = args
-                go.set()
+            for helper in self.helpers:
+                if helper.running:
+                    helper.finish()
+            while len(self.helpers) < n_threads - 1:
+                self.helpers.append(_Helper(len(self.helpers) + 1))
+            helpers = self.helpers[:n_threads - 1]
+            for helper in helpers:
+                helper.start(args)
             try:
                 worker(np.int64(0), *args)
             finally:
-                for _, go, done, slot in helpers:
-                    done.wait()
-            for _, go, done, slot in helpers:
-                if slot[1] is not None:
-                    error, slot[1] = slot[1], None
+                for helper in helpers:
+                    helper.finish()
+            for helper in helpers:
+                if helper.error is not None:
+                    error, helper.error = helper.error, None
                     raise error
 
 
