@@ -16,7 +16,7 @@ Also here, each with the same bits: blocks of up to SHORT_BLOCK tokens (decoding
 time through ``decode_step.DecodeStep``, every layer and the LM head with the threads together from start to
 end (one wake-up per token instead of one parallel region per GEMV), where the model fits its kernels
 (``DecodeStep.fits``), else op by op; longer blocks (prefill) run op by op, each projection one
-multi-token GEMM. Not the same bits, and opt-in: the 8-bit LM head (``FastPath.use_int8_head``,
+multi-token GEMM, a prompt longer than PREFILL_BLOCK tokens as blocks of PREFILL_BLOCK. Not the same bits, and opt-in: the 8-bit LM head (``FastPath.use_int8_head``,
 REFBITNET_LM_HEAD=int8), applied after the step.
 """
 
@@ -129,6 +129,7 @@ def return_freed_memory() -> None:
 
 
 SHORT_BLOCK = 8   # blocks of up to this many tokens (no trace) run one token at a time (see FastPath.forward)
+PREFILL_BLOCK = 128   # longer blocks (no trace) run as blocks of this many tokens (see FastPath._forward_blocks)
 
 
 class FastPath:
@@ -172,7 +173,9 @@ class FastPath:
         (every op treats each token on its own, so a block equals its tokens one by one; test_runtime and
         test_decode_step check it), and a fresh install's first short prompt then compiles only the decode
         step, not the prefill GEMM and its glue as well (they compile with the first longer block). Up to 8
-        tokens this costs a 2B4T prompt a few decode steps' worth of weight reads."""
+        tokens this costs a 2B4T prompt a few decode steps' worth of weight reads. A block longer than
+        PREFILL_BLOCK without a trace runs as blocks of PREFILL_BLOCK tokens (_forward_blocks), again the
+        same bits; with a trace a block always runs as one, so the trace holds every token's values."""
         cfg = self.config
         s_len = ids.shape[0]
         cos, sin = rope_tables(start + np.arange(s_len), cfg.head_dim, cfg.rope_theta)    # [S, HD] x2
@@ -187,6 +190,8 @@ class FastPath:
         if record is None and 1 < s_len <= SHORT_BLOCK:      # one token at a time: the decode kernels
             h = np.concatenate([self.layers_forward(h[j:j + 1], cos[j:j + 1], sin[j:j + 1], layer_cache, start + j)
                                 for j in range(s_len)])                                    # [S, D]
+        elif record is None and s_len > PREFILL_BLOCK:      # a long prompt: in blocks of PREFILL_BLOCK tokens
+            h = self._forward_blocks(h, cos, sin, layer_cache, start, last_only)          # [S or 1, D]
         else:
             h = self.layers_forward(h, cos, sin, layer_cache, start, record)               # [S, D]
             return_freed_memory()
@@ -199,6 +204,21 @@ class FastPath:
         if record:
             record("logits", logits)
         return logits
+
+    def _forward_blocks(self, h, cos, sin, layer_cache, start, last_only):
+        """The layers over a prompt h float32 [S, D] longer than PREFILL_BLOCK, one block of PREFILL_BLOCK tokens
+        after another -> [S, D] (or the last row [1, D] for last_only). The same bits as one block: every op
+        but attention treats each token on its own, and a block's queries read the earlier blocks' keys and
+        values from the cache as stored. What it buys is memory: a block's buffers (~0.3 MB per token for
+        2B4T) are freed before the next, so a 4096-token prompt holds one block's, not 4096 tokens'."""
+        s_len = h.shape[0]
+        out = []
+        for j in range(0, s_len, PREFILL_BLOCK):
+            block = slice(j, min(s_len, j + PREFILL_BLOCK))
+            y = self.layers_forward(h[block], cos[block], sin[block], layer_cache, start + j)   # [B, D]
+            out.append(y[-1:] if last_only else y)
+            return_freed_memory()
+        return out[-1] if last_only else np.concatenate(out)
 
     def _forward_steps(self, ids, h, cos, sin, cache, layer_cache, start, last_only):
         """forward() for up to SHORT_BLOCK tokens, one decode_step per token (each token's layers, final norm

@@ -61,6 +61,30 @@ def test_fast_path_equals_the_readable_path_trace_included(name, kv_dtype):
     assert np.array_equal(fast_model.forward(ids[:17]), fast_model.forward(ids[:17], trace={}))
 
 
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16", None])
+def test_a_long_prompt_in_blocks_equals_one_block(monkeypatch, kv_dtype):
+    """A prompt longer than runtime.PREFILL_BLOCK runs as blocks (FastPath._forward_blocks); with a trace it
+    runs as one block. Both give the same logits and cached keys/values bit for bit, for a prompt that is
+    not a multiple of the block, at a start past 0, with and without last_only, and without a cache."""
+    from refbitnet import runtime
+    monkeypatch.setattr(runtime, "PREFILL_BLOCK", 16)
+    sizes = TINY_CONFIGS["gqa"]
+    model = model_from_tensors(numpy_config(sizes), numpy_release_tensors(sizes, 5), source="tiny", backend="numba")
+    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, 60)
+    if kv_dtype is None:
+        assert np.array_equal(model.forward(ids[:45]), model.forward(ids[:45], trace={}))
+        return
+    blocks, whole = model.new_cache(64, kv_dtype=kv_dtype), model.new_cache(64, kv_dtype=kv_dtype)
+    for a, b in ((0, 5), (5, 50)):                      # 45 tokens from position 5: blocks of 16, 16 and 13
+        last = model.forward(ids[a:b], cache=blocks, last_only=True)
+        full = model.forward(ids[a:b], cache=whole, trace={})
+        assert np.array_equal(last, full[-1:])
+    assert np.array_equal(blocks.k, whole.k) and np.array_equal(blocks.v, whole.v)
+    again = model.new_cache(64, kv_dtype=kv_dtype)
+    model.forward(ids[:5], cache=again)
+    assert np.array_equal(model.forward(ids[5:50], cache=again), full)
+
 def test_decode_step_names_the_layer_of_a_non_finite_activation():
     sizes = TINY_CONFIGS["gqa"]
     tensors = numpy_release_tensors(sizes, 0)
