@@ -66,11 +66,15 @@ class FusedLinear:
         scales = np.concatenate([np.full(w.shape[0], w.weight_scale, np.float32) for _, w in weights])
         self.linear = TernaryLinear(packed, scales)
 
-    def __call__(self, i, x, record=None):
-        """The parts' outputs float32 [S, N_i] for input x float32 [S, K] (views of one buffer, valid until
-        the next call on this matrix). An inf or NaN reaching the quantizer names layer i and the parts."""
+    def __call__(self, i, x, out, record=None):
+        """The parts' outputs float32 [S, N_i] for input x float32 [S, K]: views of out's first S * sum N_i
+        floats (a buffer the caller reuses for every matrix of a block; for S = 1 out is None and they are
+        views of the matrix's own buffer), valid until that buffer is next written. An inf or NaN reaching
+        the quantizer names layer i and the parts."""
+        s_len, n_rows = x.shape[0], self.linear.shape[0]
+        y = None if out is None else out[:s_len * n_rows].reshape(s_len, n_rows)            # [S, sum N_i]
         try:
-            y = self.linear(x)                                                         # [S, sum N_i]
+            y = self.linear(x, y)                                                      # [S, sum N_i]
         except RefBitNetError as e:
             raise RefBitNetError(f"layers.{i}.{'/'.join(self.names)}: input to the activation quantizer: "
                                  f"{e}") from None
@@ -269,6 +273,7 @@ class FastPath:
         eps = np.float32(cfg.rms_norm_eps)
         ws = self._workspace(s_len)
         h_cur, x, h_attn, x2, q_rot, k_rot = ws["h"], ws["x"], ws["h_attn"], ws["x2"], ws["q"], ws["k"]
+        y = ws["y"]                                           # the projections' outputs, flat, or None (S = 1)
         h_cur[:] = h
         rms_norm_into(h_cur, layers[first].input_layernorm, eps, x)                        # [S, D]
         for i in range(first, last):
@@ -276,23 +281,30 @@ class FastPath:
             rec = None if record is None else (lambda name, value, i=i: record(f"layers.{i}.{name}", value))
             if rec:
                 rec("input_layernorm", x)
-            q, k, v = w.qkv(i, x, rec)                                             # [S, H*HD], [S, KVH*HD] x2
+            # each projection's output is a view of the one buffer y, read before the next projection
+            # writes it (and recorded before then)
+            q, k, v = w.qkv(i, x, y, rec)                                          # [S, H*HD], [S, KVH*HD] x2
             rope_into(q.reshape(s_len, n_heads, hd), cos, sin, q_rot)                  # [S, H, HD]
             rope_into(k.reshape(s_len, n_kv, hd), cos, sin, k_rot)                     # [S, KVH, HD]
             v = v.reshape(s_len, n_kv, hd)                                         # [S, KVH, HD]
             cache.store(i, start, k_rot, v)
+            if rec:
+                rec("q", q_rot), rec("k", k_rot), rec("v", v)
             a = attend(q_rot, cache, i, start).reshape(s_len, n_heads * hd)        # [S, H*HD]
             rms_norm_into(a, w.attn_sub_norm, eps, ws["a_norm"])                        # [S, D]
-            (o,) = w.o(i, ws["a_norm"], rec)                                       # [S, D]
+            (o,) = w.o(i, ws["a_norm"], y, rec)                                    # [S, D]
             add_rms_norm_into(h_cur, o, w.post_attention_layernorm, eps, h_attn, x2)   # h_attn = h + o; x2
-            gate, up = w.gate_up(i, x2, rec)                                       # [S, F] x2
-            relu2_mul_rms_norm_into(gate, up, w.ffn_sub_norm, eps, ws["m"], ws["m_norm"])   # [S, F] x2
-            (down,) = w.down(i, ws["m_norm"], rec)                                 # [S, D]
             if rec:
-                for name, value in (("q", q_rot), ("k", k_rot), ("v", v), ("attn", a),
-                                    ("attn_sub_norm", ws["a_norm"]), ("o_proj", o), ("resid_attn", h_attn),
-                                    ("post_attention_layernorm", x2), ("gate", gate), ("up", up),
-                                    ("ffn_act", ws["m"]), ("ffn_sub_norm", ws["m_norm"]), ("down_proj", down)):
+                rec("o_proj", o)
+            gate, up = w.gate_up(i, x2, y, rec)                                    # [S, F] x2
+            relu2_mul_rms_norm_into(gate, up, w.ffn_sub_norm, eps, ws["m"], ws["m_norm"])   # [S, F] x2
+            if rec:
+                rec("gate", gate), rec("up", up)
+            (down,) = w.down(i, ws["m_norm"], y, rec)                              # [S, D]
+            if rec:
+                for name, value in (("attn", a), ("attn_sub_norm", ws["a_norm"]), ("resid_attn", h_attn),
+                                    ("post_attention_layernorm", x2), ("ffn_act", ws["m"]),
+                                    ("ffn_sub_norm", ws["m_norm"]), ("down_proj", down)):
                     rec(name, value)
             if i + 1 < last:                                  # out = h_attn + down, and the next input norm
                 add_rms_norm_into(h_attn, down, layers[i + 1].input_layernorm, eps, h_cur, x)
@@ -310,7 +322,11 @@ class FastPath:
             cfg = self.config
             d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
             ws = {name: np.empty((s_len, d), np.float32) for name in ("h", "x", "h_attn", "a_norm", "x2")}
-            ws.update(m=np.empty((s_len, f), np.float32), m_norm=np.empty((s_len, f), np.float32),
+            # (one token: each matrix writes its own decode buffer; a block: one buffer for the widest)
+            y_rows = max(fused.linear.shape[0] for layer in self.layers
+                         for fused in (layer.qkv, layer.o, layer.gate_up, layer.down))
+            ws.update(y=None if s_len == 1 else np.empty(s_len * y_rows, np.float32),
+                      m=np.empty((s_len, f), np.float32), m_norm=np.empty((s_len, f), np.float32),
                       q=np.empty((s_len, cfg.num_attention_heads, hd), np.float32),
                       k=np.empty((s_len, cfg.num_key_value_heads, hd), np.float32))
             if s_len == 1:

@@ -75,6 +75,9 @@ def test_every_kernel_bit_identical_to_reference(seed, s_len, n, k, kind, weight
         np.testing.assert_array_equal(door.acc(want.xq), want.acc, err_msg=name)
         np.testing.assert_array_equal(bits(door.matmul(want.xq, want.s)), bits(want.y), err_msg=name)
         np.testing.assert_array_equal(bits(door(x)), bits(want.y), err_msg=name)
+        out = np.full((s_len, n), np.nan, np.float32)                    # a caller's buffer: written, returned
+        assert door(x, out) is out
+        np.testing.assert_array_equal(bits(out), bits(want.y), err_msg=name)
 
 
 @pytest.mark.parametrize("k, avx2", [(256, True), (136, False), (2560, True), (8, False)])
@@ -336,6 +339,12 @@ BAD_DOOR = {  # name: (make the door or its packed weights, call it (None: makin
     "s float64": (_packed, lambda d: d.matmul(np.ones((2, 256), np.int8), np.ones(2)), RefBitNetTypeError, "s"),
     "s wrong length": (_packed, lambda d: d.matmul(np.ones((2, 256), np.int8), np.ones(3, np.float32)),
                        RefBitNetError, "s: expected shape"),
+    "out float64": (_packed, lambda d: d(np.ones((2, 256), np.float32), np.empty((2, 4))), RefBitNetTypeError,
+                    "out: expected dtype float32"),
+    "out wrong shape": (_packed, lambda d: d(np.ones((2, 256), np.float32), np.empty((2, 5), np.float32)),
+                        RefBitNetError, r"out: expected float32 \[S, N\] = \[2, 4\]"),
+    "out strided": (_packed, lambda d: d(np.ones((2, 256), np.float32), np.empty((2, 8), np.float32)[:, ::2]),
+                    RefBitNetError, "contiguous"),
     "kernel_for(0)": (_packed, lambda d: d.kernel_for(0), RefBitNetError, "S"),
     "kernel_for(1.5)": (_packed, lambda d: d.kernel_for(1.5), RefBitNetTypeError, "S"),
 }

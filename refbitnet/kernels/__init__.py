@@ -3,7 +3,7 @@
 Public API (shapes: S tokens, K inputs, N output rows, V vocabulary rows)::
 
     TernaryLinear(packed uint8 [N, K/4], weight_scale=1.0, kernel="auto")        (kernels.linear)
-        (x f32 [S, K]) -> y f32 [S, N]            absmax_int8 + kernel: BitLinear, numerics "int"
+        (x f32 [S, K], out=None) -> y f32 [S, N]  absmax_int8 + kernel: BitLinear, numerics "int" (into out)
         .acc(xq int8 [S, K]) -> int32 [S, N]      .matmul(xq, s f32 [S]) -> f32 [S, N]
         .kernel_for(S) -> "v3" | "v4" | "v4_blocked" | "v5" (or the kernel forced by name, KERNELS)
     bf16_matmul(x f32 [S, K], table uint16 [V, K], kernel="auto") -> f32 [S, V]   the tied LM head over bf16

@@ -131,19 +131,34 @@ class TernaryLinear:
         return "v4_blocked" if S <= v4_maddubs.TOKENS_PER_PASS else "v5"
 
     # ---------------------------------------------------------------------------------- float32 x in
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x float32 [S, K] -> y float32 [S, N] = BitLinear(x), numerics "int" (bitlinear.bitlinear_int
-        bit for bit). A NaN/inf in x raises absmax_int8's error."""
+        bit for bit), written into out (float32 [S, N], C-contiguous) when given, which is returned; a
+        caller that runs many matrices one after another can so reuse one buffer. A NaN/inf in x raises
+        absmax_int8's error."""
         x = check_array(x, "x", np.float32, 2, contiguous=True, nonempty=True)         # [S, K]
         if x.shape[1] != self.shape[1]:
             raise RefBitNetError(f"x: expected float32 [S, K] = [S, {self.shape[1]}] to match packed of shape "
                                  f"{self.packed.shape}, found shape {x.shape}")
         S = x.shape[0]
+        if out is not None:
+            out = check_array(out, "out", np.float32, 2, contiguous=True)
+            if out.shape != (S, self.shape[0]):
+                raise RefBitNetError(f"out: expected float32 [S, N] = [{S}, {self.shape[0]}], found shape "
+                                     f"{out.shape}")
         kernel = self._choose(S)
         if kernel in INTEGER_KERNELS:
             xq, s = absmax_int8(x)                                   # [S, K] int8, [S] float32
-            return epilogue_reference(self._acc(kernel, xq), s, self.row_scale)
+            y = epilogue_reference(self._acc(kernel, xq), s, self.row_scale)
+            if out is None:
+                return y
+            out[...] = y
+            return out
         s, act, xsum, y = self._buffers(S, kernel)
+        if out is not None:
+            y = out
+        elif y is None:
+            y = np.empty((S, self.shape[0]), np.float32)
         if _QUANTIZE[kernel](x, s, act, xsum) >= 0:
             absmax_int8(x)                      # raises the quantizer's own error naming the NaN/inf
             raise RefBitNetError("x: expected finite values")    # (not reached)
@@ -160,7 +175,8 @@ class TernaryLinear:
             act = np.empty((S, 4, k // 4), np.int8)
         else:
             act = np.empty((S, 8, k // 8), np.int16)
-        bufs = (np.empty(S, np.float32), act, np.empty(S, np.int32), np.empty((S, n), np.float32))
+        y = np.empty((S, n), np.float32) if S == 1 else None      # S > 1: __call__'s out or a fresh array
+        bufs = (np.empty(S, np.float32), act, np.empty(S, np.int32), y)
         if S == 1:
             self._decode = bufs
         return bufs
