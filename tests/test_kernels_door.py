@@ -268,6 +268,23 @@ def test_avx2_kernels_equal_v3(seed, s_len, n, blocks, extreme):
 
 
 @needs_avx2
+@pytest.mark.parametrize("chunks", [1, 2, 3, 15, 16, 20, 29, 30, 31, 45, 54, 59, 60, 61])
+def test_v4_gemv_at_the_int16_bound_for_every_block_split(chunks):
+    """v4's GEMV (blocks of up to 30 chunks, chunks alternating between two int16 accumulators of at most
+    15 each, an odd last chunk, then the next block) on rows of all +1 / all -1 against activations of
+    127 / -128, where every int16 partial sits at its bound, and on random rows: == the reference."""
+    k = 128 * chunks
+    rng = np.random.default_rng(chunks)
+    codes = np.stack([np.ones(k), -np.ones(k), rng.integers(-1, 2, k), np.zeros(k)]).astype(np.int8)   # [4, K]
+    door = TernaryLinear(pack_kernel(codes), kernel="v4")
+    for value in (127, -128):
+        xq = np.full((1, k), value, np.int8)
+        np.testing.assert_array_equal(door.acc(xq), reference.ternary_matmul_acc_reference(xq, pack_kernel(codes)))
+    xq = rng.integers(-128, 128, (1, k)).astype(np.int8)
+    np.testing.assert_array_equal(door.acc(xq), reference.ternary_matmul_acc_reference(xq, pack_kernel(codes)))
+
+
+@needs_avx2
 @settings(max_examples=40)
 @given(seed=st.integers(0, 2**31), s_len=st.integers(1, 11), n=st.integers(1, 40), chunks=st.integers(1, 40),
        weights=st.sampled_from(["random", "plus", "minus"]), acts=st.sampled_from(["random", "max", "min", "mixed"]))

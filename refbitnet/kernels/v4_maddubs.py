@@ -11,9 +11,17 @@ bits 2i. Activations per token as 4 int8 planes: planes[i, j] = xq[4j + i]. For 
     f_i = (W >> 2i) & 3                      # u8 codes of k = 4j + i   (vpsrlw + vpand)
     p_i = maddubs(f_i, planes[i, chunk])     # i16: c[2m] x[2m] + c[2m+1] x[2m+1], |.| <= 2*2*128 = 512
     acc16 += p_0 + p_1 + p_2 + p_3           # |.| <= 2048 per chunk
-After at most WIDEN_CHUNKS = 15 chunks (|acc16| <= 30720 < 2**15) acc16 is widened with vpmaddwd by ones
-and summed: sum_k c x exactly, so acc = sum_k c x - sum_k x = sum_k w x (int32, exact). About 15
+The GEMV alternates chunks between two int16 accumulators, so each takes at most WIDEN_CHUNKS = 15 of a
+block's up to 30 chunks (|acc16| <= 30720 < 2**15); then both are widened with vpmaddwd by ones and
+summed: sum_k c x exactly, so acc = sum_k c x - sum_k x = sum_k w x (int32, exact). About 15
 instructions per 128 weights (0.12 per weight, v3: 0.22).
+
+Why two accumulators and 30-chunk blocks: a 2B4T row of K = 2560 is 20 chunks; with one accumulator it
+was a block of 15 and a block of 5, each with its loop tail and horizontal sum, which cost a GEMV on a
+Zen 3 core ~10% in cycles per chunk; now it is one block of 20 whose chunk pairs are independent. And each
+chunk pair (one 64-byte line of the row) asks for the row bytes PREFETCH ahead: a row is only 640 bytes,
+too short a stream for the hardware prefetcher to run ahead of (the rows of a task are contiguous, so
+this fetches the rows to come). Measured in benchmarks/results/kernels.md.
 
 Two kernels: ``matmul_scaled_v4``, the GEMV (decode, one token per pass over a row), and
 ``matmul_scaled_v4_blocked``, the same arithmetic for TOKENS_PER_PASS = 4 tokens per pass (prefill of a few
@@ -27,17 +35,21 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .avx2 import CHUNK, V16I16, V32I8, WIDEN_CHUNKS, code_fields, load32, madd_intrinsics, sum_i16_lanes
+from .avx2 import (CHUNK, I8, I32, V16I16, V32I8, WIDEN_CHUNKS, code_fields, load32, madd_intrinsics,
+                   sum_i16_lanes, widen)
 
 __all__ = ["matmul_scaled_v4", "matmul_scaled_v4_blocked", "CHUNK", "TOKENS_PER_PASS"]
 
 ROWS_PER_TASK = 32
+PREFETCH = 2048          # bytes of the row stream requested ahead of the chunk pair being read
 
 
 @intrinsic
 def block_dot(typingctx, row, planes, chunk0, nchunks):
-    """sum over chunks chunk0 .. chunk0+nchunks-1 (nchunks <= 15) of sum c x: row uint8 [K/4] (one row),
-    planes int8 [4, K/4] (one token) -> int32. No bounds checks: the caller keeps chunks inside the row."""
+    """sum over chunks chunk0 .. chunk0+nchunks-1 (nchunks <= 2 * WIDEN_CHUNKS) of sum c x: row uint8 [K/4]
+    (one row), planes int8 [4, K/4] (one token) -> int32. Even chunks of the block go to one int16
+    accumulator, odd ones to the other (at most WIDEN_CHUNKS each). No bounds checks: the caller keeps
+    chunks inside the row (the prefetch may point past it: a prefetch never faults)."""
     if not (isinstance(row, types.Array) and row.dtype == types.uint8 and isinstance(planes, types.Array)
             and planes.dtype == types.int8 and planes.ndim == 2):
         return None
@@ -47,14 +59,17 @@ def block_dot(typingctx, row, planes, chunk0, nchunks):
         row_a = context.make_array(signature.args[0])(context, builder, args[0])
         pl_a = context.make_array(signature.args[1])(context, builder, args[1])
         chunk0, nchunks = args[2], args[3]
-        i8 = ir.IntType(8)
+        intp = chunk0.type
         maddubs, maddwd = madd_intrinsics(builder.module)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0i8")
         plane_stride = builder.extract_value(pl_a.strides, 0)            # bytes between planes (= K/4)
-        row_ptr = builder.bitcast(row_a.data, i8.as_pointer())
-        pl_ptr = builder.bitcast(pl_a.data, i8.as_pointer())
-        acc_ptr = cgutils.alloca_once_value(builder, ir.Constant(V16I16, None))
-        with cgutils.for_range(builder, nchunks) as loop:
-            offset = builder.mul(builder.add(chunk0, loop.index), ir.Constant(chunk0.type, CHUNK))
+        row_ptr = builder.bitcast(row_a.data, I8.as_pointer())
+        pl_ptr = builder.bitcast(pl_a.data, I8.as_pointer())
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(V16I16, None)) for _ in range(2)]
+
+        def add_chunk(chunk, acc_ptr):                   # acc16 += sum over the 4 fields of maddubs(f_i, plane i)
+            offset = builder.mul(chunk, ir.Constant(intp, CHUNK))
             fields = code_fields(builder, load32(builder, row_ptr, offset))
             total = None
             for i in range(4):
@@ -62,7 +77,23 @@ def block_dot(typingctx, row, planes, chunk0, nchunks):
                 p = builder.call(maddubs, [fields[i], load32(builder, pl_ptr, poff)])
                 total = p if total is None else builder.add(total, p)
             builder.store(builder.add(builder.load(acc_ptr), total), acc_ptr)
-        return sum_i16_lanes(builder, maddwd, builder.load(acc_ptr))
+
+        two = ir.Constant(intp, 2)
+        with cgutils.for_range(builder, builder.udiv(nchunks, two)) as loop:      # chunk pairs
+            chunk = builder.add(chunk0, builder.mul(loop.index, two))
+            add_chunk(chunk, accs[0])
+            add_chunk(builder.add(chunk, ir.Constant(intp, 1)), accs[1])
+            ahead = builder.add(builder.mul(chunk, ir.Constant(intp, CHUNK)), ir.Constant(intp, PREFETCH))
+            builder.call(prefetch, [builder.gep(row_ptr, [ahead]), ir.Constant(I32, 0), ir.Constant(I32, 3),
+                                    ir.Constant(I32, 1)])
+        with builder.if_then(builder.trunc(nchunks, ir.IntType(1))):                # an odd last chunk
+            add_chunk(builder.add(chunk0, builder.sub(nchunks, ir.Constant(intp, 1))), accs[0])
+        wide = builder.add(widen(builder, maddwd, builder.load(accs[0])),
+                           widen(builder, maddwd, builder.load(accs[1])))               # [8] i32
+        total = builder.extract_element(wide, ir.Constant(I32, 0))
+        for lane in range(1, 8):
+            total = builder.add(total, builder.extract_element(wide, ir.Constant(I32, lane)))
+        return total
     return sig, codegen
 
 
@@ -71,8 +102,8 @@ def dot_row(row, pl):
     """row uint8 [K/4], pl int8 [4, K/4] (K/4 % 32 == 0) -> sum_k c x, int32."""
     n_chunks = row.shape[0] // CHUNK
     acc = np.int32(0)
-    for c0 in range(0, n_chunks, WIDEN_CHUNKS):
-        acc += block_dot(row, pl, c0, min(WIDEN_CHUNKS, n_chunks - c0))
+    for c0 in range(0, n_chunks, 2 * WIDEN_CHUNKS):
+        acc += block_dot(row, pl, c0, min(2 * WIDEN_CHUNKS, n_chunks - c0))
     return acc
 
 
