@@ -30,7 +30,9 @@ at once and must be woken for each call, which costs a small GEMV a good part of
 ``GOMP_SPINCOUNT=1000`` unless already set (libgomp honours it with the passive policy): an idle worker
 polls briefly before it sleeps, long enough to catch the next call of a decode step, short enough not to
 steal a core from a neighbour (the measurements behind both: benchmarks/results/kernels_history.md). Both
-only take effect if Numba's OpenMP layer has not started yet in the process.
+only take effect if Numba's OpenMP layer has not started yet in the process. It also points Numba's
+on-disk cache at a directory named by a hash of refbitnet's source (``compile_cache`` says why), unless
+NUMBA_CACHE_DIR is set.
 """
 
 import os
@@ -41,7 +43,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")       # ... a short spin before 
 # Must run before the first kernel is compiled: without it LLVM picks 128-bit
 # vectors for the int16 multiply-adds and the GEMV runs at about half speed. It is process-wide. Numba's
 # on-disk cache does not record it; since this package always sets it before compiling, every cached
-# kernel of ours was built with it (clear __pycache__/*.nbi|*.nbc if you ever change it).
+# kernel of ours was built with it (a change to it here changes this file, so compile_cache's hash too).
 import llvmlite.binding as _llvm
 
 if not getattr(_llvm, "_refbitnet_maximize_bandwidth", False):
@@ -50,6 +52,10 @@ if not getattr(_llvm, "_refbitnet_maximize_bandwidth", False):
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
+
+from . import compile_cache  # noqa: E402
+
+compile_cache.use()     # before any kernel below is decorated: a cache directory per version of the source
 
 from ..checks import check_array, check_choice, check_int  # noqa: E402
 from ..errors import RefBitNetError  # noqa: E402

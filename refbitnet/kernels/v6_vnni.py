@@ -41,8 +41,9 @@ ROWS_PER_TASK = 32
 
 def available() -> bool:
     """True if this CPU has AVX512-VNNI and AVX512-VL (``vpdpbusd`` on 256-bit registers), unless the
-    environment sets REFBITNET_NO_VNNI=1 (to run and test the AVX2 paths on such a CPU; kernels compiled
-    with VNNI stay in Numba's cache, so give such a process its own NUMBA_CACHE_DIR)."""
+    environment sets REFBITNET_NO_VNNI=1 (to run and test the AVX2 paths on such a CPU; the switch is part of
+    the compile cache's directory name, compile_cache, so each setting has its own compiled decode step;
+    with NUMBA_CACHE_DIR set by hand, give each setting its own)."""
     if os.environ.get("REFBITNET_NO_VNNI", "") == "1":
         return False
     try:
