@@ -66,11 +66,11 @@ class FusedLinear:
         scales = np.concatenate([np.full(w.shape[0], w.weight_scale, np.float32) for _, w in weights])
         self.linear = TernaryLinear(packed, scales)
 
-    def __call__(self, i, x, out, record=None):
+    def __call__(self, i, x, out=None, record=None):
         """The parts' outputs float32 [S, N_i] for input x float32 [S, K]: views of out's first S * sum N_i
-        floats (a buffer the caller reuses for every matrix of a block; for S = 1 out is None and they are
-        views of the matrix's own buffer), valid until that buffer is next written. An inf or NaN reaching
-        the quantizer names layer i and the parts."""
+        floats (a buffer the caller reuses for every matrix of a block), or without out of the kernel's result
+        (for S = 1 the matrix's own reused buffer); valid until that buffer is next written. An inf or NaN
+        reaching the quantizer names layer i and the parts."""
         s_len, n_rows = x.shape[0], self.linear.shape[0]
         y = None if out is None else out[:s_len * n_rows].reshape(s_len, n_rows)            # [S, sum N_i]
         try:
