@@ -16,8 +16,8 @@ Also here, each with the same bits: blocks of up to SHORT_BLOCK tokens (decoding
 time through ``decode_step.DecodeStep``, every layer and the LM head with the threads together from start to
 end (one wake-up per token instead of one parallel region per GEMV), where the model fits its kernels
 (``DecodeStep.fits``), else op by op; longer blocks (prefill) run op by op, each projection one
-multi-token GEMM, a prompt longer than PREFILL_BLOCK tokens as blocks of PREFILL_BLOCK. Not the same bits, and opt-in: the 8-bit LM head (``FastPath.use_int8_head``,
-REFBITNET_LM_HEAD=int8), applied after the step.
+multi-token GEMM, a prompt longer than PREFILL_BLOCK tokens as blocks of PREFILL_BLOCK. Not the same bits,
+and opt-in: the 8-bit LM head (``FastPath.use_int8_head``, REFBITNET_LM_HEAD=int8), applied after the step.
 """
 
 from __future__ import annotations
