@@ -62,13 +62,17 @@ def widen(builder, maddwd, acc16):
     return builder.call(maddwd, [acc16, ir.Constant(V16I16, [1] * 16)])
 
 
-def sum_i16_lanes(builder, maddwd, acc16):
-    """int32 sum of the 16 int16 lanes of acc16: widened pairwise (``widen``), then the 8 lanes added."""
-    wide = widen(builder, maddwd, acc16)                                                      # [8] i32
+def sum_i32_lanes(builder, wide):
+    """int32 sum of the 8 int32 lanes of wide, in lane order."""
     total = builder.extract_element(wide, ir.Constant(I32, 0))
     for lane in range(1, 8):
         total = builder.add(total, builder.extract_element(wide, ir.Constant(I32, lane)))
     return total
+
+
+def sum_i16_lanes(builder, maddwd, acc16):
+    """int32 sum of the 16 int16 lanes of acc16: widened pairwise (``widen``), then the 8 lanes added."""
+    return sum_i32_lanes(builder, widen(builder, maddwd, acc16))
 
 
 def hsum8(builder, vectors):

@@ -36,7 +36,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .avx2 import (CHUNK, I8, I32, V16I16, V32I8, WIDEN_CHUNKS, code_fields, load32, madd_intrinsics,
-                   sum_i16_lanes, widen)
+                   sum_i16_lanes, sum_i32_lanes, widen)
 
 __all__ = ["matmul_scaled_v4", "matmul_scaled_v4_blocked", "CHUNK", "TOKENS_PER_PASS"]
 
@@ -88,12 +88,8 @@ def block_dot(typingctx, row, planes, chunk0, nchunks):
                                     ir.Constant(I32, 1)])
         with builder.if_then(builder.trunc(nchunks, ir.IntType(1))):                # an odd last chunk
             add_chunk(builder.add(chunk0, builder.sub(nchunks, ir.Constant(intp, 1))), accs[0])
-        wide = builder.add(widen(builder, maddwd, builder.load(accs[0])),
-                           widen(builder, maddwd, builder.load(accs[1])))               # [8] i32
-        total = builder.extract_element(wide, ir.Constant(I32, 0))
-        for lane in range(1, 8):
-            total = builder.add(total, builder.extract_element(wide, ir.Constant(I32, lane)))
-        return total
+        return sum_i32_lanes(builder, builder.add(widen(builder, maddwd, builder.load(accs[0])),
+                                                  widen(builder, maddwd, builder.load(accs[1]))))   # [8] i32
     return sig, codegen
 
 
