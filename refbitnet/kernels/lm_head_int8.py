@@ -24,7 +24,7 @@ from .reference import LANES
 from .sync import claim
 
 ROWS_PER_STEP = 16     # rows per step: 16 independent accumulators, 16 row streams in flight, no prefetch
-                       # (lm_head_v2's bf16 head went to 8 rows with prefetch; not yet measured for int8)
+                       # (lm_head_v2's bf16 head reads 2 rows with prefetch; not yet measured for int8)
 ROWS_PER_TASK = 64
 
 

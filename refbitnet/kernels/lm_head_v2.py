@@ -21,13 +21,13 @@ from numba.extending import intrinsic
 from .reference import LANES
 from .sync import claim
 
-ROWS_PER_STEP = 8      # rows dotted together: each 16-float block of x is loaded once for 8 rows, 8
+ROWS_PER_STEP = 2      # rows dotted together: each 16-float block of x is loaded once for both rows, two
                        # independent accumulators; and each block asks for the same block of the next
-                       # step's 8 rows (PREFETCH_ROWS ahead). Without the prefetch more rows per step read
-                       # faster (0.66 GB on one Zen 4 thread: 4 rows 14.6 GB/s, 8 at 17, 16 at 19), because
-                       # each row is a stream of only 5 KB that the hardware prefetcher barely learns; with
-                       # it, 8 rows beat 16 (benchmarks/results/kernels.md). The same sums either way, so
-                       # the same bits.
+                       # step's rows (PREFETCH_ROWS ahead). Each row is a stream of only 5 KB that the hardware
+                       # prefetcher barely learns, so the prefetch keeps the reads going; with it, fewer rows
+                       # in flight per thread read faster (fewer streams for the memory system to interleave),
+                       # down to the two that hide the latency of the adds (benchmarks/results/kernels.md).
+                       # The same sums for any count, so the same bits.
 PREFETCH_ROWS = ROWS_PER_STEP
 ROWS_PER_TASK = 64     # rows per parallel task
 
