@@ -220,6 +220,40 @@ def test_every_fused_quantizer_equals_its_readable_layout(seed, s_len, chunks, k
         assert quantize(bad, s2, out, xsum2) == s_len // 2
 
 
+@pytest.mark.parametrize("case", ["negative_max", "signed_zeros", "largest_finite", "subnormals", "at_the_floor",
+                                  "nan", "negative_nan", "nan_payload", "inf", "negative_inf"])
+def test_row_quantizer_on_edge_values(case):
+    """act_quant.quantize_row (max|x| taken over the bit patterns) == absmax_int8 on the values where a float
+    max and an integer max could part: the largest magnitude negative, signed zeros, the largest finite
+    float, subnormals, max|x| at and around the 1e-5 floor; and -1 (nothing written) for every NaN and inf
+    pattern, wherever it sits."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(256).astype(np.float32)
+    special = {"negative_max": -np.float32(50.0), "largest_finite": np.finfo(np.float32).max,
+               "nan": np.float32(np.nan), "inf": np.float32(np.inf), "negative_inf": -np.float32(np.inf)}
+    if case == "signed_zeros":
+        x[:] = 0.0
+        x[::3] = -0.0
+    elif case == "subnormals":
+        x = (rng.integers(1, 2**23, 256).astype(np.uint32) | (rng.integers(0, 2, 256).astype(np.uint32) << 31)).view(np.float32)
+    elif case == "at_the_floor":
+        x = (x / np.abs(x).max() * np.float32(1e-5)).astype(np.float32)
+        x[17] = np.nextafter(np.float32(1e-5), np.float32(1.0))
+    elif case == "negative_nan":
+        x[100] = np.array([0xFFC00000], np.uint32).view(np.float32)[0]
+    elif case == "nan_payload":
+        x[255] = np.array([0x7F800001], np.uint32).view(np.float32)[0]
+    else:
+        x[200] = special[case]
+    q = np.full(256, 99, np.int8)
+    scale, total = act_quant.quantize_row(x, q)
+    if not np.isfinite(x).all():
+        assert scale == -1 and (q == 99).all()
+        return
+    xq, s = absmax_int8(x[None])
+    assert bits(np.float32(scale)) == bits(s[0]) and np.array_equal(q, xq[0]) and total == int(xq.sum())
+
+
 def test_readable_layouts_element_by_element():
     xq = np.random.default_rng(2).integers(-128, 128, (3, 256)).astype(np.int8)
     planes, xsum = act_quant.word_planes(xq)

@@ -23,7 +23,10 @@ scales and codes are bit-identical to it; each then only rearranges that row's c
 """
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
 
 from ..quant import ACT_ABSMAX_MIN
 from .avx2 import CHUNK, CHUNK_WEIGHTS
@@ -33,15 +36,34 @@ ALIGN = 64                 # token blocks start on a cache line: a 32-byte load 
 
 
 # ------------------------------------------------------------------------------------ one row, compiled
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is uint32 bits (a bitcast, which Numba has no scalar form of)."""
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
 @njit(cache=True)
 def row_scale_int8(row):
-    """absmax_int8's scale of one row [K]: 127 * fl(1 / max(max|x|, 1e-5)) in float32 (torch's ``127 / t``),
-    or -1 if the row holds a NaN/inf."""
-    absmax = np.float32(0.0)
-    for v in row:
-        if not np.isfinite(v):
-            return np.float32(-1.0)
-        absmax = max(absmax, abs(v))
+    """absmax_int8's scale of one row float32 [K] (C-contiguous): 127 * fl(1 / max(max|x|, 1e-5)) in float32
+    (torch's ``127 / t``), or -1 if the row holds a NaN/inf.
+
+    max|x| is taken over the bit patterns with the sign cleared: for finite floats their order as unsigned
+    integers is the order of the values, and every inf or NaN pattern lies above every finite one, so one
+    integer max finds both the largest |x| (exactly; it is one of the values) and whether anything is not
+    finite. Unlike a float max with an early exit at the first NaN, LLVM vectorizes that loop (a decode step
+    quantizes four activation rows per layer; the float loop was most of that time)."""
+    bits = row.view(np.uint32)
+    top = np.uint32(0)
+    for k in range(bits.shape[0]):
+        top = max(top, bits[k] & np.uint32(0x7FFFFFFF))
+    if top >= np.uint32(0x7F800000):                       # an inf (0x7F800000) or a NaN (above it)
+        return np.float32(-1.0)
+    absmax = _float32_from_bits(np.uint32(top))
     inv = np.float32(np.float32(1.0) / max(absmax, np.float32(ACT_ABSMAX_MIN)))
     return np.float32(np.float32(127.0) * inv)
 
