@@ -235,7 +235,9 @@ def test_row_quantizer_on_edge_values(case):
         x[:] = 0.0
         x[::3] = -0.0
     elif case == "subnormals":
-        x = (rng.integers(1, 2**23, 256).astype(np.uint32) | (rng.integers(0, 2, 256).astype(np.uint32) << 31)).view(np.float32)
+        mantissas = rng.integers(1, 2**23, 256).astype(np.uint32)
+        signs = rng.integers(0, 2, 256).astype(np.uint32) << np.uint32(31)
+        x = (mantissas | signs).view(np.float32)
     elif case == "at_the_floor":
         x = (x / np.abs(x).max() * np.float32(1e-5)).astype(np.float32)
         x[17] = np.nextafter(np.float32(1e-5), np.float32(1.0))
