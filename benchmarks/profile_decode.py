@@ -90,7 +90,7 @@ def gemv_stamped_v6(packed, planes, xsum, s_act, row_scale, out, stamps, sync, n
     for t in prange(n_threads):
         while True:
             t0 = cycles()
-            task = claim(sync, 0, 1, 2, n_tasks, t)
+            task = claim(sync, 0, n_tasks, t)
             if task < 0:
                 break
             for n in range(task * v6_vnni.ROWS_PER_TASK, min(N, (task + 1) * v6_vnni.ROWS_PER_TASK)):
@@ -204,7 +204,7 @@ def region_profile(fp, cache, start, steps, cpu):
     d, f = fp.config.hidden_size, fp.config.intermediate_size
     inputs = {"qkv": d, "o": d, "gate_up": d, "down": f}
     filler = rng.standard_normal(20000).astype(np.float32)
-    sync, n_threads = np.zeros(3, np.int64), numba.get_num_threads()
+    sync, n_threads = np.zeros(1, np.int64), numba.get_num_threads()
     for _ in range(steps):
         for i, w in enumerate(fp.layers):
             for name in groups:

@@ -14,9 +14,11 @@ The step is a sequence of phases, seven per layer and then the LM head:
     qkv GEMV | attention scores | softmax | attention output | o GEMV | gate/up GEMV | down GEMV | ... | head
 
 Each phase is split into tasks (chunks of rows, of cache positions, heads, or head elements) that the
-threads claim from shared counters (``sync.claim``). The thread that finishes a phase's last task runs the
+threads claim from a shared counter (``sync.claim``, one atomic add per task); when a thread finds nothing
+left to claim it reports how many tasks it ran, and the thread whose report completes the phase runs the
 serial glue that makes the next phase's input (residual add, RMSNorm, activation quantization, RoPE, the
-cache store) and publishes it; the others wait for the publication. No thread waits for a particular
+cache store) and publishes it; the others wait for the publication. The atomics are the cost of a task (the
+counters' cache line moves between the cores), so tasks are long: 256 rows of a GEMV, 256 rows of the head. No thread waits for a particular
 other thread, only for claimed work: if the threads happen to run one after another, the first does
 everything and the others find nothing left to claim.
 
@@ -56,13 +58,14 @@ ROW_DOT = v6_vnni.row_dot if v6_vnni.available() else v4_maddubs.dot_row
 # p // PHASES_PER_LAYER, and phase PHASES_PER_LAYER * L is the LM head.
 QKV, SCORES, SOFTMAX, WEIGHTED, O_PROJ, GATE_UP, DOWN = range(7)
 PHASES_PER_LAYER = 7
-GEMV_ROWS = 128              # output rows per GEMV task: long runs of rows keep each thread's stream going
+GEMV_ROWS = 256              # output rows per GEMV task: long runs of rows keep each thread's stream going,
+                             # and each task costs a claim (an atomic add on a line both threads write)
 SCORE_POSITIONS = 32           # cache positions per scores task
 OUT_ELEMS = LANE_ELEMS         # head elements per attention-output task (all heads)
 
 # sync: int64 [(phases) * LINE], one cache line per phase, zeroed at the start of each step
 LINE = 8
-CLAIMED, FRONT, BACK, DONE, READY = range(5)
+CLAIMED, DONE, READY = range(3)          # sync.claim's counter, tasks done, the phase's input published
 READY_OK, READY_ABORT = 1, 2
 
 # stats: int64 [threads, PHASES_PER_LAYER + 1 (the head), 3], time-stamp counter cycles summed over steps:
@@ -202,9 +205,9 @@ def _n_tasks(kind, i, w, t_len, n_heads, hd):
 @njit(cache=True, nogil=True)
 def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats):
     """What thread t runs. Phase -1 is the start (one empty task); for each phase: wait for its input, then
-    claim and run tasks (the first block below); the thread that completes a phase's last task runs the
-    glue that makes the next phase's input (the second block, in refbitnet.model.decoder_layer's order)
-    and publishes it, or publishes an abort if an activation holds a NaN/inf or a key or value does not fit
+    claim and run tasks (the first block below), then report how many it ran (one atomic add per thread and
+    phase, not per task); the thread whose report completes the phase runs the glue that makes the next
+    phase's input (the second block, in refbitnet.model.decoder_layer's order) and publishes it, or publishes an abort if an activation holds a NaN/inf or a key or value does not fit
     a float16 cache. Adds its cycles to stats[t]. (One function: each Numba function called from here is
     compiled again inside every caller, so the dispatch is written out here rather than in helpers.)
 
@@ -220,6 +223,8 @@ def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats
     final_glue = PHASES_PER_LAYER * n_layers                 # the final norm, before the head phase
     k32, v32 = kv.k32[0], kv.v32[0]                          # this layer's cache (set per phase below)
     k16, v16 = kv.k16[0], kv.v16[0]
+    packed, planes, row_scale, out = w.arena[:0].reshape((0, 1)), b.planes_d, w.row_scale[:0], b.qkv
+                                                             # a GEMV phase's matrix, input, scales, output
     buf = np.empty(hd, np.float32)                           # attention scratch of this thread
     acc = np.empty((n_heads // n_kv, hd), np.float32)
     clock = cycle_counter()
@@ -241,8 +246,16 @@ def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats
                     k16, v16 = kv.k16[i], kv.v16[i]
                 else:
                     k32, v32 = kv.k32[i], kv.v32[i]
+                if kind == QKV or kind >= O_PROJ:                                   # a GEMV: its views, once
+                    j = 0 if kind == QKV else kind - 3                             # o 1, gate_up 2, down 3
+                    off, rows, width, s_off = w.mats[i, j, 0], w.mats[i, j, 1], w.mats[i, j, 2], w.mats[i, j, 3]
+                    packed = w.arena[off:off + rows * width].reshape((rows, width))    # [N, K/4]
+                    planes = b.planes_f if kind == DOWN else b.planes_d
+                    row_scale = w.row_scale[s_off:s_off + rows]
+                    out = b.qkv if kind == QKV else (b.o if kind == O_PROJ else (b.gate_up if kind == GATE_UP else b.down))
+        done = 0
         while True:
-            task = claim(sync, line + CLAIMED, line + FRONT, line + BACK, n, t)
+            task = claim(sync, line + CLAIMED, n, t)
             if task < 0:
                 break
             # ---- task `task` of phase p
@@ -260,61 +273,60 @@ def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats
                 d0 = task * OUT_ELEMS
                 _weighted(b.scores, v32, v16, kv.wide16, n_kv, t_len, d0, d0 + OUT_ELEMS, b.attn, acc, buf)
             else:
-                j = 0 if kind == QKV else kind - 3                                 # o 1, gate_up 2, down 3
-                off, rows, width, s_off = w.mats[i, j, 0], w.mats[i, j, 1], w.mats[i, j, 2], w.mats[i, j, 3]
-                packed = w.arena[off:off + rows * width].reshape((rows, width))    # [N, K/4]
-                out = b.qkv if kind == QKV else (b.o if kind == O_PROJ else (b.gate_up if kind == GATE_UP else b.down))
-                gemv_rows(packed, b.planes_f if kind == DOWN else b.planes_d, b.xsum[0], b.s[0],
-                          w.row_scale[s_off:s_off + rows], out, task * GEMV_ROWS, min(rows, (task + 1) * GEMV_ROWS))
-            nxt = p + 1
-            last = fetch_add(sync, line + DONE, 1) == n - 1
-            now = cycle_counter()
-            if p >= 0:
-                stats[t, k_stats, BUSY] += now - clock
-            clock = now
-            if not (last and nxt <= final_glue):
-                continue
-            # ---- the glue before phase nxt (layer g, kind g_kind), then publish it
-            g, g_kind = nxt // PHASES_PER_LAYER, nxt % PHASES_PER_LAYER
-            ok = True
-            if g_kind == QKV:
-                if g == 0:
-                    rms_norm_row(b.h, w.input_norm[0], eps, b.x)
-                elif g < n_layers:                              # h = h_attn + down, x = its input norm
-                    add_rms_norm_row(b.h_attn, b.down, w.input_norm[g], eps, b.h, b.x)
-                else:                                           # the head's input: final norm of the output
-                    add_rms_norm_row(b.h_attn, b.down, w.final_norm, eps, b.h_out, b.x_out)
-                if g < n_layers:
-                    ok = _quantize(b.x, b, b.planes_d)
-            elif g_kind == SCORES:                              # RoPE, then k and v into the cache at pos
-                rope_heads(b.qkv[:n_heads * hd].reshape((n_heads, hd)), cos, sin, b.q)
-                rope_heads(b.qkv[n_heads * hd:(n_heads + n_kv) * hd].reshape((n_kv, hd)), cos, sin, b.k)
-                v = b.qkv[(n_heads + n_kv) * hd:].reshape((n_kv, hd))
-                for gh in range(n_kv):
-                    for d in range(hd):
-                        if kv.wide16:
-                            kb, vb = float16_bits(b.k[gh, d]), float16_bits(v[gh, d])
-                            if (kb & 0x7C00) == 0x7C00 or (vb & 0x7C00) == 0x7C00:    # overflowed to inf
-                                ok = False
-                            kv.k16[g, pos, gh, d] = kb
-                            kv.v16[g, pos, gh, d] = vb
-                        else:
-                            kv.k32[g, pos, gh, d] = b.k[gh, d]
-                            kv.v32[g, pos, gh, d] = v[gh, d]
-            elif g_kind == O_PROJ:
-                rms_norm_row(b.attn.reshape(-1), w.attn_sub_norm[g], eps, b.attn_norm)
-                ok = _quantize(b.attn_norm, b, b.planes_d)
-            elif g_kind == GATE_UP:
-                add_rms_norm_row(b.h, b.o, w.post_norm[g], eps, b.h_attn, b.x2)
-                ok = _quantize(b.x2, b, b.planes_d)
-            elif g_kind == DOWN:
-                relu2_mul_rms_norm_row(b.gate_up[:f], b.gate_up[f:], w.ffn_sub_norm[g], eps, b.m, b.m_norm)
-                ok = _quantize(b.m_norm, b, b.planes_f)
-            if nxt < n_phases:
-                store_release(sync, nxt * LINE + READY, READY_OK if ok else READY_ABORT)
-            now = cycle_counter()
-            stats[t, HEAD_STATS if nxt == final_glue else g_kind, GLUE] += now - clock
-            clock = now
+                gemv_rows(packed, planes, b.xsum[0], b.s[0], row_scale, out, task * GEMV_ROWS,
+                          min(packed.shape[0], (task + 1) * GEMV_ROWS))
+            done += 1
+        now = cycle_counter()
+        if p >= 0:
+            stats[t, k_stats, BUSY] += now - clock
+        clock = now
+        # each thread reports its tasks once, when none is left to claim: the report that completes n is the
+        # last (a thread that did none adds 0 and is never the last)
+        before = fetch_add(sync, line + DONE, done)
+        nxt = p + 1
+        if not (before < n and before + done == n and nxt <= final_glue):
+            continue
+        # ---- the glue before phase nxt (layer g, kind g_kind), then publish it
+        g, g_kind = nxt // PHASES_PER_LAYER, nxt % PHASES_PER_LAYER
+        ok = True
+        if g_kind == QKV:
+            if g == 0:
+                rms_norm_row(b.h, w.input_norm[0], eps, b.x)
+            elif g < n_layers:                              # h = h_attn + down, x = its input norm
+                add_rms_norm_row(b.h_attn, b.down, w.input_norm[g], eps, b.h, b.x)
+            else:                                           # the head's input: final norm of the output
+                add_rms_norm_row(b.h_attn, b.down, w.final_norm, eps, b.h_out, b.x_out)
+            if g < n_layers:
+                ok = _quantize(b.x, b, b.planes_d)
+        elif g_kind == SCORES:                              # RoPE, then k and v into the cache at pos
+            rope_heads(b.qkv[:n_heads * hd].reshape((n_heads, hd)), cos, sin, b.q)
+            rope_heads(b.qkv[n_heads * hd:(n_heads + n_kv) * hd].reshape((n_kv, hd)), cos, sin, b.k)
+            v = b.qkv[(n_heads + n_kv) * hd:].reshape((n_kv, hd))
+            for gh in range(n_kv):
+                for d in range(hd):
+                    if kv.wide16:
+                        kb, vb = float16_bits(b.k[gh, d]), float16_bits(v[gh, d])
+                        if (kb & 0x7C00) == 0x7C00 or (vb & 0x7C00) == 0x7C00:    # overflowed to inf
+                            ok = False
+                        kv.k16[g, pos, gh, d] = kb
+                        kv.v16[g, pos, gh, d] = vb
+                    else:
+                        kv.k32[g, pos, gh, d] = b.k[gh, d]
+                        kv.v32[g, pos, gh, d] = v[gh, d]
+        elif g_kind == O_PROJ:
+            rms_norm_row(b.attn.reshape(-1), w.attn_sub_norm[g], eps, b.attn_norm)
+            ok = _quantize(b.attn_norm, b, b.planes_d)
+        elif g_kind == GATE_UP:
+            add_rms_norm_row(b.h, b.o, w.post_norm[g], eps, b.h_attn, b.x2)
+            ok = _quantize(b.x2, b, b.planes_d)
+        elif g_kind == DOWN:
+            relu2_mul_rms_norm_row(b.gate_up[:f], b.gate_up[f:], w.ffn_sub_norm[g], eps, b.m, b.m_norm)
+            ok = _quantize(b.m_norm, b, b.planes_f)
+        if nxt < n_phases:
+            store_release(sync, nxt * LINE + READY, READY_OK if ok else READY_ABORT)
+        now = cycle_counter()
+        stats[t, HEAD_STATS if nxt == final_glue else g_kind, GLUE] += now - clock
+        clock = now
 
 
 # --------------------------------------------------------------------------------------- the Python side

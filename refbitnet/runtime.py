@@ -152,7 +152,7 @@ class FastPath:
         self.step = None                      # the one-region decode step (decode_step.DecodeStep), made on first use
         self.step_fits = DecodeStep.fits(config, self.layers)
         self._decode_workspace = None
-        self._head_sync = np.zeros(3, np.int64)
+        self._head_sync = np.zeros(1, np.int64)
         self.claimed_head = True              # one token's LM head with claimed rows (bf16_matmul_claimed_v2)
         self.int8_head = None                 # (q int8 [V, D], scale f32 [V]) when the 8-bit head is on
         if os.environ.get("REFBITNET_LM_HEAD", "") == "int8":

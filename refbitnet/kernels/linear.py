@@ -112,7 +112,7 @@ class TernaryLinear:
         self._words = packed.view(np.uint16)                         # uint16 [N, K/8], v3's view of the rows
         self._codes = unpack_kernel(packed) if kernel == "v1" else None   # int8 [N, K], v1 reads bytes
         self._decode = None                                          # (s, act, xsum, y) for S = 1
-        self._sync = np.zeros(3, np.int64)                           # v6's row-claim counters
+        self._sync = np.zeros(1, np.int64)                           # v6's row-claim counter
 
     def __repr__(self):
         return f"TernaryLinear(N={self.shape[0]}, K={self.shape[1]}, kernel={self.kernel!r})"

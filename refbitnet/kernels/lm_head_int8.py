@@ -66,13 +66,13 @@ def _rows(x, q, scale, out, s, v0, v_end):
 @njit(cache=True, parallel=True)
 def int8_matmul_kernel(x, q, scale, out, sync, n_threads):
     """x float32 [S, K], q int8 [V, K], scale float32 [V] -> out float32 [S, V]; rows claimed ROWS_PER_TASK at
-    a time (sync.claim; sync int64 [3], zeroed here)."""
+    a time (sync.claim; its counter sync int64 [1], zeroed here)."""
     V = q.shape[0]
     n_tasks = (V + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     sync[:] = 0
     for t in prange(n_threads):
         while True:
-            task = claim(sync, 0, 1, 2, n_tasks, np.int64(t))   # one compiled signature
+            task = claim(sync, 0, n_tasks, np.int64(t))   # one compiled signature
             if task < 0:
                 break
             for s in range(x.shape[0]):
@@ -89,7 +89,7 @@ def int8_matmul(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
         raise RefBitNetError(f"q: expected int8 [V, K] with K = {x.shape[1]} (a multiple of {LANES}) and scale "
                              f"[V], found q {q.shape}, scale {scale.shape}")
     out = np.empty((x.shape[0], q.shape[0]), np.float32)
-    int8_matmul_kernel(x, q, scale, out, np.zeros(3, np.int64), numba.get_num_threads())
+    int8_matmul_kernel(x, q, scale, out, np.zeros(1, np.int64), numba.get_num_threads())
     return out
 
 

@@ -29,7 +29,7 @@ ROWS_PER_STEP = 2      # rows dotted together: each 16-float block of x is loade
                        # down to the two that hide the latency of the adds (benchmarks/results/kernels.md).
                        # The same sums for any count, so the same bits.
 PREFETCH_ROWS = ROWS_PER_STEP
-ROWS_PER_TASK = 64     # rows per parallel task
+ROWS_PER_TASK = 256    # rows per parallel task (1.3 MB of table): each costs a claim, an atomic add
 
 
 # How each table element becomes float32 in registers: (Numba dtype, LLVM element bits, widen(builder, v)).
@@ -147,7 +147,7 @@ def dot_rows_into(table, x, out, v0, v_end):
 @njit(cache=True, parallel=True)
 def bf16_matmul_claimed_v2(x, table, out, sync, n_threads):
     """bf16_matmul_kernel_v2 for one token (decoding: x float32 [1, K] -> out [1, V]) with the rows claimed
-    ROWS_PER_TASK at a time (sync.claim: counters sync int64 [3], zeroed here) instead of split in halves
+    ROWS_PER_TASK at a time (sync.claim: its counter sync int64 [1], zeroed here) instead of split in halves
     in advance: a thread that is descheduled claims nothing, the running ones do its share (the same dots,
     so the same bits as bf16_matmul_kernel_v2). n_threads: numba.get_num_threads() of the caller."""
     V = table.shape[0]
@@ -155,7 +155,7 @@ def bf16_matmul_claimed_v2(x, table, out, sync, n_threads):
     sync[:] = 0
     for t in prange(n_threads):
         while True:
-            task = claim(sync, 0, 1, 2, n_tasks, np.int64(t))   # one compiled signature
+            task = claim(sync, 0, n_tasks, np.int64(t))   # one compiled signature
             if task < 0:
                 break
             dot_rows_into(table, x[0], out[0], task * ROWS_PER_TASK, min(V, (task + 1) * ROWS_PER_TASK))

@@ -2,9 +2,9 @@
 
 Why: a decode GEMV is one OpenMP region of ~0.1-0.4 ms. Split in fixed halves, the region lasts until the
 later thread is done, and the worker thread often starts late (woken from its wait, or descheduled by a
-neighbour on a busy machine). ``claim`` hands out chunks of rows from shared counters (``fetch_add``,
-acq_rel) instead: a thread that is not running claims nothing, and the running ones do its share. Used by
-the v6 GEMV (``v6_vnni.matmul_scaled_v6``), the one-token LM head (``lm_head_v2.bf16_matmul_claimed_v2``)
+neighbour on a busy machine). ``claim`` hands out chunks of rows from a shared counter (one ``fetch_add``,
+acq_rel, per chunk) instead: a thread that is not running claims nothing, and the running ones do its
+share. Used by the v6 GEMV (``v6_vnni.matmul_scaled_v6``), the one-token LM head (``lm_head_v2.bf16_matmul_claimed_v2``)
 and the one-region decode step (``refbitnet.decode_step``); every row is computed by one thread in a fixed
 order, so the results do not depend on who claimed it.
 
@@ -16,6 +16,7 @@ an int64 array; fetch_add is acq_rel, so the last finisher of a phase sees every
 store_release / load_acquire publish a buffer together with its flag.
 """
 
+import numpy as np
 from llvmlite import ir
 from numba import njit
 from numba.core import cgutils, types
@@ -109,19 +110,31 @@ def wait_nonzero(arr, index):
             sched_yield()
 
 
+BACK_ONE = np.int64(1) << np.int64(32)   # one claim from the back, in claim's counter word
+
+
 @njit(cache=True)
-def claim(sync, total, front, back, n, thread):
+def claim(sync, counter, n, thread):
     """The next of n chunks for `thread`, or -1 when all are claimed. Even threads take chunks from the
     front (0, 1, ..) and odd ones from the back (n-1, n-2, ..), so with two threads each streams through one
     contiguous half of the rows, as a static split would, and whichever finishes first goes on into the
-    other's half until they meet; a thread that never runs takes nothing. sync[total] counts the claims
-    (at most n succeed, so the front and back never overlap); sync[front], sync[back] the chunks taken
-    from each end."""
-    if fetch_add(sync, total, 1) >= n:
+    other's half until they meet; a thread that never runs takes nothing.
+
+    One atomic add per claim: sync[counter] holds the chunks taken from the front in its low 32 bits and
+    from the back in its high 32 bits (n < 2**31). The claim that finds front + back = k before its own
+    add is the k-th; it succeeds if k < n, so at most n succeed. A front claim that took chunk f and a back
+    claim that took chunk n-1-b never meet: had f + b = n-1, whichever came second saw the other's chunk
+    counted and a sum of at least n, and failed. (A failed claim still adds; its count is never read again.)"""
+    if thread % 2 == 0:
+        before = fetch_add(sync, counter, 1)
+    else:
+        before = fetch_add(sync, counter, BACK_ONE)
+    front, back = before & np.int64(0xFFFFFFFF), before >> np.int64(32)
+    if front + back >= n:
         return -1
     if thread % 2 == 0:
-        return fetch_add(sync, front, 1)
-    return n - 1 - fetch_add(sync, back, 1)
+        return front
+    return n - 1 - back
 
 
 @intrinsic

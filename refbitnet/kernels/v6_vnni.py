@@ -121,7 +121,7 @@ def matmul_scaled_v6(packed, planes, xsum, s_act, row_scale, out, sync, n_thread
     """packed uint8 [N, K/4], planes int8 [S, 4, K/4], xsum int32 [S], s_act f32 [S], row_scale f32 [N]
     -> out f32 [S, N] = fl(fl(float32(acc) / s_act[s]) * row_scale[n]), acc = xq @ w.T exactly
     (``v4_maddubs.matmul_scaled_v4``'s contract and bits). The rows are claimed ROWS_PER_TASK at a time
-    (``sync.claim``: counters sync int64 [3], zeroed here) instead of split in halves in advance: a worker
+    (``sync.claim``: its counter sync int64 [1], zeroed here) instead of split in halves in advance: a worker
     that wakes late, or is descheduled, claims less and the running thread does the rest, where a static
     split waits for it. Each row is computed by one thread in a fixed order: the same bits whoever claims
     it. n_threads: numba.get_num_threads() of the caller (one prange iteration per thread)."""
@@ -131,7 +131,7 @@ def matmul_scaled_v6(packed, planes, xsum, s_act, row_scale, out, sync, n_thread
     sync[:] = 0
     for t in prange(n_threads):
         while True:
-            task = claim(sync, 0, 1, 2, n_tasks, np.int64(t))   # one compiled signature
+            task = claim(sync, 0, n_tasks, np.int64(t))   # one compiled signature
             if task < 0:
                 break
             for s in range(S):
