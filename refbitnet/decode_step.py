@@ -18,9 +18,9 @@ threads claim from a shared counter (``sync.claim``, one atomic add per task); w
 left to claim it reports how many tasks it ran, and the thread whose report completes the phase runs the
 serial glue that makes the next phase's input (residual add, RMSNorm, activation quantization, RoPE, the
 cache store) and publishes it; the others wait for the publication. The atomics are the cost of a task (the
-counters' cache line moves between the cores), so tasks are long: 256 rows of a GEMV, 256 rows of the head. No thread waits for a particular
-other thread, only for claimed work: if the threads happen to run one after another, the first does
-everything and the others find nothing left to claim.
+counters' cache line moves between the cores), so tasks are long: 256 rows of a GEMV, 256 rows of the head.
+No thread waits for a particular other thread, only for claimed work: if the threads happen to run one
+after another, the first does everything and the others find nothing left to claim.
 
 Same bits as the op-by-op path (``runtime.FastPath.layers_forward``) and so as the readable one: every op
 is the same compiled function (glue's norms and RoPE, act_quant's row quantizer, the door's GEMV row dot
@@ -207,9 +207,10 @@ def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats
     """What thread t runs. Phase -1 is the start (one empty task); for each phase: wait for its input, then
     claim and run tasks (the first block below), then report how many it ran (one atomic add per thread and
     phase, not per task); the thread whose report completes the phase runs the glue that makes the next
-    phase's input (the second block, in refbitnet.model.decoder_layer's order) and publishes it, or publishes an abort if an activation holds a NaN/inf or a key or value does not fit
-    a float16 cache. Adds its cycles to stats[t]. (One function: each Numba function called from here is
-    compiled again inside every caller, so the dispatch is written out here rather than in helpers.)
+    phase's input (the second block, in refbitnet.model.decoder_layer's order) and publishes it, or
+    publishes an abort if an activation holds a NaN/inf or a key or value does not fit a float16 cache. Adds
+    its cycles to stats[t]. (One function: each Numba function called from here is compiled again inside
+    every caller, so the dispatch is written out here rather than in helpers.)
 
     w, b, kv: StepWeights, StepBuffers, KVArrays (b.h holds the token's embedding); pos: its position; cos,
     sin float32 [HD]: RoPE there; logits float32 [V]: the head's output (when n_phases includes the head);

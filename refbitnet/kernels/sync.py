@@ -4,8 +4,8 @@ Why: a decode GEMV is one OpenMP region of ~0.1-0.4 ms. Split in fixed halves, t
 later thread is done, and the worker thread often starts late (woken from its wait, or descheduled by a
 neighbour on a busy machine). ``claim`` hands out chunks of rows from a shared counter (one ``fetch_add``,
 acq_rel, per chunk) instead: a thread that is not running claims nothing, and the running ones do its
-share. Used by the v6 GEMV (``v6_vnni.matmul_scaled_v6``), the one-token LM head (``lm_head_v2.bf16_matmul_claimed_v2``)
-and the one-region decode step (``refbitnet.decode_step``); every row is computed by one thread in a fixed
+share. Used by the v6 GEMV (``v6_vnni.matmul_scaled_v6``), the one-token LM head
+(``lm_head_v2.bf16_matmul_claimed_v2``) and the one-region decode step (``refbitnet.decode_step``); every row is computed by one thread in a fixed
 order, so the results do not depend on who claimed it.
 
 The decode step also passes work from phase to phase inside one region: the thread that finishes a phase's
