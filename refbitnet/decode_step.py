@@ -253,7 +253,8 @@ def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats
                     packed = w.arena[off:off + rows * width].reshape((rows, width))    # [N, K/4]
                     planes = b.planes_f if kind == DOWN else b.planes_d
                     row_scale = w.row_scale[s_off:s_off + rows]
-                    out = b.qkv if kind == QKV else (b.o if kind == O_PROJ else (b.gate_up if kind == GATE_UP else b.down))
+                    out = (b.qkv if kind == QKV else b.o if kind == O_PROJ
+                           else b.gate_up if kind == GATE_UP else b.down)
         done = 0
         while True:
             task = claim(sync, line + CLAIMED, n, t)

@@ -5,8 +5,8 @@ later thread is done, and the worker thread often starts late (woken from its wa
 neighbour on a busy machine). ``claim`` hands out chunks of rows from a shared counter (one ``fetch_add``,
 acq_rel, per chunk) instead: a thread that is not running claims nothing, and the running ones do its
 share. Used by the v6 GEMV (``v6_vnni.matmul_scaled_v6``), the one-token LM head
-(``lm_head_v2.bf16_matmul_claimed_v2``) and the one-region decode step (``refbitnet.decode_step``); every row is computed by one thread in a fixed
-order, so the results do not depend on who claimed it.
+(``lm_head_v2.bf16_matmul_claimed_v2``) and the one-region decode step (``refbitnet.decode_step``); every
+row is computed by one thread in a fixed order, so the results do not depend on who claimed it.
 
 The decode step also passes work from phase to phase inside one region: the thread that finishes a phase's
 last chunk computes the next phase's input and publishes it (``store_release``); the others wait for that
