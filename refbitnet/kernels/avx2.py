@@ -43,6 +43,16 @@ def madd_intrinsics(module):
     return maddubs, maddwd
 
 
+def prefetch(builder, ptr, locality=3):
+    """Ask for the cache line at ptr (an i8*) ahead of its use: llvm.prefetch, a read, into every cache level
+    (locality 3) or into L2 and beyond (2). A hint: it changes no value and never faults, so ptr may point
+    past the data. Used by the GEMVs (v4, v6), v5's panel loads and the LM head."""
+    i8p, i32 = I8.as_pointer(), I32
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0i8")
+    builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
+
+
 def load32(builder, ptr, offset):
     """The 32 bytes at ptr + offset (ptr an i8*, offset in bytes) as a <32 x i8> vector, unaligned load."""
     return builder.load(builder.bitcast(builder.gep(ptr, [offset]), V32I8.as_pointer()), align=1)

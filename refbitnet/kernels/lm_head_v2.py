@@ -18,6 +18,7 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .avx2 import prefetch
 from .reference import LANES
 from .sync import claim
 
@@ -72,16 +73,12 @@ def make_row_dots(n_rows, element="bf16", prefetch_rows=0):
                     for r in range(n_rows)]
             x_ptr = builder.bitcast(x_a.data, v16f32.as_pointer())
             accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f32, [0.0] * LANES)) for _ in range(n_rows)]
-            if prefetch_rows:
-                prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-                    ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch.p0i8")
-                ahead = builder.mul(row_stride, ir.Constant(row_stride.type, prefetch_rows))    # bytes
+            ahead = builder.mul(row_stride, ir.Constant(row_stride.type, prefetch_rows))        # bytes
             with cgutils.for_range(builder, n_blocks) as loop:
                 xv = builder.load(builder.gep(x_ptr, [loop.index]), align=4)
                 for r in range(n_rows if prefetch_rows else 0):
                     block = builder.bitcast(builder.gep(rows[r], [loop.index]), i8.as_pointer())
-                    builder.call(prefetch, [builder.gep(block, [ahead]), ir.Constant(i32, 0), ir.Constant(i32, 3),
-                                            ir.Constant(i32, 1)])
+                    prefetch(builder, builder.gep(block, [ahead]))
                 for r in range(n_rows):
                     w = widen(builder, builder.load(builder.gep(rows[r], [loop.index]), align=bits // 8))
                     builder.store(builder.fadd(builder.load(accs[r]), builder.fmul(xv, w)), accs[r])

@@ -8,12 +8,13 @@ share. Used by the v6 GEMV (``v6_vnni.matmul_scaled_v6``), the one-token LM head
 (``lm_head_v2.bf16_matmul_claimed_v2``) and the one-region decode step (``refbitnet.decode_step``); every
 row is computed by one thread in a fixed order, so the results do not depend on who claimed it.
 
-The decode step also passes work from phase to phase inside one region: the thread that finishes a phase's
-last chunk computes the next phase's input and publishes it (``store_release``); the others wait for that
+The decode step also passes work from phase to phase inside one region: each thread adds the number of
+chunks it ran to a count once nothing is left to claim (``fetch_add``), the thread whose add completes the
+count computes the next phase's input and publishes it (``store_release``); the others wait for that
 (``wait_nonzero``: spinning with ``pause``, then giving the CPU back with ``sched_yield`` between polls, so
 that on a busy machine a neighbour, or our own descheduled thread, can run). All operate on one element of
-an int64 array; fetch_add is acq_rel, so the last finisher of a phase sees every other thread's results, and
-store_release / load_acquire publish a buffer together with its flag.
+an int64 array; fetch_add is acq_rel, so the thread that completes the count sees every other thread's
+results, and store_release / load_acquire publish a buffer together with its flag.
 """
 
 import numpy as np

@@ -35,7 +35,7 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .avx2 import (CHUNK, I8, I32, V16I16, V32I8, WIDEN_CHUNKS, code_fields, load32, madd_intrinsics,
+from .avx2 import (CHUNK, I8, V16I16, V32I8, WIDEN_CHUNKS, code_fields, load32, madd_intrinsics, prefetch,
                    sum_i16_lanes, sum_i32_lanes, widen)
 
 __all__ = ["matmul_scaled_v4", "matmul_scaled_v4_blocked", "CHUNK", "TOKENS_PER_PASS"]
@@ -61,8 +61,6 @@ def block_dot(typingctx, row, planes, chunk0, nchunks):
         chunk0, nchunks = args[2], args[3]
         intp = chunk0.type
         maddubs, maddwd = madd_intrinsics(builder.module)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0i8")
         plane_stride = builder.extract_value(pl_a.strides, 0)            # bytes between planes (= K/4)
         row_ptr = builder.bitcast(row_a.data, I8.as_pointer())
         pl_ptr = builder.bitcast(pl_a.data, I8.as_pointer())
@@ -84,8 +82,7 @@ def block_dot(typingctx, row, planes, chunk0, nchunks):
             add_chunk(chunk, accs[0])
             add_chunk(builder.add(chunk, ir.Constant(intp, 1)), accs[1])
             ahead = builder.add(builder.mul(chunk, ir.Constant(intp, CHUNK)), ir.Constant(intp, PREFETCH))
-            builder.call(prefetch, [builder.gep(row_ptr, [ahead]), ir.Constant(I32, 0), ir.Constant(I32, 3),
-                                    ir.Constant(I32, 1)])
+            prefetch(builder, builder.gep(row_ptr, [ahead]))
         with builder.if_then(builder.trunc(nchunks, ir.IntType(1))):                # an odd last chunk
             add_chunk(builder.add(chunk0, builder.sub(nchunks, ir.Constant(intp, 1))), accs[0])
         return sum_i32_lanes(builder, builder.add(widen(builder, maddwd, builder.load(accs[0])),

@@ -55,7 +55,7 @@ from numba.extending import intrinsic
 
 from .act_quant import ALIGN
 from .avx2 import (CHUNK, CHUNK_WEIGHTS, V8I32, V16I16, V32I8, WIDEN_CHUNKS, code_fields, hsum8, load32,
-                   madd_intrinsics, widen)
+                   madd_intrinsics, prefetch, widen)
 from .v6_vnni import available as vnni_available
 
 FIELDS = 4                 # 2-bit codes per packed byte
@@ -212,16 +212,13 @@ def prefetch_rows(typingctx, packed, n0, rows):
     def codegen(context, builder, signature, args):
         pk = context.make_array(signature.args[0])(context, builder, args[0])
         n0, rows = args[1], args[2]
-        i8, i32 = ir.IntType(8), ir.IntType(32)
+        i8 = ir.IntType(8)
         intp = n0.type
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]), "llvm.prefetch")
         stride = builder.extract_value(pk.strides, 0)
         start = builder.gep(builder.bitcast(pk.data, i8.as_pointer()), [builder.mul(n0, stride)])
         lines = builder.udiv(builder.add(builder.mul(rows, stride), ir.Constant(intp, 63)), ir.Constant(intp, 64))
         with cgutils.for_range(builder, lines) as loop:
-            builder.call(prefetch, [builder.gep(start, [builder.mul(loop.index, ir.Constant(intp, 64))]),
-                                    ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+            prefetch(builder, builder.gep(start, [builder.mul(loop.index, ir.Constant(intp, 64))]), locality=2)
         return context.get_dummy_value()
     return sig, codegen
 

@@ -29,7 +29,7 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .avx2 import CHUNK, I8, I32, V8I32, V32I8
+from .avx2 import CHUNK, I8, I32, V8I32, V32I8, prefetch
 from .sync import claim
 
 __all__ = ["matmul_scaled_v6", "available"]
@@ -67,8 +67,6 @@ def row_dot(typingctx, row, planes):
         pl_a = context.make_array(signature.args[1])(context, builder, args[1])
         dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8I32, [V8I32] * 3),
                                                 "llvm.x86.avx512.vpdpbusd.256")
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0i8")
         n_bytes = builder.extract_value(row_a.shape, 0)
         idx = n_bytes.type
         plane_stride = builder.extract_value(pl_a.strides, 0)                  # bytes between planes (= K/4)
@@ -93,7 +91,7 @@ def row_dot(typingctx, row, planes):
             base = builder.mul(loop.index, ir.Constant(idx, step))
             for line in range(0, step, 64):          # one prefetch per 64-byte cache line
                 ahead = builder.gep(row_ptr, [builder.add(base, ir.Constant(idx, PREFETCH + line))])
-                builder.call(prefetch, [ahead, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+                prefetch(builder, ahead)
             for u in range(UNROLL):
                 chunk(builder.add(base, ir.Constant(idx, CHUNK * u)), accs[u])
         n_tail = builder.udiv(builder.urem(n_bytes, ir.Constant(idx, step)), ir.Constant(idx, CHUNK))
