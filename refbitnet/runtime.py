@@ -29,7 +29,7 @@ import numpy as np
 
 from . import kernels  # (sets the LLVM options before anything below compiles)
 from .errors import RefBitNetError
-from .kernels import TernaryLinear
+from .kernels import TernaryLinear, compiler_pages
 from .kernels.v3_word_planes import MAX_K
 from .kernels.lm_head_int8 import int8_matmul, quantize_rows_int8
 from .kernels.lm_head_v2 import bf16_matmul_claimed_v2
@@ -157,6 +157,7 @@ class FastPath:
         self.int8_head = None                 # (q int8 [V, D], scale f32 [V]) when the 8-bit head is on
         if os.environ.get("REFBITNET_LM_HEAD", "") == "int8":
             self.use_int8_head()
+        compiler_pages.release_if_compiled()  # LLVM's pages, touched loading the repacking kernels
 
     def use_int8_head(self, on: bool = True) -> None:
         """Opt in (or out) of the 8-bit LM head (kernels.lm_head_int8): the table quantized per row to int8
@@ -170,7 +171,15 @@ class FastPath:
             self.int8_head = quantize_rows_int8(self.output_table)
 
     def forward(self, ids, cache=None, start=0, trace=None, last_only=False, trace_integers=False):
-        """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers).
+        """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers)
+        (see _forward). After a call that compiled or loaded kernels, LLVM's pages go back to the OS
+        (kernels.compiler_pages says why)."""
+        logits = self._forward(ids, cache, start, trace, last_only, trace_integers)
+        compiler_pages.release_if_compiled()
+        return logits
+
+    def _forward(self, ids, cache, start, trace, last_only, trace_integers):
+        """forward() itself.
 
         A block of 1 .. SHORT_BLOCK tokens without a trace runs through the layers one token at a time: through
         the one-region DecodeStep where the model fits it, else op by op on the decode kernels. The same bits

@@ -32,7 +32,8 @@ polls briefly before it sleeps, long enough to catch the next call of a decode s
 steal a core from a neighbour (the measurements behind both: benchmarks/results/kernels_history.md). Both
 only take effect if Numba's OpenMP layer has not started yet in the process. It also points Numba's
 on-disk cache at a directory named by a hash of refbitnet's source (``compile_cache`` says why), unless
-NUMBA_CACHE_DIR is set.
+NUMBA_CACHE_DIR is set. ``compiler_pages`` hands LLVM's pages back to the OS once kernels are loaded
+(runtime.FastPath calls it after each forward that compiled or loaded any).
 """
 
 import os
