@@ -40,7 +40,7 @@ from .glue import add_rms_norm_into, relu2_mul_rms_norm_into, rms_norm_into, rop
 from .kv_cache import KVCache
 from .model import embed, lm_head, recorder, rms_norm, rope_tables
 from .quant import absmax_int8
-from .weights import read_private
+from .weights import in_memory, read_private
 
 
 # ----------------------------------------------------------------------------- the fast path
@@ -142,8 +142,10 @@ class FastPath:
 
     def __init__(self, config, weights):
         self.config = config
-        self.embed_tokens = weights.embed_tokens                # [V, D] bf16 bits (maybe memory-mapped)
-        self.output_table = weights.output_table                # [V, D]
+        # The LM head reads its whole table every token: in this process's memory (a file read, in huge pages),
+        # not through the file's mapping, whose 4 KiB pages the stream reads slower (results/decode_ab.md)
+        self.output_table = in_memory(weights.output_table)      # [V, D] bf16 bits (or float)
+        self.embed_tokens = self.output_table if weights.lm_head is None else weights.embed_tokens   # [V, D]
         self.norm = weights.norm                                # [D]
         # every packed matrix in one allocation, in decode order (kernels.repack.WeightArena says why)
         self.arena = WeightArena([(sum(p.shape[0] for _, p in group), group[0][1].shape[1] // 4)

@@ -236,10 +236,11 @@ def _finite(source, name, a):
 
 
 def _finite_bf16_bits(source, name, bits):
-    """Reject bf16 NaN / inf (all exponent bits set), a block of rows at a time (the table stays mapped)."""
+    """Reject bf16 NaN / inf (all exponent bits set), a block of rows at a time, each read from the file for
+    a memory-mapped table (read_rows), so validating leaves none of its pages resident."""
     rows = max(1, (1 << 22) // max(1, bits.shape[1]))
     for r0 in range(0, bits.shape[0], rows):
-        block = np.asarray(bits[r0:r0 + rows])
+        block = read_rows(bits, r0, min(bits.shape[0], r0 + rows))
         bad = (block & np.uint16(0x7F80)) == np.uint16(0x7F80)
         if bad.any():
             r, c = np.argwhere(bad)[0]
@@ -263,10 +264,29 @@ def _check_packed_codes(source, name, packed):
                                   f"0x{int(p[r, c]):02x} (a field equal to 3) at [{r0 + r}, {c}]")
 
 
-def read_private(a: np.ndarray) -> np.ndarray:
-    """An array's values in fresh memory. For a whole np.memmap this is a file read (np.fromfile), which,
-    unlike reading through the mapping, does not leave the pages counted in this process's memory."""
+def _whole_file_mapping(a: np.ndarray) -> bool:
+    """Whether a is an np.memmap as opened (not a view: a view keeps its parent's filename and offset)."""
     import mmap
-    if isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename:
-        return np.fromfile(a.filename, dtype=a.dtype, count=a.size, offset=a.offset).reshape(a.shape)
-    return np.array(a)
+    return isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and bool(a.filename)
+
+
+def read_rows(a: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """Rows r0 .. r1-1 of a C-contiguous a in fresh memory. For a whole np.memmap this is a file read
+    (np.fromfile), which, unlike reading through the mapping, does not leave the pages counted in this
+    process's memory."""
+    if _whole_file_mapping(a):
+        row = a.size // a.shape[0] if a.shape[0] else 0
+        return np.fromfile(a.filename, dtype=a.dtype, count=(r1 - r0) * row,
+                           offset=a.offset + r0 * row * a.itemsize).reshape((r1 - r0,) + a.shape[1:])
+    return np.array(a[r0:r1])
+
+
+def read_private(a: np.ndarray) -> np.ndarray:
+    """An array's values in fresh memory (read_rows of all its rows; a copy for an array already in memory)."""
+    return read_rows(a, 0, a.shape[0]) if a.ndim else np.array(a)
+
+
+def in_memory(a: np.ndarray) -> np.ndarray:
+    """a itself if it is in this process's memory; for a whole np.memmap, its values read from the file into
+    fresh memory (read_private), which NumPy backs with transparent huge pages where it is 4 MiB or more."""
+    return read_private(a) if _whole_file_mapping(a) else a

@@ -376,3 +376,41 @@ def test_config_json_key_variants(tmp_path):
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(d))
     assert Config.from_json(tmp_path / "config.json") == numpy_config(SIZES)
+
+
+# ----------------------------------------------------------------------------------- reading mapped tables
+
+def _mapped_table(tmp_path, rows, cols, offset=24):
+    """A uint16 [rows, cols] table written after `offset` header bytes and opened as np.memmap, as
+    checkpoint.read_safetensors opens a tensor; and its values in memory."""
+    values = np.random.default_rng(1).integers(0, 0x7F00, (rows, cols)).astype(np.uint16)
+    path = tmp_path / "table.bin"
+    with open(path, "wb") as f:
+        f.write(b"h" * offset + values.tobytes())
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(rows, cols)), values
+
+
+def test_read_rows_of_a_mapped_table_reads_the_right_bytes(tmp_path):
+    from refbitnet.weights import in_memory, read_rows
+    mapped, values = _mapped_table(tmp_path, 37, 10)
+    for r0, r1 in ((0, 37), (0, 1), (5, 6), (11, 30), (36, 37), (20, 20)):
+        rows = read_rows(mapped, r0, r1)
+        assert type(rows) is np.ndarray and np.array_equal(rows, values[r0:r1]), (r0, r1)
+    own = in_memory(mapped)                      # a file read into fresh memory, not the mapping
+    assert type(own) is np.ndarray and np.array_equal(own, values)
+    assert in_memory(values) is values           # already in memory: itself, no copy
+    view = mapped[3:9]                           # a view keeps its parent's offset: not read from the file
+    assert in_memory(view) is view
+
+
+def test_a_nan_in_a_later_block_of_a_mapped_table_is_named_at_its_place(tmp_path):
+    from refbitnet.weights import _finite_bf16_bits
+    mapped, values = _mapped_table(tmp_path, 2048, 4096)          # 1024 rows per validation block
+    assert _finite_bf16_bits("f", "t", mapped) is mapped
+    del mapped
+    with open(tmp_path / "table.bin", "r+b") as f:                # a bf16 NaN at [1500, 7]
+        f.seek(24 + 2 * (1500 * 4096 + 7))
+        f.write(np.array([0x7FC1], np.uint16).tobytes())
+    mapped = np.memmap(tmp_path / "table.bin", dtype=np.uint16, mode="r", offset=24, shape=(2048, 4096))
+    with pytest.raises(CheckpointError, match=r"f: tensor t: .*0x7fc1.* at \[1500, 7\]"):
+        _finite_bf16_bits("f", "t", mapped)

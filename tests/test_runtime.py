@@ -31,6 +31,19 @@ def test_forward_last_only_is_the_last_row(backend):
     assert cache.length == 9
 
 
+def test_fast_path_reads_a_mapped_table_into_its_own_memory(tmp_path):
+    """A loaded (memory-mapped) tied table: the fast path's LM head and embedding read one in-memory copy
+    of it (the same values), not the mapping; the readable weights keep the mapping."""
+    import refbitnet
+    sizes = TINY_CONFIGS["gqa"]
+    refbitnet.save(model_from_tensors(numpy_config(sizes), numpy_release_tensors(sizes, 0), source="tiny"), tmp_path)
+    model = refbitnet.load(str(tmp_path), backend="numba")
+    fast = model._fast
+    assert isinstance(model.weights.embed_tokens, np.memmap)
+    assert type(fast.output_table) is np.ndarray and fast.embed_tokens is fast.output_table
+    assert np.array_equal(fast.output_table, model.weights.embed_tokens)
+
+
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
 def test_fast_path_equals_the_readable_path_trace_included(name, kv_dtype):
