@@ -314,8 +314,10 @@ class LoaderWorker:
         self.start()
         raise WorkerFailure(f"{what} on {request}:\n{err[-4000:]}")
 
-    def run(self, op: str, path, timeout: float = CASE_TIMEOUT, reference: str | None = None) -> dict:
-        """Load path in the worker. reference: a fingerprint; sets outcome["same"] for loads."""
+    def run(self, op: str, path, timeout: float = CASE_TIMEOUT, reference: str | None = None,
+            slow: float = SLOW_CASE) -> dict:
+        """Load path in the worker. reference: a fingerprint; sets outcome["same"] for loads. A load
+        taking more than timeout seconds is a hang, more than slow seconds a failure too."""
         request = {"op": op, "path": os.fspath(path)}
         t0 = time.perf_counter()
         try:
@@ -334,8 +336,8 @@ class LoaderWorker:
         outcome["wall"] = wall
         if outcome["outcome"] == "loaded" and reference is not None:
             outcome["same"] = outcome["fingerprint"] == reference
-        if outcome["seconds"] > SLOW_CASE:
-            raise WorkerFailure(f"SLOW: {op} {path} took {outcome['seconds']:.1f} s (limit {SLOW_CASE} s): {outcome}")
+        if outcome["seconds"] > slow:
+            raise WorkerFailure(f"SLOW: {op} {path} took {outcome['seconds']:.1f} s (limit {slow} s): {outcome}")
         if outcome["outcome"] == "other":
             raise WorkerFailure(f"{op} {path}: raised {outcome['exc']} (not a RefBitNetError): "
                                 f"{outcome['message']}\n{outcome.get('traceback', '')}")

@@ -61,14 +61,27 @@ def llvm_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
+def _madvise():
+    """libc's madvise on Linux (looked up once, at import), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+_MADVISE = _madvise()
+
+
 def release() -> bool:
     """madvise(MADV_PAGEOUT) over every mapping of libllvmlite; False where the OS does not support it."""
-    if not sys.platform.startswith("linux"):
+    if _MADVISE is None:
         return False
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     ranges = llvm_mappings()
-    return bool(ranges) and all(madvise(start, end - start, MADV_PAGEOUT) == 0 for start, end in ranges)
+    return bool(ranges) and all(_MADVISE(start, end - start, MADV_PAGEOUT) == 0 for start, end in ranges)
 
 
 def release_if_compiled() -> None:
