@@ -46,6 +46,7 @@ from .attention_kernel import LANE_ELEMS, _scores, _softmax, _weighted
 from .glue import add_rms_norm_row, relu2_mul_rms_norm_row, rms_norm_row, rope_heads
 from .kernels import v4_maddubs, v6_vnni
 from .kernels.act_quant import quantize_row
+from .kernels.lm_head_int8 import int8_rows_into
 from .kernels.lm_head_v2 import ROWS_PER_TASK as HEAD_ROWS_PER_TASK
 from .kernels.lm_head_v2 import dot_rows_into
 from .kernels.sync import claim, cycle_counter, fetch_add, store_release, wait_nonzero
@@ -84,7 +85,10 @@ StepWeights = namedtuple("StepWeights", [
     "attn_sub_norm",  # float32 [L, D]
     "ffn_sub_norm",   # float32 [L, F]
     "final_norm",     # float32 [D]
-    "table",          # uint16 [V, D]: the tied bf16 LM head (read by the head phase)
+    "table",          # uint16 [V, D]: the tied bf16 LM head (read by the head phase; [1, 16] with the int8 head)
+    "head_q",         # int8 [V, D]: the opt-in 8-bit head's codes (kernels.lm_head_int8), or [1, 16] unused
+    "head_scale",     # float32 [V]: its row scales, or [1] unused
+    "int8_head",      # True: the head phase reads head_q and head_scale instead of table
 ])
 
 StepBuffers = namedtuple("StepBuffers", [
@@ -191,7 +195,8 @@ def _quantize(x, b, planes):
 def _n_tasks(kind, i, w, t_len, n_heads, hd):
     """How many tasks phase (layer i, kind) has; the LM head is layer L, kind QKV."""
     if i == w.mats.shape[0]:
-        return (w.table.shape[0] + HEAD_ROWS_PER_TASK - 1) // HEAD_ROWS_PER_TASK
+        v = w.head_q.shape[0] if w.int8_head else w.table.shape[0]
+        return (v + HEAD_ROWS_PER_TASK - 1) // HEAD_ROWS_PER_TASK
     if kind == SCORES:
         return (t_len + SCORE_POSITIONS - 1) // SCORE_POSITIONS
     if kind == SOFTMAX:
@@ -265,7 +270,11 @@ def worker(t, w, b, kv, pos, cos, sin, scale, eps, logits, sync, n_phases, stats
                 pass
             elif i == n_layers:                                                    # the LM head
                 v0 = task * HEAD_ROWS_PER_TASK
-                dot_rows_into(w.table, b.x_out, logits, v0, min(w.table.shape[0], v0 + HEAD_ROWS_PER_TASK))
+                if w.int8_head:
+                    int8_rows_into(w.head_q, w.head_scale, b.x_out, logits, v0,
+                                   min(w.head_q.shape[0], v0 + HEAD_ROWS_PER_TASK))
+                else:
+                    dot_rows_into(w.table, b.x_out, logits, v0, min(w.table.shape[0], v0 + HEAD_ROWS_PER_TASK))
             elif kind == SCORES:
                 t0 = task * SCORE_POSITIONS
                 _scores(b.q, k32, k16, kv.wide16, n_kv, t0, min(t_len, t0 + SCORE_POSITIONS), scale, b.scores, buf)
@@ -421,9 +430,11 @@ class DecodeStep:
     layers: runtime.FastLayer objects (their qkv/o/gate_up/down matrices live in arena, a WeightArena);
     table: the tied LM head [V, D]; the step runs the head itself when it is bf16 bits (uint16) with
     D % 16 == 0 (lm_head_v2's kernel), else it stops after the final norm and the caller applies the head.
+    int8_head: the opt-in 8-bit head's (q int8 [V, D], scale float32 [V]) (runtime.FastPath.use_int8_head),
+    which the step then runs instead of the table's (lm_head_int8's row dots: int8_matmul's bits).
     """
 
-    def __init__(self, config, layers, arena, final_norm, table):
+    def __init__(self, config, layers, arena, final_norm, table, int8_head=None):
         d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
         base = arena.buffer.ctypes.data
@@ -435,13 +446,15 @@ class DecodeStep:
                 mats[i, j] = (packed.ctypes.data - base, packed.shape[0], packed.shape[1], scale_off)
                 scales.append(fused.linear.row_scale)
                 scale_off += packed.shape[0]
-        self.head_in_step = table.dtype == np.uint16 and d % 16 == 0
+        self.head_in_step = (int8_head is not None or table.dtype == np.uint16) and d % 16 == 0
+        head_q, head_scale = int8_head if int8_head is not None else (np.zeros((1, 16), np.int8), np.ones(1, np.float32))
         self.weights = StepWeights(
             arena.buffer, mats, np.concatenate(scales),
             *(np.stack([getattr(layer, name) for layer in layers]).astype(np.float32, copy=False)
               for name in ("input_layernorm", "post_attention_layernorm", "attn_sub_norm", "ffn_sub_norm")),
             np.ascontiguousarray(final_norm, np.float32),
-            table if self.head_in_step else np.zeros((1, 16), np.uint16))
+            table if self.head_in_step and int8_head is None else np.zeros((1, 16), np.uint16),
+            head_q, head_scale, int8_head is not None)
         f32 = lambda *shape: np.zeros(shape, np.float32)                            # noqa: E731
         self.buffers = StepBuffers(
             h=f32(d), x=f32(d), qkv=f32((n_heads + 2 * n_kv) * hd), q=f32(n_heads, hd), k=f32(n_kv, hd),

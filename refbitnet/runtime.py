@@ -17,7 +17,7 @@ time through ``decode_step.DecodeStep``, every layer and the LM head with the th
 end (one wake-up per token instead of one parallel region per GEMV), where the model fits its kernels
 (``DecodeStep.fits``), else op by op; longer blocks (prefill) run op by op, each projection one
 multi-token GEMM, a prompt longer than PREFILL_BLOCK tokens as blocks of PREFILL_BLOCK. Not the same bits,
-and opt-in: the 8-bit LM head (``FastPath.use_int8_head``, REFBITNET_LM_HEAD=int8), applied after the step.
+and opt-in: the 8-bit LM head (``FastPath.use_int8_head``, REFBITNET_LM_HEAD=int8), run by the step too.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ class FastPath:
         """Opt in (or out) of the 8-bit LM head (kernels.lm_head_int8): the table quantized per row to int8
         and a float32 scale, half the bytes per token. It changes the logits (not the model's arithmetic;
         its cost: benchmarks/results/int8_head.md). Also REFBITNET_LM_HEAD=int8 when the path is built."""
+        self.step = None                                # rebuilt on next use, with the head it should run
         if not on:
             self.int8_head = None
         elif self.int8_head is None:
@@ -240,9 +241,10 @@ class FastPath:
         and, for the logits wanted, the LM head in one parallel region): the same bits as the op-by-op path.
         A step that stops (a NaN/inf, a float16 overflow) is rerun op by op, which raises the error."""
         if self.step is None:
-            self.step = DecodeStep(self.config, self.layers, self.arena, self.norm, self.output_table)
+            self.step = DecodeStep(self.config, self.layers, self.arena, self.norm, self.output_table,
+                                   self.int8_head)
         s_len = ids.shape[0]
-        head_here = self.step.head_in_step and self.int8_head is None
+        head_here = self.step.head_in_step
         logits = np.empty((1 if last_only else s_len, self.output_table.shape[0]), np.float32)     # [S or 1, V]
         x_final = np.empty((s_len, self.config.hidden_size), np.float32)                           # [S, D]
         for j in range(s_len):

@@ -57,7 +57,10 @@ def test_fast_path_with_the_int8_head():
     trace = {}
     exact = model.forward(ids, trace=trace)
     fp.use_int8_head()
-    approx = model.forward(ids)
+    approx = model.forward(ids)                      # 4 tokens: the decode step, the int8 head run inside it
+    assert fp.step.head_in_step and fp.step.weights.int8_head
+    # the step's head: int8_matmul's bits on the same final-norm rows (the trace's, from the op-by-op path)
+    assert np.array_equal(approx.view(np.uint32), int8_matmul(trace["norm"], *fp.int8_head).view(np.uint32))
     fp.use_int8_head(False)
     assert np.array_equal(model.forward(ids), exact)
     _, scale = quantize_rows_int8(fp.output_table)

@@ -23,9 +23,10 @@ from .lm_head_v2 import make_row_dots
 from .reference import LANES
 from .sync import claim
 
-ROWS_PER_STEP = 16     # rows per step: 16 independent accumulators, 16 row streams in flight, no prefetch
-                       # (lm_head_v2's bf16 head reads 2 rows with prefetch; not yet measured for int8)
-ROWS_PER_TASK = 64
+ROWS_PER_STEP = 2      # rows dotted together, the next 2 prefetched meanwhile, as lm_head_v2's bf16 head:
+PREFETCH_ROWS = 2      # on the Zen 5 VM 45.7 GB/s at 2 threads, against 39.2 for 16 rows without prefetch
+                       # and 43.0 for 4 with it (results/int8_head.md)
+ROWS_PER_TASK = 256    # rows per claimed task (0.66 MB of codes)
 
 
 def quantize_rows_int8(table: np.ndarray, chunk_rows: int = 4096):
@@ -47,19 +48,21 @@ def quantize_rows_int8(table: np.ndarray, chunk_rows: int = 4096):
     return q, scale
 
 
-row_dots_step = make_row_dots(ROWS_PER_STEP, "int8")      # lm_head_v2's row dots, int8 codes widened
+row_dots_step = make_row_dots(ROWS_PER_STEP, "int8", prefetch_rows=PREFETCH_ROWS)   # int8 codes widened
 row_dots1 = make_row_dots(1, "int8")
 
 
 @njit(cache=True)
-def _rows(x, q, scale, out, s, v0, v_end):
+def int8_rows_into(q, scale, x, out, v0, v_end):
+    """out[v] = fl(scale[v] * the 16-lane dot of x float32 [K] with int8 row v of q), v = v0 .. v_end-1
+    (ROWS_PER_STEP rows at a time, then one by one): one task of the one-token head (also decode_step's)."""
     while v0 + ROWS_PER_STEP <= v_end:
-        d = row_dots_step(q, x[s], v0)
+        d = row_dots_step(q, x, v0)
         for r in range(ROWS_PER_STEP):
-            out[s, v0 + r] = np.float32(scale[v0 + r] * d[r])
+            out[v0 + r] = np.float32(scale[v0 + r] * d[r])
         v0 += ROWS_PER_STEP
     while v0 < v_end:
-        out[s, v0] = np.float32(scale[v0] * row_dots1(q, x[s], v0)[0])
+        out[v0] = np.float32(scale[v0] * row_dots1(q, x, v0)[0])
         v0 += 1
 
 
@@ -76,7 +79,7 @@ def int8_matmul_kernel(x, q, scale, out, sync, n_threads):
             if task < 0:
                 break
             for s in range(x.shape[0]):
-                _rows(x, q, scale, out, s, task * ROWS_PER_TASK, min(V, (task + 1) * ROWS_PER_TASK))
+                int8_rows_into(q, scale, x[s], out[s], task * ROWS_PER_TASK, min(V, (task + 1) * ROWS_PER_TASK))
 
 
 def int8_matmul(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
