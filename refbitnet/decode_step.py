@@ -447,7 +447,8 @@ class DecodeStep:
                 scales.append(fused.linear.row_scale)
                 scale_off += packed.shape[0]
         self.head_in_step = (int8_head is not None or table.dtype == np.uint16) and d % 16 == 0
-        head_q, head_scale = int8_head if int8_head is not None else (np.zeros((1, 16), np.int8), np.ones(1, np.float32))
+        head_q, head_scale = (int8_head if int8_head is not None                  # [V, D] int8, [V] float32
+                              else (np.zeros((1, 16), np.int8), np.ones(1, np.float32)))
         self.weights = StepWeights(
             arena.buffer, mats, np.concatenate(scales),
             *(np.stack([getattr(layer, name) for layer in layers]).astype(np.float32, copy=False)
