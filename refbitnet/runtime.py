@@ -165,13 +165,14 @@ class FastPath:
         """Opt in (or out) of the 8-bit LM head (kernels.lm_head_int8): the table quantized per row to int8
         and a float32 scale, half the bytes per token. It changes the logits (not the model's arithmetic;
         its cost: benchmarks/results/int8_head.md). Also REFBITNET_LM_HEAD=int8 when the path is built."""
-        self.step = None                                # rebuilt on next use, with the head it should run
-        if not on:
+        if not on and self.int8_head is not None:
             self.int8_head = None
-        elif self.int8_head is None:
+            self.step = None                            # rebuilt on next use, with the head it should run
+        elif on and self.int8_head is None:
             if self.output_table.shape[1] % 16:
                 raise RefBitNetError(f"int8 LM head: needs D % 16 == 0, found D = {self.output_table.shape[1]}")
             self.int8_head = quantize_rows_int8(self.output_table)
+            self.step = None
 
     def forward(self, ids, cache=None, start=0, trace=None, last_only=False, trace_integers=False):
         """As refbitnet.model.forward(config, weights, ids, "int", cache, start, trace, last_only, trace_integers)
